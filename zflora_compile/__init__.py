@@ -1,0 +1,28 @@
+"""zflora-compile: find adapter subgraphs in LLM graphs, fuse or merge them exactly, verify.
+
+Python API::
+
+    from zflora_compile import detect_adapters, fuse_adapters
+    sites = detect_adapters(model)                  # IR-neutral AdapterSite records
+    fused = fuse_adapters(model, strategy="fuse")   # same type out as in
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from zflora_compile.api import detect_adapters, fuse_adapters  # noqa: E402
+from zflora_compile.errors import DependencyError, InputError, VerificationError, ZcompileError  # noqa: E402
+from zflora_compile.sites import AdapterSite, Rejection  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "detect_adapters",
+    "fuse_adapters",
+    "AdapterSite",
+    "Rejection",
+    "ZcompileError",
+    "InputError",
+    "VerificationError",
+    "DependencyError",
+]

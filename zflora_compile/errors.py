@@ -1,0 +1,38 @@
+"""Errors that map to zcompile's exit codes.
+
+0 success, 1 verification (or a later gate) failed, 2 unusable input or missing dependency.
+Every error carries a one-line message that names the file, node or tensor at fault.
+"""
+
+from __future__ import annotations
+
+
+class ZcompileError(Exception):
+    """Base class: a user-facing error with an exit code and a one-line message."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class InputError(ZcompileError):
+    """The input cannot be used: missing file, not ONNX, truncated, bad external data, opset."""
+
+    exit_code = 2
+
+
+class DependencyError(ZcompileError):
+    """An optional dependency the requested feature needs is not installed."""
+
+    exit_code = 2
+
+
+class VerificationError(ZcompileError):
+    """The rewritten model does not compute the same function as the original."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report

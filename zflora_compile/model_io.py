@@ -1,0 +1,97 @@
+"""Loading, validating and writing ONNX models, with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from zflora_compile.errors import InputError
+
+MIN_OPSET = 13  # Split with a `split` input, Unsqueeze/Squeeze with `axes` inputs
+MAX_OPSET = onnx.defs.onnx_opset_version()
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes: protobuf's 2 GB limit, with headroom
+DATA_SUFFIX = ".data"
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load ``path`` lazily (external data stays on disk) and check it is usable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable ONNX model (protobuf parse failed: {error})") from None
+    if proto.ir_version == 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise InputError(f"{path}: not an ONNX model (no ir_version or empty graph; truncated file?)")
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:  # noqa: BLE001 - any deserialisation failure is bad input
+        raise InputError(f"{path}: malformed ONNX model ({error})") from None
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    check_opset(model, path)
+    check_external_data(model, path)
+    return model
+
+
+def check_opset(model: ir.Model, path: Path | str) -> None:
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if version is None:
+        raise InputError(f"{path}: model imports no ai.onnx opset")
+    if not MIN_OPSET <= version <= MAX_OPSET:
+        raise InputError(f"{path}: unsupported opset {version} (zcompile supports ai.onnx opsets {MIN_OPSET} to {MAX_OPSET})")
+
+
+def check_external_data(model: ir.Model, path: Path | str) -> None:
+    """Every external tensor's file exists and is long enough for its offset and length."""
+    sizes: dict[str, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.path)
+        key = str(data_path)
+        if key not in sizes:
+            if not data_path.is_file():
+                raise InputError(f"{path}: external data file '{tensor.location}' for tensor '{value.name}' is missing")
+            sizes[key] = data_path.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[key]:
+            raise InputError(f"{path}: external data file '{tensor.location}' is too short for tensor '{value.name}' (needs {end} bytes, has {sizes[key]})")
+
+
+def has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path: Path, *, external: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``path`` (external data beside it when asked or when over ~2 GB)."""
+    if external is None:
+        external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external:
+        data_name = path.name + DATA_SUFFIX
+        ir.save(model, path, external_data=data_name)
+        return [path, path.with_name(data_name)]
+    ir.save(model, path)
+    return [path]
+
+
+def to_ir(model) -> ir.Model:
+    """``onnx.ModelProto`` or ``onnx_ir.Model`` as an ``onnx_ir.Model`` (a proto is copied)."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    raise TypeError(f"expected onnx.ModelProto, onnx_ir.Model or a path, got {type(model).__name__}")

@@ -1,0 +1,1 @@
+"""Graph passes: detection (front-ends), planning (IR-neutral) and rewriting (front-ends)."""

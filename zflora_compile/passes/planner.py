@@ -1,0 +1,181 @@
+"""The planner: decides the fused layout and computes the fused weights, for any front-end.
+
+It sees only :class:`~zflora_compile.sites.AdapterSite` records and numpy weights in
+``[in, out]`` layout. Weights are returned as :class:`LazyArray` so a front-end can stream them
+to disk (ONNX external data) instead of holding every fused matrix in memory at once.
+
+Algebra (per site ``y = x @ W + b + s * (x @ A) @ B``):
+
+- ``merge``: ``W' = W + s * A @ B``, accumulated in fp32 and cast back to ``W``'s dtype.
+- ``fuse``:  for the sites of one group (same input ``x``), with ``D = sum(out_i)``,
+  ``R = sum(r_i)``::
+
+      Y        = x @ [W_1 | ... | W_n | A_1 | ... | A_n]          # one GEMM, [.., D + R]
+      y_base   = Y[.., :D] + [b_1 | ... | b_n]
+      y        = y_base + Y[.., D:] @ blockdiag(s_1 B_1, ..., s_n B_n)   # one GEMM, [.., D]
+      y_i      = y[.., offset_i : offset_i + out_i]
+
+  The adapter lanes ``Y[.., D:]`` are cut off right after the first GEMM, so no consumer of
+  any ``y_i`` (Reshape into heads, RoPE, Split, attention) ever sees them.
+- ``strip``: ``y = x @ W + b``: the exact base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from zflora_compile.sites import AdapterSite, numpy_dtype
+
+STRATEGIES = ("fuse", "merge", "strip")
+
+
+@dataclasses.dataclass
+class LazyArray:
+    """A weight the planner computed, described by shape and dtype, evaluated on demand."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    compute: Callable[[], np.ndarray] = dataclasses.field(repr=False)
+
+    def numpy(self) -> np.ndarray:
+        array = self.compute()
+        assert array.shape == self.shape and array.dtype == self.dtype, (array.shape, array.dtype)
+        return array
+
+
+@dataclasses.dataclass
+class FusedGroup:
+    """Sites reading one tensor, fused into ``x @ weight`` then ``lanes @ lowrank``."""
+
+    name: str
+    sites: list[AdapterSite]
+    weight: LazyArray  # [in, D + R]
+    lowrank: LazyArray  # [R, D]
+    bias: LazyArray | None  # [D]
+    out_splits: list[int]
+    rank_total: int
+
+    @property
+    def base_width(self) -> int:
+        return sum(self.out_splits)
+
+
+@dataclasses.dataclass
+class MergedSite:
+    site: AdapterSite
+    weight: LazyArray  # [in, out]
+
+
+@dataclasses.dataclass
+class Plan:
+    strategy: str
+    groups: list[FusedGroup] = dataclasses.field(default_factory=list)
+    merged: list[MergedSite] = dataclasses.field(default_factory=list)
+    stripped: list[AdapterSite] = dataclasses.field(default_factory=list)
+
+    @property
+    def rewrites(self) -> int:
+        return len(self.groups) + len(self.merged) + len(self.stripped)
+
+    def to_json(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "fused_groups": [
+                {
+                    "name": g.name,
+                    "sites": [s.site_id for s in g.sites],
+                    "out_splits": g.out_splits,
+                    "rank_total": g.rank_total,
+                    "weight_shape": list(g.weight.shape),
+                    "lowrank_shape": list(g.lowrank.shape),
+                }
+                for g in self.groups
+            ],
+            "merged_sites": [m.site.site_id for m in self.merged],
+            "stripped_sites": [s.site_id for s in self.stripped],
+        }
+
+
+def _weight_dtype(site: AdapterSite) -> np.dtype:
+    return numpy_dtype(site.dtype)
+
+
+def _scaled_b_fp32(site: AdapterSite) -> np.ndarray:
+    return site.lora_b().astype(np.float32) * np.float32(site.scale)
+
+
+def merged_weight(site: AdapterSite, dtype: np.dtype) -> np.ndarray:
+    """``W + s * A @ B`` accumulated in fp32, cast to ``dtype``."""
+    delta = site.lora_a().astype(np.float32) @ _scaled_b_fp32(site)
+    return (site.weight().astype(np.float32) + delta).astype(dtype)
+
+
+def _group_name(sites: list[AdapterSite], fallback: str) -> str:
+    labels = [s.label for s in sites if s.label]
+    if len(labels) != len(sites):
+        return fallback
+    prefix = labels[0].rsplit(".", 1)[0] if "." in labels[0] else ""
+    if all(label.rsplit(".", 1)[0] == prefix for label in labels) and prefix:
+        return prefix + "." + "+".join(label.rsplit(".", 1)[-1] for label in labels)
+    return "+".join(labels)
+
+
+def plan_fused_group(sites: list[AdapterSite], name: str) -> FusedGroup:
+    in_features = sites[0].in_features
+    dtype = _weight_dtype(sites[0])
+    outs = [s.out_features for s in sites]
+    ranks = [s.rank for s in sites]
+    width, rank_total = sum(outs), sum(ranks)
+
+    def weight() -> np.ndarray:
+        return np.concatenate([s.weight().astype(dtype) for s in sites] + [s.lora_a().astype(dtype) for s in sites], axis=1)
+
+    def lowrank() -> np.ndarray:
+        block = np.zeros((rank_total, width), dtype=np.float32)
+        row, col = 0, 0
+        for site in sites:
+            block[row : row + site.rank, col : col + site.out_features] = _scaled_b_fp32(site)
+            row, col = row + site.rank, col + site.out_features
+        return block.astype(dtype)
+
+    bias = None
+    if any(s.has_bias for s in sites):
+
+        def bias_fn() -> np.ndarray:
+            parts = [s.bias() if s.bias else np.zeros(s.out_features) for s in sites]
+            return np.concatenate([p.astype(dtype) for p in parts])
+
+        bias = LazyArray((width,), dtype, bias_fn)
+    return FusedGroup(
+        name=name,
+        sites=sites,
+        weight=LazyArray((in_features, width + rank_total), dtype, weight),
+        lowrank=LazyArray((rank_total, width), dtype, lowrank),
+        bias=bias,
+        out_splits=outs,
+        rank_total=rank_total,
+    )
+
+
+def plan(sites: list[AdapterSite], strategy: str) -> Plan:
+    """Decide the rewrite of every site for ``strategy`` (one of :data:`STRATEGIES`)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    result = Plan(strategy)
+    if strategy == "strip":
+        result.stripped = list(sites)
+    elif strategy == "merge":
+        for site in sites:
+            dtype = _weight_dtype(site)
+            shape = (site.in_features, site.out_features)
+            result.merged.append(MergedSite(site, LazyArray(shape, dtype, lambda s=site, d=dtype: merged_weight(s, d))))
+    else:
+        groups: dict[str, list[AdapterSite]] = {}
+        for site in sites:
+            groups.setdefault(site.group or site.site_id, []).append(site)
+        for key, members in groups.items():
+            result.groups.append(plan_fused_group(members, _group_name(members, key)))
+    return result

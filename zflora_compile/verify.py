@@ -1,0 +1,248 @@
+"""Numerical verification: the rewritten model must compute what the original computes.
+
+Both models run in ONNX Runtime (CPU) on the same seeded inputs, built from the graph's input
+signature: token ids inside the vocabulary (read from the embedding ``Gather``), attention masks
+of ones, position ids, short key/value caches for ``past_key_values.*`` inputs, and several
+sequence lengths when the sequence axis is dynamic. Every output is compared with
+``|rewritten - original| <= atol + rtol * |original|`` elementwise; tolerances depend on the
+output's dtype (:data:`TOLERANCES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from zflora_compile.errors import InputError
+
+# (atol, rtol) by output element type. fp32: the rewrite only reassociates sums.
+TOLERANCES = {
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+    "float64": (1e-8, 1e-8),
+}
+DEFAULT_SEQ_LENS = (1, 7, 16)
+CACHE_CASES = ((1, 4), (5, 4))  # (new tokens, past length) for graphs with a KV cache
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+
+
+@dataclasses.dataclass
+class InputCase:
+    name: str
+    feeds: dict[str, np.ndarray]
+
+
+def _role(name: str) -> str:
+    lowered = name.lower()
+    if "past" in lowered and ("key" in lowered or "value" in lowered or lowered.endswith("kv")):
+        return "past"
+    for role in ("input_ids", "attention_mask", "position_ids", "cache_position"):
+        if role in lowered:
+            return role
+    return "other"
+
+
+def vocab_size(model: ir.Model, input_name: str) -> int | None:
+    """Rows of the embedding table that a token-id input indexes (a constant ``Gather``)."""
+    value = next((v for v in model.graph.inputs if v.name == input_name), None)
+    frontier = [value] if value is not None else []
+    while frontier:
+        current = frontier.pop()
+        for user, index in current.uses():
+            if user.op_type == "Gather" and index == 1 and user.inputs[0] is not None:
+                table = user.inputs[0]
+                if table.shape is not None and isinstance(table.shape[0], int):
+                    return int(table.shape[0])
+                if table.const_value is not None:
+                    return int(table.const_value.shape[0])
+            if user.op_type in ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"):
+                frontier.extend(user.outputs)
+    return None
+
+
+def _dims(shape) -> list:
+    return [d if isinstance(d, int) else (d if isinstance(d, str) else None) for d in shape]
+
+
+def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 0) -> list[InputCase]:
+    """Seeded inputs for every case this graph's signature admits."""
+    inputs = session.get_inputs()
+    roles = {i.name: _role(i.name) for i in inputs}
+    has_cache = "past" in roles.values()
+    seq_input = next((i for i in inputs if roles[i.name] in ("input_ids", "position_ids")), None)
+    seq_static = seq_input is not None and isinstance(_dims(seq_input.shape)[-1], int)
+    if has_cache:
+        plans = list(CACHE_CASES)
+    elif seq_static:
+        plans = [(_dims(seq_input.shape)[-1], 0)]
+    else:
+        plans = [(n, 0) for n in DEFAULT_SEQ_LENS]
+    cases = []
+    for case_index, (seq, past) in enumerate(plans):
+        rng = np.random.default_rng(seed + case_index)
+        symbols = _symbols(inputs, roles, seq, past)
+        feeds = {}
+        for info in inputs:
+            dtype = _ORT_TYPES.get(info.type)
+            if dtype is None:
+                raise InputError(f"cannot synthesize verification input '{info.name}' of type {info.type}; use --no-verify")
+            shape = [d if isinstance(d, int) else symbols.get(d, 1) for d in _dims(info.shape)]
+            if roles[info.name] == "past" and len(shape) >= 3 and not isinstance(_dims(info.shape)[-2], int):
+                shape[-2] = past
+            feeds[info.name] = _fill(roles[info.name], shape, dtype, rng, vocab, past)
+        cases.append(InputCase(f"seq={seq}" + (f",past={past}" if has_cache else ""), feeds))
+    return cases
+
+
+def _symbols(inputs, roles, seq: int, past: int) -> dict[str, int]:
+    """Values for the symbolic dims, read off the roles of the inputs that carry them."""
+    symbols: dict[str, int] = {}
+    for info in inputs:
+        dims = _dims(info.shape)
+        role = roles[info.name]
+        if role in ("input_ids", "position_ids") and dims:
+            if isinstance(dims[-1], str):
+                symbols[dims[-1]] = seq
+        elif role == "attention_mask" and dims and isinstance(dims[-1], str):
+            symbols[dims[-1]] = past + seq
+        elif role == "past" and len(dims) >= 3 and isinstance(dims[-2], str):
+            symbols[dims[-2]] = past
+        elif role == "cache_position" and dims and isinstance(dims[-1], str):
+            symbols[dims[-1]] = seq
+    for info in inputs:  # expressions some exporters write, e.g. "past_sequence_length + 1"
+        for dim in _dims(info.shape):
+            if isinstance(dim, str) and dim not in symbols:
+                symbols[dim] = _evaluate_dim(dim, symbols)
+    return symbols
+
+
+def _evaluate_dim(expression: str, symbols: dict[str, int]) -> int:
+    tokens = re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+|[+\-*]", expression)
+    if len(tokens) > 1 and all(t in symbols or t.isdigit() or t in "+-*" for t in tokens):
+        try:
+            return int(eval(" ".join(str(symbols.get(t, t)) for t in tokens), {"__builtins__": {}}))  # noqa: S307
+        except SyntaxError:
+            pass
+    return 1  # batch and any other free axis
+
+
+def _fill(role: str, shape: list[int], dtype, rng: np.random.Generator, vocab: int | None, past: int) -> np.ndarray:
+    if role == "input_ids":
+        return rng.integers(0, vocab or 2, size=shape).astype(dtype)
+    if role == "attention_mask":
+        return np.ones(shape, dtype=dtype)
+    if role in ("position_ids", "cache_position"):
+        return np.broadcast_to(np.arange(past, past + shape[-1]), shape).astype(dtype).copy()
+    if np.issubdtype(dtype, np.floating):
+        return (rng.standard_normal(shape) * 0.5).astype(dtype)
+    if dtype == np.bool_:
+        return np.ones(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def session(path: str | os.PathLike) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def tolerance_for(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    default_atol, default_rtol = TOLERANCES.get(np.dtype(dtype).name, (0.0, 0.0))
+    return (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> dict:
+    if reference.shape != candidate.shape:
+        return {"passed": False, "reason": f"shape {list(candidate.shape)} != {list(reference.shape)}"}
+    ref = reference.astype(np.float64)
+    got = candidate.astype(np.float64)
+    diff = np.abs(got - ref)
+    both_nan = np.isnan(ref) & np.isnan(got)
+    diff = np.where(both_nan, 0.0, diff)
+    bound = atol + rtol * np.abs(ref)
+    passed = bool(np.all(diff <= bound))
+    return {
+        "passed": passed,
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "max_abs_reference": float(np.nanmax(np.abs(ref))) if ref.size else 0.0,
+        "atol": atol,
+        "rtol": rtol,
+        "dtype": reference.dtype.name,
+    }
+
+
+def verify_models(
+    original: str | os.PathLike,
+    rewritten: str | os.PathLike,
+    vocab: int | None,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """Run both models on seeded inputs and compare every output. Returns the report section."""
+    try:
+        reference_session = session(original)
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"{original}: ONNX Runtime cannot load the original model ({_first_line(error)}); use --no-verify to skip verification") from None
+    candidate_session = session(rewritten)
+    cases = make_cases(reference_session, vocab, seed=seed)
+    names = [o.name for o in reference_session.get_outputs()]
+    results = []
+    worst = {"output": None, "max_abs_diff": 0.0}
+    for case in cases:
+        try:
+            expected = reference_session.run(names, case.feeds)
+        except Exception as error:  # noqa: BLE001
+            raise InputError(f"{original}: the original model does not run on synthesized inputs ({case.name}: {_first_line(error)}); use --no-verify") from None
+        actual = candidate_session.run(names, case.feeds)
+        outputs = {}
+        for name, ref, got in zip(names, expected, actual):
+            tol = tolerance_for(ref.dtype, atol, rtol)
+            outputs[name] = compare(ref, got, *tol)
+            if outputs[name].get("max_abs_diff", float("inf")) >= worst["max_abs_diff"]:
+                worst = {"output": name, "case": case.name, "max_abs_diff": outputs[name].get("max_abs_diff", float("inf"))}
+        results.append({"case": case.name, "inputs": {k: list(v.shape) for k, v in case.feeds.items()}, "outputs": outputs})
+    passed = all(o["passed"] for r in results for o in r["outputs"].values())
+    return {
+        "passed": passed,
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "seed": seed,
+        "rule": "|rewritten - original| <= atol + rtol * |original|, elementwise, every output",
+        "tolerances": {k: {"atol": a if atol is None else atol, "rtol": r if rtol is None else rtol} for k, (a, r) in TOLERANCES.items()},
+        "worst": worst,
+        "cases": results,
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def verification_failure_message(result: dict) -> str:
+    for case in result["cases"]:
+        for name, outcome in case["outputs"].items():
+            if not outcome["passed"]:
+                detail = outcome.get("reason") or (
+                    f"max abs diff {outcome['max_abs_diff']:.3g} > atol {outcome['atol']:g} + rtol {outcome['rtol']:g} * |ref|"
+                )
+                return f"verification failed: output '{name}' ({case['case']}): {detail}"
+    return "verification failed"
+

@@ -1,0 +1,296 @@
+"""Tiny adapted Llama-family test models and ONNX exporters.
+
+Builders for seeded, randomly initialised ``transformers`` decoders (no model hub
+access needed), PEFT LoRA adapters with non-zero B matrices, and an ONNX export
+helper covering the three torch exporters.  Used by the tests, examples and
+benchmarks; needs the optional torch extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pathlib
+import warnings
+
+try:
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "zflora_compile.zoo needs the torch extra: pip install torch==2.13.0 transformers peft"
+    ) from exc
+
+__all__ = [
+    "ALL_TARGETS",
+    "ARCHS",
+    "EXPORTERS",
+    "build_base_model",
+    "build_lora_model",
+    "export_onnx",
+    "tiny_config",
+]
+
+ARCHS = ("llama", "mistral", "qwen2", "phi3")
+EXPORTERS = ("dynamo", "dynamo-noopt", "torchscript")
+
+_SPLIT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_TARGETS: dict[str, list[str]] = {
+    "llama": list(_SPLIT_TARGETS),
+    "mistral": list(_SPLIT_TARGETS),
+    "qwen2": list(_SPLIT_TARGETS),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "phi3": "Phi3Config",
+}
+# Per-arch defaults that keep the tiny configs self-consistent (no sliding
+# window, no out-of-vocab special token ids).
+_ARCH_DEFAULTS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"use_sliding_window": False},
+    "phi3": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
+}
+_TORCHSCRIPT_OPSET = 18
+_LORA_B_STD = 0.05
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def tiny_config(
+    arch: str = "llama",
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 128,
+    **overrides,
+):
+    """Return a tiny ``PretrainedConfig`` for ``arch`` (eager attention, 256 positions)."""
+    _check_arch(arch)
+    kwargs = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        **_ARCH_DEFAULTS[arch],
+    )
+    kwargs.update(overrides)
+    return getattr(transformers, _CONFIG_CLASSES[arch])(**kwargs)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's CPU RNG for the block without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _random_model(arch: str, seed: int, config_kwargs: dict):
+    config = tiny_config(arch, **config_kwargs)
+    with _seeded(seed):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def build_base_model(arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **config_kwargs):
+    """Build a seeded random-weight causal LM for ``arch`` in eval mode."""
+    return _random_model(arch, seed, config_kwargs).to(dtype).eval()
+
+
+def _randomize_lora(model, seed: int) -> None:
+    """Give every LoRA A/B matrix seeded Gaussian values (B is zero after PEFT init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                param.normal_(0.0, param.shape[1] ** -0.5, generator=gen)
+            elif ".lora_B." in name:
+                param.normal_(0.0, _LORA_B_STD, generator=gen)
+
+
+def build_lora_model(
+    arch: str = "llama",
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    targets=None,
+    layers=None,
+    rank_pattern=None,
+    alpha_pattern=None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    dtype=torch.float32,
+    adapter_dtype=None,
+    **config_kwargs,
+):
+    """Build ``build_base_model(arch, seed=seed)`` wrapped in a PEFT LoRA adapter, eval mode.
+
+    ``targets`` defaults to ``ALL_TARGETS[arch]``; ``layers`` is PEFT's
+    ``layers_to_transform``.  A/B are re-drawn from a generator seeded with
+    ``seed`` (A ~ N(0, 1/in), B ~ N(0, 0.05^2)), so the adapter visibly changes
+    the logits.  ``adapter_dtype`` (default ``dtype``) keeps the LoRA weights in
+    another dtype, like PEFT's ``autocast_adapter_dtype`` does for fp16 bases.
+    """
+    base = _random_model(arch, seed, config_kwargs)
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets or ALL_TARGETS[arch]),
+        layers_to_transform=layers,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+    )
+    model = get_peft_model(base, lora_config)
+    _randomize_lora(model, seed)
+    model.to(dtype)
+    if adapter_dtype is not None:
+        for name, module in model.named_modules():
+            if name.endswith((".lora_A", ".lora_B")):
+                module.to(adapter_dtype)
+    return model.eval()
+
+
+class _ExportWrapper(torch.nn.Module):
+    """Plain-tensor interface: (input_ids, attention_mask, *past k/v) -> (logits, *present k/v)."""
+
+    def __init__(self, model, with_cache: bool):
+        super().__init__()
+        self.model = model
+        self.with_cache = with_cache
+
+    def forward(self, input_ids, attention_mask, *past):
+        if not self.with_cache:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        cache = transformers.DynamicCache(list(zip(past[0::2], past[1::2])))
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+        )
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def _config_of(model):
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def _io_names(num_layers: int, with_cache: bool):
+    kv = [(i, kind) for i in range(num_layers) for kind in ("key", "value")] if with_cache else []
+    inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{k}" for i, k in kv]
+    outputs = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
+    return inputs, outputs
+
+
+def _example_inputs(config, dtype, *, seq_len, batch, with_cache, past_len):
+    past = past_len if with_cache else 0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, past + seq_len, dtype=torch.int64)
+    if not with_cache:
+        return (ids, mask)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (batch, config.num_key_value_heads, past, head_dim)
+    kv = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * config.num_hidden_layers)]
+    return (ids, mask, *kv)
+
+
+def _dynamic_axes(input_names, output_names, dynamic_batch: bool):
+    """Per-name {axis: symbol} for the torchscript exporter (and as the spec for dynamo)."""
+    batch = {0: "batch"} if dynamic_batch else {}
+    axes = {"input_ids": {**batch, 1: "sequence_length"}, "attention_mask": {**batch, 1: "total_sequence_length"}}
+    axes["logits"] = {**batch, 1: "sequence_length"}
+    for name in input_names[2:]:
+        axes[name] = {**batch, 2: "past_sequence_length"}
+    for name in output_names[1:]:
+        axes[name] = {**batch, 2: "total_sequence_length"}
+    return axes
+
+
+def _dynamo_shapes(input_names, dynamic_batch: bool):
+    dim = torch.export.Dim
+    batch = {0: dim("batch")} if dynamic_batch else {}
+    seq, total, past = (dim(n) for n in ("sequence_length", "total_sequence_length", "past_sequence_length"))
+    if len(input_names) == 2:
+        return ({**batch, 1: seq}, {**batch, 1: seq})
+    # forward(input_ids, attention_mask, *past): the varargs form one nested entry.
+    return ({**batch, 1: seq}, {**batch, 1: total}, tuple({**batch, 2: past} for _ in input_names[2:]))
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Silence exporter warnings and INFO/WARNING log lines (errors still propagate)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def export_onnx(
+    model,
+    path,
+    *,
+    exporter: str = "dynamo",
+    seq_len: int = 7,
+    batch: int = 1,
+    with_cache: bool = False,
+    past_len: int = 3,
+    dynamic_batch: bool = False,
+) -> pathlib.Path:
+    """Export ``model`` (HF causal LM or PeftModel) to ONNX at ``path``; return the path.
+
+    Inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq] and,
+    with ``with_cache``, ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
+    head_dim]; outputs ``logits`` and ``present.{i}.key|value``.  Sequence/past
+    axes are symbolic; batch only with ``dynamic_batch``.  ``exporter``:
+    ``"dynamo"`` (optimised), ``"dynamo-noopt"`` or ``"torchscript"`` (opset 18).
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = _config_of(model)
+    dtype = next(model.parameters()).dtype
+    wrapper = _ExportWrapper(model, with_cache).eval()
+    args = _example_inputs(config, dtype, seq_len=seq_len, batch=batch, with_cache=with_cache, past_len=past_len)
+    input_names, output_names = _io_names(config.num_hidden_layers, with_cache)
+    common = dict(input_names=input_names, output_names=output_names, verbose=False)
+    with _quiet_export(), torch.no_grad():
+        if exporter == "torchscript":
+            torch.onnx.export(
+                wrapper, args, str(path), dynamo=False, opset_version=_TORCHSCRIPT_OPSET,
+                dynamic_axes=_dynamic_axes(input_names, output_names, dynamic_batch), **common,
+            )
+        else:
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, optimize=exporter == "dynamo",
+                dynamic_shapes=_dynamo_shapes(input_names, dynamic_batch), **common,
+            )
+            program.save(str(path), external_data=False)
+    return path
