@@ -185,11 +185,11 @@ def compile_file(
             report["status"], report["exit_code"] = "ok", 0
             report["message"] = _summary(report)
             report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - started, 4)}
+            report["output"]["dir"] = str(output_dir)
             _write_report(staging / "report.json", report)
             _move_into_place(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        report["output"]["dir"] = str(output_dir)
         return report
     except ZcompileError as error:
         report["exit_code"] = error.exit_code

@@ -13,6 +13,8 @@ import logging
 import pathlib
 import warnings
 
+import onnx
+
 try:
     import torch
     import transformers
@@ -61,11 +63,6 @@ _TORCHSCRIPT_OPSET = 18
 _LORA_B_STD = 0.05
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-
-
 def tiny_config(
     arch: str = "llama",
     *,
@@ -78,7 +75,8 @@ def tiny_config(
     **overrides,
 ):
     """Return a tiny ``PretrainedConfig`` for ``arch`` (eager attention, 256 positions)."""
-    _check_arch(arch)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     kwargs = dict(
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -93,6 +91,22 @@ def tiny_config(
     )
     kwargs.update(overrides)
     return getattr(transformers, _CONFIG_CLASSES[arch])(**kwargs)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence warnings and INFO/WARNING exporter log lines; errors still propagate."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -140,7 +154,7 @@ def build_lora_model(
     adapter_dtype=None,
     **config_kwargs,
 ):
-    """Build ``build_base_model(arch, seed=seed)`` wrapped in a PEFT LoRA adapter, eval mode.
+    """Wrap ``build_base_model(arch, seed=seed)`` (same base weights) in a PEFT LoRA adapter, eval mode.
 
     ``targets`` defaults to ``ALL_TARGETS[arch]``; ``layers`` is PEFT's
     ``layers_to_transform``.  A/B are re-drawn from a generator seeded with
@@ -152,7 +166,7 @@ def build_lora_model(
     lora_config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        target_modules=list(targets or ALL_TARGETS[arch]),
+        target_modules=[targets] if isinstance(targets, str) else list(targets or ALL_TARGETS[arch]),
         layers_to_transform=layers,
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
@@ -161,7 +175,8 @@ def build_lora_model(
         bias="none",
         init_lora_weights=False,
     )
-    model = get_peft_model(base, lora_config)
+    with _quiet():
+        model = get_peft_model(base, lora_config)
     _randomize_lora(model, seed)
     model.to(dtype)
     if adapter_dtype is not None:
@@ -195,61 +210,76 @@ def _config_of(model):
 
 
 def _io_names(num_layers: int, with_cache: bool):
-    kv = [(i, kind) for i in range(num_layers) for kind in ("key", "value")] if with_cache else []
-    inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{k}" for i, k in kv]
-    outputs = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
+    kv = [f"{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")] if with_cache else []
+    inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{x}" for x in kv]
+    outputs = ["logits"] + [f"present.{x}" for x in kv]
     return inputs, outputs
 
 
-def _example_inputs(config, dtype, *, seq_len, batch, with_cache, past_len):
-    past = past_len if with_cache else 0
+def _example_inputs(config, dtype, *, seq_len, batch, past_len):
+    """(input_ids, attention_mask, *past k/v); ``past_len=None`` means no cache inputs."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=gen)
-    mask = torch.ones(batch, past + seq_len, dtype=torch.int64)
-    if not with_cache:
+    mask = torch.ones(batch, (past_len or 0) + seq_len, dtype=torch.int64)
+    if past_len is None:
         return (ids, mask)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shape = (batch, config.num_key_value_heads, past, head_dim)
-    kv = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * config.num_hidden_layers)]
-    return (ids, mask, *kv)
+    shape = (batch, config.num_key_value_heads, past_len, head_dim)
+    return (ids, mask, *(torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * config.num_hidden_layers)))
 
 
 def _dynamic_axes(input_names, output_names, dynamic_batch: bool):
-    """Per-name {axis: symbol} for the torchscript exporter (and as the spec for dynamo)."""
+    """{io name: {axis: symbolic dim name}} for every input and output."""
     batch = {0: "batch"} if dynamic_batch else {}
-    axes = {"input_ids": {**batch, 1: "sequence_length"}, "attention_mask": {**batch, 1: "total_sequence_length"}}
+    total = "total_sequence_length" if len(input_names) > 2 else "sequence_length"
+    axes = {"input_ids": {**batch, 1: "sequence_length"}, "attention_mask": {**batch, 1: total}}
     axes["logits"] = {**batch, 1: "sequence_length"}
-    for name in input_names[2:]:
-        axes[name] = {**batch, 2: "past_sequence_length"}
-    for name in output_names[1:]:
-        axes[name] = {**batch, 2: "total_sequence_length"}
+    axes.update({name: {**batch, 2: "past_sequence_length"} for name in input_names[2:]})
+    axes.update({name: {**batch, 2: total} for name in output_names[1:]})
     return axes
 
 
-def _dynamo_shapes(input_names, dynamic_batch: bool):
-    dim = torch.export.Dim
-    batch = {0: dim("batch")} if dynamic_batch else {}
-    seq, total, past = (dim(n) for n in ("sequence_length", "total_sequence_length", "past_sequence_length"))
-    if len(input_names) == 2:
-        return ({**batch, 1: seq}, {**batch, 1: seq})
+def _dynamo_shapes(input_names, axes):
+    """torch.export ``dynamic_shapes`` for ``_ExportWrapper.forward`` built from ``axes``."""
+    dims = {}
+
+    def spec(name):
+        return {axis: dims.setdefault(sym, torch.export.Dim(sym)) for axis, sym in axes[name].items()}
+
+    ids, mask, *past = (spec(name) for name in input_names)
     # forward(input_ids, attention_mask, *past): the varargs form one nested entry.
-    return ({**batch, 1: seq}, {**batch, 1: total}, tuple({**batch, 2: past} for _ in input_names[2:]))
+    return (ids, mask, tuple(past)) if past else (ids, mask)
 
 
-@contextlib.contextmanager
-def _quiet_export():
-    """Silence exporter warnings and INFO/WARNING log lines (errors still propagate)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+def _finalize(path: pathlib.Path, axes, batch: int) -> None:
+    """Check the inputs kept their symbolic axes; give outputs the same dim names on every exporter."""
+    model = onnx.load(str(path))
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        fixed = [axis for axis in axes[value.name] if not dims[axis].dim_param]
+        if fixed:
+            raise RuntimeError(f"exporter specialised axes {fixed} of input {value.name!r}; use sizes >= 2")
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        for axis, sym in axes[value.name].items():
+            dims[axis].dim_param = sym
+        if 0 not in axes[value.name]:
+            dims[0].dim_value = batch
+    onnx.save(model, str(path))
+
+
+def _export(wrapper, args, path, exporter, input_names, output_names, axes) -> None:
+    common = dict(input_names=input_names, output_names=output_names, verbose=False)
+    if exporter == "torchscript":
+        torch.onnx.export(
+            wrapper, args, str(path), dynamo=False, opset_version=_TORCHSCRIPT_OPSET, dynamic_axes=axes, **common
+        )
+        return
+    program = torch.onnx.export(
+        wrapper, args, dynamo=True, optimize=exporter == "dynamo",
+        dynamic_shapes=_dynamo_shapes(input_names, axes), **common,
+    )
+    program.save(str(path), external_data=False)
 
 
 def export_onnx(
@@ -263,34 +293,27 @@ def export_onnx(
     past_len: int = 3,
     dynamic_batch: bool = False,
 ) -> pathlib.Path:
-    """Export ``model`` (HF causal LM or PeftModel) to ONNX at ``path``; return the path.
+    """Export ``model`` (HF causal LM or PeftModel, put in eval mode) to one ONNX file; return its path.
 
     Inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq] and,
     with ``with_cache``, ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
     head_dim]; outputs ``logits`` and ``present.{i}.key|value``.  Sequence/past
-    axes are symbolic; batch only with ``dynamic_batch``.  ``exporter``:
-    ``"dynamo"`` (optimised), ``"dynamo-noopt"`` or ``"torchscript"`` (opset 18).
+    axes are symbolic (example sizes must be >= 2); batch only with
+    ``dynamic_batch``.  ``exporter``: ``"dynamo"`` (optimised, opset 20),
+    ``"dynamo-noopt"`` or ``"torchscript"`` (opset 18).
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    if seq_len < 2 or (with_cache and past_len < 2):
+        raise ValueError("seq_len and past_len must be >= 2: exporters specialise example sizes 0 and 1")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = _config_of(model)
     dtype = next(model.parameters()).dtype
-    wrapper = _ExportWrapper(model, with_cache).eval()
-    args = _example_inputs(config, dtype, seq_len=seq_len, batch=batch, with_cache=with_cache, past_len=past_len)
+    args = _example_inputs(config, dtype, seq_len=seq_len, batch=batch, past_len=past_len if with_cache else None)
     input_names, output_names = _io_names(config.num_hidden_layers, with_cache)
-    common = dict(input_names=input_names, output_names=output_names, verbose=False)
-    with _quiet_export(), torch.no_grad():
-        if exporter == "torchscript":
-            torch.onnx.export(
-                wrapper, args, str(path), dynamo=False, opset_version=_TORCHSCRIPT_OPSET,
-                dynamic_axes=_dynamic_axes(input_names, output_names, dynamic_batch), **common,
-            )
-        else:
-            program = torch.onnx.export(
-                wrapper, args, dynamo=True, optimize=exporter == "dynamo",
-                dynamic_shapes=_dynamo_shapes(input_names, dynamic_batch), **common,
-            )
-            program.save(str(path), external_data=False)
+    axes = _dynamic_axes(input_names, output_names, dynamic_batch)
+    with _quiet(), torch.no_grad():
+        _export(_ExportWrapper(model, with_cache).eval(), args, path, exporter, input_names, output_names, axes)
+    _finalize(path, axes, batch)
     return path

@@ -114,6 +114,26 @@ def _walk_back(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, float]:
         value, scale = scaled[0], scale * scaled[1]
 
 
+_ACTIVATIONS = {
+    "Relu", "LeakyRelu", "PRelu", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "ThresholdedRelu",
+}
+
+
+def _activation_input(node: ir.Node | None) -> ir.Value | None:
+    """The input of an elementwise nonlinearity (incl. SiLU as ``Mul(t, Sigmoid(t))``), or None."""
+    if node is None or node.domain not in ("", "com.microsoft"):
+        return None
+    if node.op_type in _ACTIVATIONS or (node.domain == "com.microsoft" and node.op_type in ("FastGelu", "QuickGelu", "BiasGelu")):
+        return node.inputs[0]
+    if node.op_type == "Mul" and len(node.inputs) == 2:
+        for data, gate in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+            producer = gate.producer() if gate is not None else None
+            if producer is not None and producer.op_type == "Sigmoid" and producer.inputs[0] is data:
+                return data
+    return None
+
+
 def _gemm_operands(node: ir.Node) -> tuple[ir.Value, ir.Value, bool, ir.Value | None]:
     """(x, weight, weight_is_transposed, bias) of a MatMul or a plain Gemm."""
     if node.op_type == "MatMul":
@@ -164,18 +184,11 @@ def _match_chain(value: ir.Value) -> _Chain:
     reached, scale_between = _walk_back(z, nodes)
     a_node = reached.producer()
     if not _is_gemm(a_node):
-        # One unary op between two GEMMs looks like an adapter with a nonlinearity in it.
-        foreign = a_node
-        if (
-            foreign is not None
-            and len([v for v in foreign.inputs if v is not None and not is_constant(v)]) == 1
-            and _is_gemm(_walk_back(foreign.inputs[0], [])[0].producer())
-            and foreign.op_type not in ("Reshape", "Transpose", "Softmax", "Squeeze", "Unsqueeze")
-        ):
+        inner = _activation_input(a_node)
+        if inner is not None and _is_gemm(_walk_back(inner, [])[0].producer()):
             raise _Reject(
-                f"'{foreign.op_type}' node '{_node_label(foreign)}' sits between the low-rank "
-                f"GEMMs '{_node_label(_walk_back(foreign.inputs[0], [])[0].producer())}' and "
-                f"'{_node_label(b_node)}' (not linear)"
+                f"'{a_node.op_type}' node '{_node_label(a_node)}' sits between the low-rank GEMMs "
+                f"'{_node_label(_walk_back(inner, [])[0].producer())}' and '{_node_label(b_node)}' (not linear)"
             )
         raise _NotACandidate
     x, a, a_t, a_bias = _gemm_operands(a_node)
