@@ -127,7 +127,7 @@ def _tol(kwargs: dict) -> tuple[float, float]:
     if kwargs.get("dtype") == "float16":
         return FP16_TOL
     if kwargs.get("chain_dtype") == "float16":
-        return (2e-3, 2e-3)  # the original rounds the chain to fp16; the rewrite keeps fp32
+        return (2e-3, 2e-3)  # the original may round the chain to fp16; the rewrite keeps it in fp32
     return FP32_TOL
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from zflora_compile.compile import CompileOptions, compile_file, compile_in_memory, detect
+from zflora_compile.compile import CompileOptions, compile_file, compile_in_memory, default_output_dir, detect
 from zflora_compile.model_io import load_model, to_ir
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection
 
@@ -46,7 +46,7 @@ def fuse_adapters(
     options = CompileOptions(strategy=strategy, verify=verify, atol=atol, rtol=rtol, max_rank_ratio=max_rank_ratio, force=force, target=target)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        out = Path(output_dir) if output_dir is not None else path.with_name(f"{path.stem}_{strategy}")
+        out = Path(output_dir) if output_dir is not None else default_output_dir(path, strategy)
         compile_file(path, out, options)
         return out / "model.onnx"
     compiled, _ = compile_in_memory(model, options)

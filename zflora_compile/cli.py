@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zflora_compile import __version__
-from zflora_compile.compile import CompileOptions, compile_file
+from zflora_compile.compile import CompileOptions, compile_file, default_output_dir
 from zflora_compile.errors import ZcompileError
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO
 from zflora_compile.passes.planner import STRATEGIES
@@ -145,7 +145,7 @@ def _run_inspect(args, console: Console) -> int:
 
 
 def _run_compile(args, console: Console, err_console: Console) -> int:
-    output = args.output or args.model.with_name(f"{args.model.stem}_{args.strategy}")
+    output = args.output or default_output_dir(args.model, args.strategy)
     options = CompileOptions(
         strategy=args.strategy,
         target=args.target,

@@ -25,7 +25,7 @@ from zflora_compile import __version__
 from zflora_compile.errors import InputError, VerificationError, ZcompileError
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, detect_lora
-from zflora_compile.passes.planner import STRATEGIES, Plan, plan
+from zflora_compile.passes.planner import STRATEGIES, plan
 from zflora_compile.passes.rewrite_onnx import apply_plan, disable_adapters
 from zflora_compile.targets import get_target
 from zflora_compile.verify import verification_failure_message, verify_models, vocab_size
@@ -49,6 +49,11 @@ class CompileOptions:
             raise InputError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
 
 
+def default_output_dir(model_path: Path, strategy: str) -> Path:
+    """``<stem>_<strategy>`` beside the model: deterministic, so pipelines can find it."""
+    return model_path.with_name(f"{model_path.stem}_{strategy}")
+
+
 def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.all_nodes()).items()))
 
@@ -60,16 +65,6 @@ def gemm_count(counts: dict[str, int]) -> int:
 def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
     """Every adapter site in the model (the families this version understands: LoRA)."""
     return detect_lora(model.graph, max_rank_ratio=max_rank_ratio)
-
-
-def rewrite(model: ir.Model, strategy: str, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> tuple[Detection, Plan]:
-    """Detect, plan and apply ``strategy`` to ``model`` in place; shapes re-inferred."""
-    detection = detect(model, max_rank_ratio)
-    the_plan = plan(detection.sites, strategy)
-    if the_plan.rewrites:
-        apply_plan(model, the_plan)
-        infer_shapes(model)
-    return detection, the_plan
 
 
 def infer_shapes(model: ir.Model) -> None:

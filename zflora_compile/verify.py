@@ -84,12 +84,11 @@ def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 
     inputs = session.get_inputs()
     roles = {i.name: _role(i.name) for i in inputs}
     has_cache = "past" in roles.values()
-    seq_input = next((i for i in inputs if roles[i.name] in ("input_ids", "position_ids")), None)
-    seq_static = seq_input is not None and isinstance(_dims(seq_input.shape)[-1], int)
+    free_axes = any(not isinstance(d, int) for i in inputs for d in _dims(i.shape))
     if has_cache:
         plans = list(CACHE_CASES)
-    elif seq_static:
-        plans = [(_dims(seq_input.shape)[-1], 0)]
+    elif not free_axes:
+        plans = [(None, 0)]
     else:
         plans = [(n, 0) for n in DEFAULT_SEQ_LENS]
     cases = []
@@ -105,7 +104,8 @@ def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 
             if roles[info.name] == "past" and len(shape) >= 3 and not isinstance(_dims(info.shape)[-2], int):
                 shape[-2] = past
             feeds[info.name] = _fill(roles[info.name], shape, dtype, rng, vocab, past)
-        cases.append(InputCase(f"seq={seq}" + (f",past={past}" if has_cache else ""), feeds))
+        name = "static shapes" if seq is None else f"seq={seq}" + (f",past={past}" if has_cache else "")
+        cases.append(InputCase(name, feeds))
     return cases
 
 
@@ -127,18 +127,19 @@ def _symbols(inputs, roles, seq: int, past: int) -> dict[str, int]:
     for info in inputs:  # expressions some exporters write, e.g. "past_sequence_length + 1"
         for dim in _dims(info.shape):
             if isinstance(dim, str) and dim not in symbols:
-                symbols[dim] = _evaluate_dim(dim, symbols)
+                symbols[dim] = _evaluate_dim(dim, symbols, seq)
     return symbols
 
 
-def _evaluate_dim(expression: str, symbols: dict[str, int]) -> int:
+def _evaluate_dim(expression: str, symbols: dict[str, int], seq: int) -> int:
+    """An expression of known symbols; a free batch axis is 1; any other free axis is ``seq``."""
     tokens = re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+|[+\-*]", expression)
     if len(tokens) > 1 and all(t in symbols or t.isdigit() or t in "+-*" for t in tokens):
         try:
             return int(eval(" ".join(str(symbols.get(t, t)) for t in tokens), {"__builtins__": {}}))  # noqa: S307
         except SyntaxError:
             pass
-    return 1  # batch and any other free axis
+    return 1 if "batch" in expression.lower() else seq
 
 
 def _fill(role: str, shape: list[int], dtype, rng: np.random.Generator, vocab: int | None, past: int) -> np.ndarray:

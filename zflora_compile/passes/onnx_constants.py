@@ -134,9 +134,10 @@ def constant_shape(value: ir.Value) -> tuple[int, ...]:
 def constant_dtype(value: ir.Value) -> str:
     """numpy name of a constant's element type ("float32", "float16", "bfloat16")."""
     dtype = value.dtype
-    while dtype is None and value.producer() is not None and value.producer().op_type != "Cast":
-        value = value.producer().inputs[0]
-        dtype = value.dtype
+    node = value.producer()
+    while dtype is None and node is not None and node.op_type not in ("Cast", "Constant") and node.inputs:
+        value = node.inputs[0]
+        dtype, node = value.dtype, value.producer()
     if dtype is None:
         return constant_getter(value)().dtype.name
     return dtype.numpy().name
