@@ -48,7 +48,9 @@ def test_compile_writes_model_and_valid_report(capsys, tmp_path, strategy):
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json"]
     onnx.checker.check_model(str(out_dir / "model.onnx"), full_check=True)
     assert report["status"] == "ok" and report["verification"]["passed"] is True
-    assert [c["case"] for c in report["verification"]["cases"]] == ["seq=1,past=4", "seq=5,past=4"]
+    cases = report["verification"]["cases"]
+    assert [c["case"] for c in cases] == ["seq=1,past=4", "seq=5,past=4", "seq=8,past=0"]
+    assert all("skipped" not in c and c["outputs"]["logits"]["passed"] for c in cases)
     assert report["output"]["gemm_count"] == (21 if strategy == "fuse" else 19)
 
 

@@ -60,6 +60,7 @@ _ARCH_DEFAULTS = {
     "phi3": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
 }
 _TORCHSCRIPT_OPSET = 18
+_INLINE_WEIGHT_BYTES = 1_500_000_000  # larger dynamo exports keep weights in ``<path>.data`` (protobuf caps at 2 GB)
 _LORA_B_STD = 0.05
 
 
@@ -253,7 +254,7 @@ def _dynamo_shapes(input_names, axes):
 
 def _finalize(path: pathlib.Path, axes, batch: int) -> None:
     """Check the inputs kept their symbolic axes; give outputs the same dim names on every exporter."""
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         fixed = [axis for axis in axes[value.name] if not dims[axis].dim_param]
@@ -279,7 +280,8 @@ def _export(wrapper, args, path, exporter, input_names, output_names, axes) -> N
         wrapper, args, dynamo=True, optimize=exporter == "dynamo",
         dynamic_shapes=_dynamo_shapes(input_names, axes), **common,
     )
-    program.save(str(path), external_data=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    program.save(str(path), external_data=weight_bytes > _INLINE_WEIGHT_BYTES)
 
 
 def export_onnx(
@@ -293,7 +295,7 @@ def export_onnx(
     past_len: int = 3,
     dynamic_batch: bool = False,
 ) -> pathlib.Path:
-    """Export ``model`` (HF causal LM or PeftModel, put in eval mode) to one ONNX file; return its path.
+    """Export ``model`` (HF causal LM or PeftModel, put in eval mode) to ONNX; return the file's path.
 
     Inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, past+seq] and,
     with ``with_cache``, ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
