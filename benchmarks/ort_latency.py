@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from zflora_compile.latency import interleaved, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "ort_latency.json"
@@ -406,60 +407,12 @@ def make_session(path: str, threads: int):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def rotated(round_index: int) -> list[str]:
-    shift = round_index % len(VARIANTS)
-    return list(VARIANTS[shift:] + VARIANTS[:shift])
-
-
 def time_phase(sessions: dict, feeds: dict, *, rounds: int, warmup: int) -> tuple[dict[str, list[float]], list[list[str]], dict[str, np.ndarray]]:
     """Warm-up, then interleaved rounds; returns raw times (ms), the per-round orders, first outputs."""
-    logits = {}
-    for variant in VARIANTS:  # the first run is also the output check; warm-up runs follow
-        logits[variant] = sessions[variant].run(["logits"], feeds)[0]
-        for _ in range(max(warmup - 1, 0)):
-            sessions[variant].run(None, feeds)
-    times = {v: [] for v in VARIANTS}
-    orders = []
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for index in range(rounds):
-            order = rotated(index)
-            orders.append(order)
-            for variant in order:
-                session = sessions[variant]
-                start = time.perf_counter()
-                session.run(None, feeds)
-                times[variant].append((time.perf_counter() - start) * 1e3)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    logits = {variant: sessions[variant].run(["logits"], feeds)[0] for variant in VARIANTS}  # also the first warm-up run
+    runners = {variant: (lambda s=sessions[variant]: s.run(None, feeds)) for variant in VARIANTS}
+    times, orders = interleaved(runners, rounds=rounds, warmup=max(warmup - 1, 0))
     return times, orders, logits
-
-
-def summarize(times: dict[str, list[float]]) -> dict[str, dict]:
-    base = times["base"]
-    base_median = statistics.median(base)
-    stats = {}
-    for variant in VARIANTS:
-        ts = times[variant]
-        median = statistics.median(ts)
-        paired = [t / b for t, b in zip(ts, base, strict=True)]
-        stats[variant] = {
-            "median_ms": median,
-            "min_ms": min(ts),
-            "max_ms": max(ts),
-            "mean_ms": statistics.fmean(ts),
-            "stdev_ms": statistics.stdev(ts) if len(ts) > 1 else 0.0,
-            "p25_ms": float(np.percentile(ts, 25)),
-            "p75_ms": float(np.percentile(ts, 75)),
-            "ratio_to_base": median / base_median,
-            "paired_ratio_to_base_median": statistics.median(paired),
-            "runs": len(ts),
-            "timings_ms": [round(t, 4) for t in ts],
-        }
-    return stats
 
 
 def choose_prefill_past(sessions: dict, references: dict, feeds_by_key: dict) -> tuple[int, str]:

@@ -59,8 +59,9 @@ _ARCH_DEFAULTS = {
     "qwen2": {"use_sliding_window": False},
     "phi3": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
 }
-_TORCHSCRIPT_OPSET = 18
-_INLINE_WEIGHT_BYTES = 1_500_000_000  # larger dynamo exports keep weights in ``<path>.data`` (protobuf caps at 2 GB)
+_OPSET = {"dynamo": 20, "dynamo-noopt": 20, "torchscript": 18}
+# Protobuf caps a file at 2 GB: bigger dynamo exports keep their weights in ``<path>.data``.
+_INLINE_WEIGHT_BYTES = 1_500_000_000
 _LORA_B_STD = 0.05
 
 
@@ -206,10 +207,6 @@ class _ExportWrapper(torch.nn.Module):
         return (out.logits, *present)
 
 
-def _config_of(model):
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-
-
 def _io_names(num_layers: int, with_cache: bool):
     kv = [f"{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")] if with_cache else []
     inputs = ["input_ids", "attention_mask"] + [f"past_key_values.{x}" for x in kv]
@@ -226,7 +223,8 @@ def _example_inputs(config, dtype, *, seq_len, batch, past_len):
         return (ids, mask)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = (batch, config.num_key_value_heads, past_len, head_dim)
-    return (ids, mask, *(torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * config.num_hidden_layers)))
+    past = [torch.randn(shape, generator=gen).to(dtype) for _ in range(2 * config.num_hidden_layers)]
+    return (ids, mask, *past)
 
 
 def _dynamic_axes(input_names, output_names, dynamic_batch: bool):
@@ -270,15 +268,22 @@ def _finalize(path: pathlib.Path, axes, batch: int) -> None:
 
 
 def _export(wrapper, args, path, exporter, input_names, output_names, axes) -> None:
-    common = dict(input_names=input_names, output_names=output_names, verbose=False)
+    common = {
+        "input_names": input_names,
+        "output_names": output_names,
+        "opset_version": _OPSET[exporter],
+        "verbose": False,
+    }
     if exporter == "torchscript":
-        torch.onnx.export(
-            wrapper, args, str(path), dynamo=False, opset_version=_TORCHSCRIPT_OPSET, dynamic_axes=axes, **common
-        )
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         return
     program = torch.onnx.export(
-        wrapper, args, dynamo=True, optimize=exporter == "dynamo",
-        dynamic_shapes=_dynamo_shapes(input_names, axes), **common,
+        wrapper,
+        args,
+        dynamo=True,
+        optimize=exporter == "dynamo",
+        dynamic_shapes=_dynamo_shapes(input_names, axes),
+        **common,
     )
     weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     program.save(str(path), external_data=weight_bytes > _INLINE_WEIGHT_BYTES)
@@ -301,8 +306,9 @@ def export_onnx(
     with ``with_cache``, ``past_key_values.{i}.key|value`` [batch, kv_heads, past,
     head_dim]; outputs ``logits`` and ``present.{i}.key|value``.  Sequence/past
     axes are symbolic (example sizes must be >= 2); batch only with
-    ``dynamic_batch``.  ``exporter``: ``"dynamo"`` (optimised, opset 20),
-    ``"dynamo-noopt"`` or ``"torchscript"`` (opset 18).
+    ``dynamic_batch``.  ``exporter``: ``"dynamo"`` (optimised) or
+    ``"dynamo-noopt"`` (opset 20), ``"torchscript"`` (opset 18).  Weights are
+    inline (one file) unless over 1.5 GB (dynamo then writes ``<path>.data``).
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
@@ -310,12 +316,15 @@ def export_onnx(
         raise ValueError("seq_len and past_len must be >= 2: exporters specialise example sizes 0 and 1")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = _config_of(model)
+    config = model.config  # a PeftModel forwards .config to its base model
     dtype = next(model.parameters()).dtype
-    args = _example_inputs(config, dtype, seq_len=seq_len, batch=batch, past_len=past_len if with_cache else None)
+    args = _example_inputs(
+        config, dtype, seq_len=seq_len, batch=batch, past_len=past_len if with_cache else None
+    )
     input_names, output_names = _io_names(config.num_hidden_layers, with_cache)
     axes = _dynamic_axes(input_names, output_names, dynamic_batch)
+    wrapper = _ExportWrapper(model, with_cache).eval()
     with _quiet(), torch.no_grad():
-        _export(_ExportWrapper(model, with_cache).eval(), args, path, exporter, input_names, output_names, axes)
+        _export(wrapper, args, path, exporter, input_names, output_names, axes)
     _finalize(path, axes, batch)
     return path
