@@ -36,7 +36,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zflora_compile.latency import interleaved, summarize
+from zflora_compile.latency import interleaved, load_average, machine_info, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "ort_latency.json"
@@ -83,41 +82,6 @@ def log(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------ machine
-
-
-def machine_info() -> dict:
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_total = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = round(int(line.split()[1]) / 1024**2, 2)  # kB -> GiB
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model or platform.processor() or None,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gib": mem_total,
-        "load_average_start": _loadavg(),
-    }
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def versions() -> dict:
@@ -572,7 +536,7 @@ def main(argv=None) -> int:
     finally:
         if temp_workdir and not args.keep_workdir:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    machine["load_average_end"] = _loadavg()
+    machine["load_average_end"] = load_average()
     prefill_pasts = sorted({e["phases"]["prefill"]["past_length"] for e in results_per_rank if "prefill" in e["phases"]})
     notes = [
         "Medians, min/max and ratios to base come from ONE interleaved run: every round runs base, unfused, merged and "

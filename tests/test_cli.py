@@ -45,7 +45,8 @@ def test_compile_writes_model_and_valid_report(capsys, tmp_path, strategy):
     report = json.loads(out)
     jsonschema.validate(report, SCHEMA)
     assert report == json.loads((out_dir / "report.json").read_text())
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "model.optimized.onnx", "report.json"]
+    assert report["target"]["check"]["passed"] and report["target"]["artifacts"] == ["model.optimized.onnx"]
     onnx.checker.check_model(str(out_dir / "model.onnx"), full_check=True)
     assert report["status"] == "ok" and report["verification"]["passed"] is True
     cases = report["verification"]["cases"]
@@ -140,7 +141,7 @@ def test_existing_output_dir_needs_force(capsys, tmp_path):
     assert code == 2 and "--force" in err and (out_dir / "keep.txt").exists()
     code, _, err = run(capsys, EXAMPLE, "-o", out_dir, "--force")
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "model.optimized.onnx", "report.json"]
 
 
 def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, monkeypatch):

@@ -1,17 +1,17 @@
 """``zcompile``: the command line.
 
     zcompile inspect MODEL                     table of adapter sites (and what was rejected, why)
-    zcompile [compile] MODEL -o DIR [--strategy fuse|merge|strip] [--target ort]
+    zcompile [compile] MODEL -o DIR [--strategy fuse|merge|strip] [--target ort|qnn|trt]
+                       [--check-latency [--max-overhead PCT]]
 
-Exit codes: 0 success (also when no adapter site is found), 1 verification failed,
-2 unusable input or missing dependency, 3 internal error (a bug: please report it).
+Exit codes: 0 success (also when no adapter site is found), 1 verification or latency gate
+failed, 2 unusable input or missing dependency (e.g. TensorRT), 3 internal error (a bug).
 Subcommands share argument groups, in the manner of Polygraphy.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import traceback
@@ -23,9 +23,11 @@ from rich.table import Table
 from zflora_compile import __version__
 from zflora_compile.compile import CompileOptions, compile_file, default_output_dir
 from zflora_compile.errors import ZcompileError
+from zflora_compile.gate import LatencyOptions
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO
 from zflora_compile.passes.planner import STRATEGIES
-from zflora_compile.targets import TARGETS
+from zflora_compile.progress import NullProgress, RichProgress
+from zflora_compile.targets import TARGETS, TargetOptions
 from zflora_compile.verify import TOLERANCES
 
 SUBCOMMANDS = ("compile", "inspect")
@@ -38,6 +40,7 @@ def _output_args() -> argparse.ArgumentParser:
     group.add_argument("--json", action="store_true", help="print the JSON report on stdout and nothing else")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or summary; errors only")
     group.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
+    group.add_argument("--report", type=Path, metavar="PATH", help="also write the JSON report here, on success and on failure (for pipelines)")
     return parent
 
 
@@ -59,8 +62,27 @@ def _compile_args() -> argparse.ArgumentParser:
     group = parent.add_argument_group("compile")
     group.add_argument("-o", "--output", type=Path, help="output directory (default: <model stem>_<strategy> beside the model)")
     group.add_argument("--strategy", choices=STRATEGIES, default="fuse", help="fuse (default): widened projections, adapters separable; merge: W + s*A@B; strip: base model")
-    group.add_argument("--target", choices=sorted(TARGETS), default="ort", help="runtime to build for (default %(default)s)")
     group.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    target = parent.add_argument_group("target")
+    target.add_argument("--target", choices=sorted(TARGETS), default="ort", help="ort: ONNX Runtime (default); qnn: Qualcomm HTP via onnxruntime-qnn; trt: TensorRT")
+    target.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="qnn: fp16 (default) or fp32; trt: fp16 (default), bf16 or fp32; ort runs the model's own precision")
+    target.add_argument("--ort-provider", help="ort: cpu or cuda (default: cuda when onnxruntime-gpu sees a GPU, else cpu)")
+    target.add_argument("--threads", type=int, help="ort: intra-op threads (default: ONNX Runtime's)")
+    target.add_argument("--soc-model", default="60", help="qnn: Qualcomm SoC model id (default %(default)s: Snapdragon 8 Gen 3)")
+    target.add_argument("--htp-arch", default="73", help="qnn: HTP architecture (default %(default)s)")
+    target.add_argument("--trt-seq", type=_triple, default=(1, 128, 512), metavar="MIN,OPT,MAX", help="trt: optimization profile of new tokens (default 1,128,512)")
+    target.add_argument("--trt-past", type=_triple, default=(0, 128, 512), metavar="MIN,OPT,MAX", help="trt: optimization profile of cached tokens (default 0,128,512)")
+    target.add_argument("--refit", action="store_true", help="trt: build a refittable engine")
+    target.add_argument("--workspace-gib", type=float, default=4.0, help="trt: builder workspace limit (default %(default)s GiB)")
+    latency = parent.add_argument_group("latency gate")
+    latency.add_argument("--check-latency", action="store_true", help="build base (strip), unfused and fused on the target, time them interleaved, fail (exit 1) above --max-overhead")
+    latency.add_argument("--max-overhead", type=float, default=2.0, metavar="PCT", help="largest allowed fused/base - 1 per phase, in percent (default %(default)s)")
+    latency.add_argument("--prefill", type=int, default=128, metavar="N", help="prompt tokens of the prefill phase (default %(default)s)")
+    latency.add_argument("--past", type=int, default=128, metavar="N", help="KV-cache length of the decode phase (default %(default)s)")
+    latency.add_argument("--phases", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"], help="phases to time and, for static-shape targets, to build (default: both)")
+    latency.add_argument("--rounds", type=int, default=30, help="interleaved decode rounds (default %(default)s)")
+    latency.add_argument("--prefill-rounds", type=int, default=10, help="interleaved prefill rounds (default %(default)s)")
+    latency.add_argument("--warmup", type=int, default=3, help="untimed runs per variant and phase (default %(default)s)")
     verify = parent.add_argument_group("verification")
     verify.add_argument("--no-verify", dest="verify", action="store_false", help="skip the ONNX Runtime comparison (not recommended)")
     defaults = ", ".join(f"{k} {a:g}/{r:g}" for k, (a, r) in TOLERANCES.items())
@@ -68,6 +90,16 @@ def _compile_args() -> argparse.ArgumentParser:
     verify.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
     verify.add_argument("--seed", type=int, default=0, help="seed for the synthesized inputs (default %(default)s)")
     return parent
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    try:
+        low, opt, high = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX integers, got '{text}'") from None
+    if not 0 <= low <= opt <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= OPT <= MAX, got '{text}'")
+    return (low, opt, high)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,24 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("compile", parents=[*shared, _compile_args()], help="rewrite the adapters and write the model (default command)")
     sub.add_parser("inspect", parents=shared, help="list the adapter sites found, and what was rejected and why")
     return parser
-
-
-@contextlib.contextmanager
-def _quiet_step(_: str):
-    yield
-
-
-def _progress(console: Console, enabled: bool):
-    if not enabled:
-        return _quiet_step
-
-    @contextlib.contextmanager
-    def step(name: str):
-        with console.status(f"[bold]{name}[/bold]…", spinner="dots"):
-            yield
-        console.print(f"[green]✓[/green] {name}")
-
-    return step
 
 
 def _sites_table(sites: list[dict], title: str) -> Table:
@@ -155,9 +169,31 @@ def _run_compile(args, console: Console, err_console: Console) -> int:
         max_rank_ratio=args.max_rank_ratio,
         seed=args.seed,
         force=args.force,
+        target_options=TargetOptions(
+            precision=args.precision,
+            ort_provider=args.ort_provider,
+            threads=args.threads,
+            soc_model=args.soc_model,
+            htp_arch=args.htp_arch,
+            seq_range=args.trt_seq,
+            past_range=args.trt_past,
+            refit=args.refit,
+            workspace_gib=args.workspace_gib,
+        ),
+        latency=LatencyOptions(
+            max_overhead_pct=args.max_overhead,
+            prefill=args.prefill,
+            past=args.past,
+            decode_rounds=args.rounds,
+            prefill_rounds=args.prefill_rounds,
+            warmup=args.warmup,
+            phases=tuple(args.phases),
+        ),
+        check_latency=args.check_latency,
     )
     show = not (args.quiet or args.json) and err_console.is_terminal
-    report = compile_file(args.model, output, options, progress=_progress(err_console, show))
+    report = compile_file(args.model, output, options, progress=RichProgress(err_console) if show else NullProgress())
+    _save_report(args, report)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
@@ -175,7 +211,33 @@ def _print_summary(console: Console, report: dict) -> None:
         console.print(f"verified: max abs diff {worst['max_abs_diff']:.3g} ('{worst['output']}', {worst.get('case', '')}) over {len(verification['cases'])} input case(s)")
     elif verification.get("skipped"):
         console.print("[yellow]verification skipped[/yellow] (--no-verify)")
+    target = report.get("target", {})
+    check = target.get("check")
+    if check:
+        console.print(f"{target['name']} artifact ({', '.join(target['artifacts'])}) matches model.onnx: max abs diff {check['max_abs_diff']:.3g} (atol {check['atol']:g})")
+    if report.get("latency"):
+        console.print(_latency_table(report["latency"]))
     console.print(f"{report['message']}; wrote {report['output']['dir']}")
+
+
+def _latency_table(latency: dict) -> Table:
+    emulated = " (HTP emulator: not NPU latency)" if latency.get("emulated") else ""
+    table = Table(title=f"latency on {latency['target']}{emulated}: medians of interleaved runs")
+    for column in ("phase", "variant", "median ms", "min ms", "max ms", "x base"):
+        table.add_column(column, justify="left" if column in ("phase", "variant") else "right")
+    for name, phase in latency["phases"].items():
+        for index, (variant, stats) in enumerate(phase["variants"].items()):
+            label = f"{name} ({phase['seq']} tok, past {phase['past']})" if index == 0 else ""
+            table.add_row(label, variant, f"{stats['median_ms']:.3f}", f"{stats['min_ms']:.3f}", f"{stats['max_ms']:.3f}", f"{stats['ratio_to_base']:.3f}")
+    verdict = "[green]passed[/green]" if latency["passed"] else "[red]FAILED[/red]"
+    table.caption = f"gate {verdict}: worst fused overhead {latency['worst_overhead_pct']:+.1f}% (max {latency['max_overhead_pct']:g}%)"
+    return table
+
+
+def _save_report(args, report: dict | None) -> None:
+    if getattr(args, "report", None) is not None and report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_compile(args, console, err_console)
     except ZcompileError as error:
         report = getattr(error, "report", None)
+        _save_report(args, report)
         if args.json and report is not None:
             print(json.dumps(report, indent=2))
+        elif report is not None and report.get("latency") and not args.quiet:
+            console.print(_latency_table(report["latency"]))
         print(f"zcompile: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

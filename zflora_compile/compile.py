@@ -17,20 +17,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from zflora_compile import __version__
-from zflora_compile.errors import InputError, VerificationError, ZcompileError
+from zflora_compile.errors import InputError, LatencyGateError, VerificationError, ZcompileError
+from zflora_compile.gate import LatencyOptions, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, detect_lora
 from zflora_compile.passes.planner import STRATEGIES, plan
 from zflora_compile.passes.rewrite_onnx import apply_plan, disable_adapters
-from zflora_compile.targets import get_target
-from zflora_compile.verify import verification_failure_message, verify_models, vocab_size
+from zflora_compile.progress import NullProgress
+from zflora_compile.targets import Shape, Target, TargetOptions, get_target
+from zflora_compile.verify import compare, input_specs, make_feeds, session, verification_failure_message, verify_models, vocab_size
 
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"
 GEMM_OPS = ("MatMul", "Gemm")
 
 @dataclasses.dataclass
@@ -43,6 +46,10 @@ class CompileOptions:
     max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO
     seed: int = 0
     force: bool = False
+    target_options: TargetOptions = dataclasses.field(default_factory=TargetOptions)
+    #: shapes the target builds for (prefill, past) and, with check_latency, the gate's settings
+    latency: LatencyOptions = dataclasses.field(default_factory=LatencyOptions)
+    check_latency: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -75,20 +82,15 @@ def infer_shapes(model: ir.Model) -> None:
         pass
 
 
-@contextmanager
-def _no_progress(_: str) -> Iterator[None]:
-    yield
-
-
 class _Timer:
     def __init__(self, progress):
-        self.progress = progress or _no_progress
+        self.progress = progress or NullProgress()
         self.timings: dict[str, float] = {}
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        with self.progress(name):
+        with self.progress.step(name):
             yield
         self.timings[name] = round(time.perf_counter() - start, 4)
 
@@ -147,8 +149,10 @@ def compile_file(
 ) -> dict:
     """Compile ``input_path`` into ``output_dir`` (``model.onnx`` + ``report.json``).
 
-    Returns the report. Raises :class:`ZcompileError` subclasses for bad input (exit 2) and
-    failed verification (exit 1), with the report attached as ``error.report``.
+    Returns the report. Raises :class:`ZcompileError` subclasses for bad input or a missing
+    target runtime (exit 2), failed verification and a failed latency gate (exit 1), with the
+    report attached as ``error.report``. A failed gate still writes the complete output
+    directory (its report says ``latency_gate_failed``); every other failure writes nothing.
     """
     options = options or CompileOptions()
     input_path, output_dir = Path(input_path), Path(output_dir)
@@ -157,6 +161,7 @@ def compile_file(
     started = time.perf_counter()
     try:
         _check_output_dir(output_dir, input_path, options.force)
+        target = get_target(options.target, options.target_options)
         with timer.step("load"):
             model = load_model(input_path)
             report["input"]["sha256"] = _file_digest(input_path)
@@ -176,26 +181,33 @@ def compile_file(
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
         try:
-            _write_and_check(model, staging, report, options, timer, input_path, vocab)
+            _write_and_check(model, staging, report, options, timer, input_path, vocab, target)
             report["status"], report["exit_code"] = "ok", 0
             report["message"] = _summary(report)
+            if options.check_latency:
+                _latency_gate(report, staging, input_path, target, options, vocab, timer)
             report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - started, 4)}
             report["output"]["dir"] = str(output_dir)
             _write_report(staging / "report.json", report)
             _move_into_place(staging, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if report["status"] == "latency_gate_failed":
+            error = LatencyGateError(report["message"])
+            error.report = report
+            raise error
         return report
     except ZcompileError as error:
         report["exit_code"] = error.exit_code
-        report["status"] = "verification_failed" if isinstance(error, VerificationError) else "error"
-        report["message"] = str(error)
-        report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - started, 4)}
+        report["status"] = "verification_failed" if isinstance(error, VerificationError) else report["status"] if isinstance(error, LatencyGateError) else "error"
+        if not isinstance(error, LatencyGateError):  # a failed gate's report is already written as is
+            report["message"] = str(error)
+            report["timings_s"] = {**timer.timings, "total": round(time.perf_counter() - started, 4)}
         error.report = report
         raise
 
 
-def _write_and_check(model, staging: Path, report: dict, options: CompileOptions, timer: _Timer, input_path: Path, vocab) -> None:
+def _write_and_check(model, staging: Path, report: dict, options: CompileOptions, timer: _Timer, input_path: Path, vocab, target: Target) -> None:
     model_path = staging / "model.onnx"
     with timer.step("write"):
         external = True if report["input"].get("external_data") else None
@@ -217,8 +229,64 @@ def _write_and_check(model, staging: Path, report: dict, options: CompileOptions
                 raise VerificationError(verification_failure_message(result))
     else:
         report["verification"] = {"passed": None, "skipped": "--no-verify"}
-    with timer.step("target"):
-        report["target"] = get_target(options.target).build(model_path, staging)
+    shapes = phase_shapes(model_path, options.latency)
+    with timer.step(f"build target {target.name}"):
+        report["target"] = target.build(model_path, staging, shapes)
+    report["output"]["files"] += report["target"]["artifacts"]
+    if options.verify:
+        with timer.step(f"check the {target.name} artifact against the model"):
+            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed)
+            report["target"]["check"] = check
+            if not check["passed"]:
+                raise VerificationError(f"the {target.name} artifact does not match model.onnx: {check['failure']}")
+
+
+def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab, seed: int) -> dict:
+    """Run the target's artifact and ONNX Runtime CPU on the same inputs, for every shape it serves."""
+    atol, rtol = target.artifact_tolerance
+    reference = session(model_path)
+    names = [o.name for o in reference.get_outputs()]
+    specs = input_specs(model_path)
+    cases, failure, worst = [], None, 0.0
+    for shape in shapes:
+        feeds = make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=seed)
+        loaded = target.load(artifact_dir, model_path, shape)
+        got = dict(zip(loaded.output_names, loaded.run(feeds)))
+        outputs = {}
+        for name, expected in zip(names, reference.run(names, feeds)):
+            if name not in got:
+                outputs[name] = {"passed": False, "reason": "missing from the artifact's outputs"}
+            else:
+                outputs[name] = compare(expected, np.asarray(got[name]).astype(expected.dtype, copy=False), atol, rtol)
+                worst = max(worst, outputs[name].get("max_abs_diff", 0.0))
+            if not outputs[name]["passed"] and failure is None:
+                detail = outputs[name].get("reason") or f"max abs diff {outputs[name]['max_abs_diff']:.3g} > atol {atol:g} + rtol {rtol:g} * |ref|"
+                failure = f"output '{name}' ({shape.describe()}): {detail}"
+        cases.append({"shape": shape.name, "seq": shape.seq, "past": shape.past, "runs_on": loaded.description, "outputs": outputs})
+    return {
+        "passed": failure is None,
+        "reference": "model.onnx on onnxruntime CPUExecutionProvider, same seeded inputs",
+        "atol": atol,
+        "rtol": rtol,
+        "max_abs_diff": worst,
+        "failure": failure,
+        "cases": cases,
+    }
+
+
+def _latency_gate(report: dict, staging: Path, input_path: Path, target: Target, options: CompileOptions, vocab, timer: _Timer) -> None:
+    from zflora_compile.plot import latency_chart
+
+    with timer.step("latency gate"):
+        latency = run_gate(input_path, staging, target, options.latency, options, vocab, progress=timer.progress)
+    report["latency"] = latency
+    latency_chart(latency, staging / "latency.png")
+    report["output"]["files"].append("latency.png")
+    if not latency["passed"]:
+        report["status"], report["exit_code"] = "latency_gate_failed", 1
+        report["message"] = gate_failure_message(latency)
+    else:
+        report["message"] += f"; latency gate passed (worst fused overhead {latency['worst_overhead_pct']:+.1f}% <= {latency['max_overhead_pct']:g}%)"
 
 
 @contextmanager

@@ -36,3 +36,15 @@ class VerificationError(ZcompileError):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report
+
+
+class TargetError(ZcompileError):
+    """The target cannot build or load the artifact (an op it does not support, a compiler error)."""
+
+    exit_code = 2
+
+
+class LatencyGateError(ZcompileError):
+    """The fused model's latency overhead over the base model exceeds ``--max-overhead``."""
+
+    exit_code = 1

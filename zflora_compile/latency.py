@@ -7,14 +7,22 @@ and min-max over rounds, and ratios of medians to the baseline; nothing here ass
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 Runner = Callable[[], object]
+
+
+class DeviceTime(float):
+    """A runner's own measurement in ms (e.g. CUDA events); used instead of the host's wall time."""
 
 
 def rotated(names: list[str], round_index: int) -> list[str]:
@@ -39,8 +47,9 @@ def interleaved(runners: dict[str, Runner], *, rounds: int, warmup: int, progres
             orders.append(order)
             for name in order:
                 start = time.perf_counter()
-                runners[name]()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                result = runners[name]()
+                elapsed = (time.perf_counter() - start) * 1e3
+                times[name].append(float(result) if isinstance(result, DeviceTime) else elapsed)
             if progress is not None:
                 progress()
     finally:
@@ -70,3 +79,38 @@ def summarize(times: dict[str, list[float]], baseline: str = "base") -> dict[str
             "timings_ms": [round(t, 4) for t in values],
         }
     return stats
+
+
+def machine_info() -> dict:
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_total = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_total = round(int(line.split()[1]) / 1024**2, 2)  # kB -> GiB
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model or platform.processor() or None,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": mem_total,
+        "load_average_start": load_average(),
+    }
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -86,8 +86,7 @@ def _dims(shape) -> list:
 def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 0) -> list[InputCase]:
     """Seeded inputs for every case this graph's signature admits."""
     inputs = session.get_inputs()
-    roles = {i.name: _role(i.name) for i in inputs}
-    has_cache = "past" in roles.values()
+    has_cache = has_kv_cache(inputs)
     free_axes = any(not isinstance(d, int) for i in inputs for d in _dims(i.shape))
     if has_cache:
         plans = list(CACHE_CASES) + list(OPTIONAL_CACHE_CASES)
@@ -97,20 +96,40 @@ def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 
         plans = [(n, 0) for n in DEFAULT_SEQ_LENS]
     cases = []
     for case_index, (seq, past) in enumerate(plans):
-        rng = np.random.default_rng(seed + case_index)
-        symbols = _symbols(inputs, roles, seq, past)
-        feeds = {}
-        for info in inputs:
-            dtype = _ORT_TYPES.get(info.type)
-            if dtype is None:
-                raise InputError(f"cannot synthesize verification input '{info.name}' of type {info.type}; use --no-verify")
-            shape = [d if isinstance(d, int) else symbols.get(d, 1) for d in _dims(info.shape)]
-            if roles[info.name] == "past" and len(shape) >= 3 and not isinstance(_dims(info.shape)[-2], int):
-                shape[-2] = past
-            feeds[info.name] = _fill(roles[info.name], shape, dtype, rng, vocab, past)
+        feeds = make_feeds(inputs, vocab, seq=seq, past=past, seed=seed + case_index)
         name = "static shapes" if seq is None else f"seq={seq}" + (f",past={past}" if has_cache else "")
         cases.append(InputCase(name, feeds, optional=has_cache and (seq, past) in OPTIONAL_CACHE_CASES))
     return cases
+
+
+def has_kv_cache(inputs) -> bool:
+    return any(_role(i.name) == "past" for i in inputs)
+
+
+def symbol_values(inputs, *, seq: int | None, past: int) -> dict[str, int]:
+    """The value of every symbolic input dimension for ``seq`` new tokens after ``past`` cached ones."""
+    return _symbols(inputs, {i.name: _role(i.name) for i in inputs}, seq, past)
+
+
+def make_feeds(inputs, vocab: int | None, *, seq: int | None, past: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded feeds for ``seq`` new tokens on a ``past``-token KV cache (``seq=None``: static graph).
+
+    ``inputs`` are ONNX Runtime ``NodeArg``s or anything with ``name``, ``type`` ("tensor(float)")
+    and ``shape`` (ints and symbolic names).
+    """
+    rng = np.random.default_rng(seed)
+    roles = {i.name: _role(i.name) for i in inputs}
+    symbols = _symbols(inputs, roles, seq, past)
+    feeds = {}
+    for info in inputs:
+        dtype = _ORT_TYPES.get(info.type)
+        if dtype is None:
+            raise InputError(f"cannot synthesize input '{info.name}' of type {info.type}; use --no-verify")
+        shape = [d if isinstance(d, int) else symbols.get(d, 1) for d in _dims(info.shape)]
+        if roles[info.name] == "past" and len(shape) >= 3 and not isinstance(_dims(info.shape)[-2], int):
+            shape[-2] = past
+        feeds[info.name] = _fill(roles[info.name], shape, dtype, rng, vocab, past)
+    return feeds
 
 
 def _symbols(inputs, roles, seq: int, past: int) -> dict[str, int]:
@@ -254,3 +273,31 @@ def verification_failure_message(result: dict) -> str:
                 return f"verification failed: output '{name}' ({case['case']}): {detail}"
     return "verification failed"
 
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input as :func:`make_feeds` needs it (the same fields as an ORT ``NodeArg``)."""
+
+    name: str
+    type: str
+    shape: tuple
+
+
+_ONNX_ELEM_TO_ORT = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7: "tensor(int64)", 6: "tensor(int32)", 9: "tensor(bool)", 2: "tensor(uint8)", 3: "tensor(int8)", 16: "tensor(bfloat16)"}
+
+
+def input_specs(path: str | os.PathLike) -> list[InputSpec]:
+    """The model's runtime inputs read from the file (weights are not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name for t in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, _ONNX_ELEM_TO_ORT.get(tensor_type.elem_type, f"elem_type {tensor_type.elem_type}"), dims))
+    return specs

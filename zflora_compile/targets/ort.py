@@ -1,7 +1,9 @@
-"""ONNX Runtime (CPU): the embedded default target.
+"""ONNX Runtime: the embedded default target (CPU here; CUDA when onnxruntime-gpu sees a GPU).
 
-The artifact is the rewritten ``model.onnx`` itself; building it means proving ONNX Runtime
-loads it with full graph optimizations on this machine's providers.
+The artifact is ``model.optimized.onnx``: the model after ONNX Runtime's full graph
+optimizations (``ORT_ENABLE_ALL``) for the provider it was built with, saved by ONNX Runtime
+itself. It runs in the model's own precision; the optimized file is tied to that provider and
+ONNX Runtime version (ONNX Runtime's rule), the portable ``model.onnx`` sits beside it.
 """
 
 from __future__ import annotations
@@ -10,24 +12,69 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from zflora_compile.errors import VerificationError
-from zflora_compile.targets.base import Target
+from zflora_compile.errors import InputError, VerificationError
+from zflora_compile.targets.base import Loaded, Shape, Target
+
+OPTIMIZED_NAME = "model.optimized.onnx"
+
+
+def uses_external_data(model_path: Path) -> bool:
+    """Whether any initializer of the file lives in an external data file (weights are not read)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def choose_provider(requested: str | None) -> str:
+    available = ort.get_available_providers()
+    if requested is None:
+        return "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
+    name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}.get(requested.lower(), requested)
+    if name not in available:
+        raise InputError(f"ONNX Runtime provider '{name}' is not available here (available: {', '.join(available)})")
+    return name
 
 
 class OrtTarget(Target):
     name = "ort"
 
-    def build(self, model_path: Path, out_dir: Path) -> dict:
+    def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if self.options.threads:
+            options.intra_op_num_threads = self.options.threads
+        return options
+
+    def _providers(self) -> list[str]:
+        provider = choose_provider(self.options.ort_provider)
+        return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+    def build(self, model_path: Path, out_dir: Path, shapes: list[Shape]) -> dict:
+        if self.options.precision not in (None, "model"):
+            raise InputError(f"target 'ort' runs the model in its own precision; --precision {self.options.precision} applies to qnn and trt")
+        options = self._session_options()
+        optimized = out_dir / OPTIMIZED_NAME
+        options.optimized_model_filepath = str(optimized)
+        if uses_external_data(model_path):
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized.name + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(model_path), options, providers=self._providers())
         except Exception as error:  # noqa: BLE001
-            raise VerificationError(f"{model_path}: ONNX Runtime cannot load the rewritten model: {str(error).splitlines()[0]}") from None
+            raise VerificationError(f"{model_path}: ONNX Runtime cannot load the model: {str(error).splitlines()[0]}") from None
+        artifacts = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(OPTIMIZED_NAME))
         return {
             "name": self.name,
             "runtime": f"onnxruntime {ort.__version__}",
             "providers": session.get_providers(),
-            "artifacts": [model_path.name],
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "artifacts": artifacts,
         }
+
+    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
+        artifact = out_dir / OPTIMIZED_NAME
+        session = ort.InferenceSession(str(artifact if artifact.exists() else model_path), self._session_options(), providers=self._providers())
+        names = [o.name for o in session.get_outputs()]
+        return Loaded(run=lambda feeds: session.run(names, feeds), output_names=names, description=f"{session.get_providers()[0]} ({artifact.name})")

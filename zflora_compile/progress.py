@@ -1,0 +1,40 @@
+"""Progress display for long steps: a spinner per step and a bar for counted work (rich).
+
+``NullProgress`` is used by the API, ``--quiet``, ``--json`` and when stderr is not a terminal,
+so pipelines get clean logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+
+class NullProgress:
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def bar(self, name: str, total: int) -> Iterator[Callable[[], None]]:
+        yield lambda: None
+
+
+class RichProgress(NullProgress):
+    def __init__(self, console):
+        self.console = console
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        with self.console.status(f"[bold]{name}[/bold]…", spinner="dots"):
+            yield
+        self.console.print(f"[green]✓[/green] {name}")
+
+    @contextlib.contextmanager
+    def bar(self, name: str, total: int) -> Iterator[Callable[[], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True) as progress:
+            task = progress.add_task(name, total=total)
+            yield lambda: progress.advance(task)
+        self.console.print(f"[green]✓[/green] {name}")

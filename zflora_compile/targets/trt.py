@@ -1,0 +1,166 @@
+"""NVIDIA GPUs through the TensorRT Python API (``tensorrt`` >= 10; optional extra).
+
+The artifact is ``model.plan``, a serialized engine built by the ONNX parser and builder with
+one optimization profile covering the dynamic sequence and cache axes (min / opt / max from
+``TargetOptions.seq_range`` and ``past_range``), in fp32, fp16 (default) or bf16, optionally
+refittable. Device buffers are torch CUDA tensors; timing uses CUDA events around
+``execute_async_v3``.
+
+TensorRT could not be installed where this tool is developed (NVIDIA's package index is out of
+reach there), so this module is written against the documented API and was never run by its
+authors; its tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from zflora_compile.errors import TargetError
+from zflora_compile.targets.base import Loaded, Shape, Target
+from zflora_compile.verify import input_specs, symbol_values
+
+PLAN_NAME = "model.plan"
+NOT_RUN_HERE = "TensorRT could not be installed on the machines zflora-compile is developed on; this target was written against the documented API and is untested"
+
+
+class TrtTarget(Target):
+    name = "trt"
+    install_hint = (
+        "Install it on a machine with an NVIDIA GPU and CUDA: pip install 'zflora-compile[trt]' "
+        "(or pip install tensorrt --extra-index-url https://pypi.nvidia.com, plus a CUDA build of torch)."
+    )
+    artifact_tolerance = (2e-2, 2e-2)  # fp16 / TF32 kernels vs fp32 on CPU
+
+    @classmethod
+    def missing_dependency(cls) -> str | None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "the tensorrt Python package (TensorRT builder and ONNX parser) is not installed"
+        try:
+            import torch
+        except ImportError:
+            return "torch (used for CUDA buffers and events) is not installed"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        return None
+
+    @property
+    def precision(self) -> str:
+        precision = self.options.precision or "fp16"
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise TargetError(f"target 'trt' supports --precision fp32, fp16 or bf16, not {precision}")
+        return precision
+
+    def build(self, model_path: Path, out_dir: Path, shapes: list[Shape]) -> dict:
+        self.check_available()
+        import tensorrt as trt
+
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(model_path)):
+            raise TargetError(f"{model_path}: TensorRT's ONNX parser failed: {_parser_errors(parser)}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.options.workspace_gib * (1 << 30)))
+        if self.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif self.precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        if self.options.refit:
+            config.set_flag(trt.BuilderFlag.REFIT)
+        profile = builder.create_optimization_profile()
+        ranges = self.profile_shapes(model_path)
+        for index in range(network.num_inputs):
+            name = network.get_input(index).name
+            low, opt, high = ranges[name]
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise TargetError(f"{model_path}: TensorRT could not build an engine (see the TensorRT log above)")
+        (out_dir / PLAN_NAME).write_bytes(bytes(plan))
+        return {
+            "name": self.name,
+            "runtime": f"tensorrt {trt.__version__}",
+            "precision": self.precision,
+            "refittable": self.options.refit,
+            "profile": {name: {"min": list(r[0]), "opt": list(r[1]), "max": list(r[2])} for name, r in ranges.items()},
+            "artifacts": [PLAN_NAME],
+        }
+
+    def profile_shapes(self, model_path: Path) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """(min, opt, max) shape of every input, from the seq and past ranges."""
+        specs = input_specs(model_path)
+        per_point = []
+        for seq, past in zip(self.options.seq_range, self.options.past_range):
+            symbols = symbol_values(specs, seq=seq, past=past)
+            per_point.append({s.name: tuple(d if isinstance(d, int) else symbols.get(str(d), 1) for d in s.shape) for s in specs})
+        return {s.name: tuple(point[s.name] for point in per_point) for s in specs}
+
+    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
+        self.check_available()
+        import tensorrt as trt
+        import torch
+
+        logger = trt.Logger(trt.Logger.WARNING)
+        engine = trt.Runtime(logger).deserialize_cuda_engine((out_dir / PLAN_NAME).read_bytes())
+        if engine is None:
+            raise TargetError(f"{out_dir / PLAN_NAME}: TensorRT cannot deserialize the engine")
+        context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        stream = torch.cuda.Stream()
+        bound: dict = {"key": None, "outputs": {}}
+
+        def bind(feeds: dict[str, np.ndarray]) -> None:
+            key = tuple((k, id(v)) for k, v in sorted(feeds.items()))
+            if bound["key"] == key:
+                return
+            keep = {}
+            for name in inputs:
+                array = np.ascontiguousarray(feeds[name].astype(trt.nptype(engine.get_tensor_dtype(name)), copy=False))
+                tensor = torch.from_numpy(array).cuda()
+                keep[name] = tensor
+                context.set_input_shape(name, tuple(array.shape))
+                context.set_tensor_address(name, tensor.data_ptr())
+            for name in outputs:
+                dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+                tensor = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+                keep[name] = tensor
+                context.set_tensor_address(name, tensor.data_ptr())
+            bound.update(key=key, tensors=keep)
+
+        def execute() -> None:
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise TargetError(f"{out_dir / PLAN_NAME}: TensorRT execution failed")
+
+        def run(feeds):
+            bind(feeds)
+            execute()
+            stream.synchronize()
+            return [bound["tensors"][name].cpu().numpy() for name in outputs]
+
+        def timed(feeds) -> float:
+            bind(feeds)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            execute()
+            end.record(stream)
+            end.synchronize()
+            return float(start.elapsed_time(end))
+
+        return Loaded(run=run, output_names=outputs, timed=timed, description=f"TensorRT engine {PLAN_NAME} on {torch.cuda.get_device_name()}")
+
+
+def _parser_errors(parser) -> str:
+    messages = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        where = error.node_name() or (f"node #{error.node()}" if error.node() >= 0 else "graph")
+        messages.append(f"{where} ({error.node_operator() or '?'}): {error.desc()}")
+    return "; ".join(messages[:5]) + (f"; and {len(messages) - 5} more" if len(messages) > 5 else "")
