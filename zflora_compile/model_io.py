@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -17,13 +19,95 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes: protobuf's 2 GB limit, with he
 DATA_SUFFIX = ".data"
 
 
+EXPORTED_PROGRAM_SUFFIX = ".pt2"
+DIRECTORY_MODEL_NAME = "model.onnx"
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The ONNX file a model path names: ``path`` itself, or ``<dir>/model.onnx`` for a directory
+    (or the directory's only ``.onnx`` file)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    candidate = path / DIRECTORY_MODEL_NAME
+    if candidate.is_file():
+        return candidate
+    found = sorted(p for p in path.glob("*.onnx") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    what = f"{len(found)} .onnx files" if found else "no .onnx file"
+    raise InputError(f"{path}: is a directory with {what} and no {DIRECTORY_MODEL_NAME}; name the model file")
+
+
+def export_program_to_onnx(path: str | os.PathLike, onnx_path: str | os.PathLike) -> Path:
+    """Export a saved ``torch.export`` program (``.pt2``) to ONNX at ``onnx_path`` (external data
+    beside it when over ~2 GB). Needs torch (the optional torch extra)."""
+    path, onnx_path = Path(path), Path(onnx_path)
+    try:
+        import torch
+    except ImportError:
+        from zflora_compile.errors import DependencyError
+
+        raise DependencyError(f"{path}: reading a .pt2 ExportedProgram needs torch (pip install zflora-compile[torch])") from None
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # noqa: BLE001 - any load failure is bad input
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a readable torch.export program ({first})") from None
+    try:
+        exported = torch.onnx.export(program, dynamo=True, verbose=False)
+    except Exception as error:  # noqa: BLE001
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: torch.onnx.export of the program failed ({first})") from None
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    exported.save(str(onnx_path), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    return onnx_path
+
+
+@contextlib.contextmanager
+def onnx_input(path: str | os.PathLike) -> Iterator[Path]:
+    """The ONNX file to read, digest and verify against for a model path: the file itself,
+    ``<dir>/model.onnx`` for a directory, or a ``.pt2`` program exported to a temporary
+    ``model.onnx`` (removed on exit)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    path = resolve_model_path(path)
+    if path.suffix != EXPORTED_PROGRAM_SUFFIX or path.stat().st_size == 0:
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="zflora-pt2-") as tmp:
+        yield export_program_to_onnx(path, Path(tmp) / "model.onnx")
+
+
+def _load_exported_program(path: Path) -> ir.Model:
+    """A ``.pt2`` program exported to ONNX in a temporary directory, loaded fully into memory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="zflora-pt2-") as tmp:
+        onnx_path = export_program_to_onnx(path, Path(tmp) / "model.onnx")
+        model = load_model(onnx_path)
+        for value in model.graph.initializers.values():  # the temp files go away with the directory
+            if value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    return model
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load ``path`` lazily (external data stays on disk) and check it is usable."""
+    """Load ``path`` lazily (external data stays on disk) and check it is usable.
+
+    ``path`` is an ``.onnx`` file, a directory holding ``model.onnx`` (or exactly one ``.onnx``
+    file), or a ``.pt2`` file written by ``torch.export.save`` (exported to ONNX on the fly).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected an .onnx file")
+        path = resolve_model_path(path)
+    if path.suffix == EXPORTED_PROGRAM_SUFFIX and path.is_file() and path.stat().st_size > 0:
+        return _load_exported_program(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file, not an ONNX model")
     try:

@@ -31,6 +31,7 @@ __all__ = [
     "build_base_model",
     "build_lora_model",
     "export_onnx",
+    "export_program",
     "tiny_config",
 ]
 
@@ -328,3 +329,35 @@ def export_onnx(
         _export(wrapper, args, path, exporter, input_names, output_names, axes)
     _finalize(path, axes, batch)
     return path
+
+
+def export_program(
+    model,
+    *,
+    seq_len: int = 7,
+    batch: int = 1,
+    with_cache: bool = False,
+    past_len: int = 3,
+    dynamic: bool = True,
+    decompose: bool = False,
+):
+    """``torch.export`` ``model`` (HF causal LM or PeftModel, put in eval mode) with the same
+    plain-tensor interface as :func:`export_onnx`: ``(input_ids, attention_mask, *past k/v)``
+    -> ``(logits, *present k/v)``. Sequence (and past) axes are dynamic unless ``dynamic=False``;
+    ``decompose`` returns ``program.run_decompositions()`` (core ATen). With dynamic axes the
+    example sizes must be >= 2; static programs (``dynamic=False``) may use ``seq_len=1``.
+    """
+    if dynamic and (seq_len < 2 or (with_cache and past_len < 2)):
+        raise ValueError("seq_len and past_len must be >= 2 with dynamic axes: torch.export specialises example sizes 0 and 1")
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    args = _example_inputs(config, dtype, seq_len=seq_len, batch=batch, past_len=past_len if with_cache else None)
+    args = tuple(a.to(next(model.parameters()).device) for a in args)
+    wrapper = _ExportWrapper(model, with_cache).eval()
+    shapes = None
+    if dynamic:  # sequence / past axes: let torch.export derive their ranges and relations
+        seq = {1: torch.export.Dim.DYNAMIC}
+        shapes = (seq, seq, tuple({2: torch.export.Dim.DYNAMIC} for _ in args[2:])) if with_cache else (seq, seq)
+    with _quiet(), torch.no_grad():
+        program = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
+        return program.run_decompositions() if decompose else program

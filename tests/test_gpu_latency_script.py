@@ -1,0 +1,71 @@
+"""benchmarks/gpu_latency.py --quick runs end to end on CPU and writes a complete JSON.
+
+No assertion on timings: only the structure, the GEMM counts the strategies promise, and that
+every rewrite was verified.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_latency.py"
+VARIANTS = ("base", "unfused", "fused", "merged")
+PHASES = ("decode", "prefill")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_latency") / "quick.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_json_structure(quick_run):
+    results, _ = quick_run
+    assert results["benchmark"] == "gpu_latency" and results["schema_version"] == 1
+    assert results["device"]["type"] == "cpu" and results["device"]["name"]
+    settings = results["settings"]
+    assert settings["quick"] is True and settings["batch"] == 1 and settings["dtype"] == "float32"
+    assert settings["decode"] == {"new_tokens": 1, "past_length": 16}
+    assert settings["prefill"]["new_tokens"] == 16
+    assert set(results["results"]) == set(PHASES)
+    for phase in PHASES:
+        eager = results["results"][phase]["eager"]
+        assert set(eager["variants"]) == set(VARIANTS)
+        assert len(eager["orders"]) == eager["rounds"] and all(sorted(order) == sorted(VARIANTS) for order in eager["orders"])
+        for stats in eager["variants"].values():
+            assert stats["runs"] == eager["rounds"] and len(stats["timings_ms"]) == eager["rounds"]
+            assert stats["median_ms"] > 0
+        assert eager["variants"]["base"]["ratio_to_base"] == 1.0
+        assert results["results"][phase]["cuda_graphs"] == {"skipped": "no CUDA device"}
+
+
+def test_variants_are_verified_and_have_the_promised_gemm_counts(quick_run):
+    results, _ = quick_run
+    for phase in PHASES:
+        variants = results["variants"][phase]
+        sites = variants["fused"]["sites"]
+        assert sites == 14  # 2 layers x 7 projections
+        unfused = variants["unfused"]["gemm_count"]
+        assert variants["base"]["gemm_count"] == variants["merged"]["gemm_count"] == unfused - 2 * sites
+        assert variants["fused"]["gemm_count"] == unfused - 3 * sites + 2 * 8  # QKV, O, GU, D per layer
+        for variant in ("base", "fused", "merged"):
+            assert variants[variant]["verification_passed"] is True
+            assert "verification_error" not in variants[variant]
+
+
+def test_table_is_printed(quick_run):
+    _, stdout = quick_run
+    assert "median ms" in stdout and "skipped: no CUDA device" in stdout
+    for variant in VARIANTS:
+        assert variant in stdout
