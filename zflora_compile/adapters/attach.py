@@ -158,6 +158,12 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     decoder, layers = _check_model(model)
+    if config.family == "zflora":  # check every norm before anything is changed
+        norms = [decoder.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in norms:
+            weight = getattr(norm, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(norm, "variance_epsilon"):
+                raise ValueError(f"zFLoRA needs Llama-style RMSNorms (weight [d], variance_epsilon); found {type(norm).__name__}")
     base_dtype = model.get_input_embeddings().weight.dtype
     dtype = getattr(torch, config.dtype) if config.dtype else base_dtype
     resolved = dataclasses.replace(config, layers=_resolve_layers(config, len(layers)), dtype=_dtype_name(dtype))

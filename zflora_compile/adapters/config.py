@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 
 FAMILIES = ("ffa", "fba", "ffba", "zflora")
 TARGETS = ("both", "attention", "mlp")
@@ -64,8 +65,13 @@ class AdapterConfig:
             raise ValueError(f"unknown adapter family {self.family!r}; expected one of {FAMILIES}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; expected one of {TARGETS}")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+        try:
+            rank = operator.index(self.rank)
+        except TypeError:
+            rank = 0
+        if isinstance(self.rank, bool) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        self.rank = rank
         self.alpha = float(self.alpha)
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})

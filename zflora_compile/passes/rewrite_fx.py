@@ -6,11 +6,11 @@ constants of the program through ``add_constant`` (a parameter placeholder of an
 ExportedProgram, or a ``get_attr`` of a GraphModule); dead nodes are removed afterwards.
 
 A fused group is emitted in 2-D, with ops that exist both before and after
-``run_decompositions`` (``mm``, ``addmm``, ``slice``, ``view``/``reshape``)::
+``run_decompositions`` (``mm``, ``add``, ``slice``, ``view``/``reshape``)::
 
     x2  = x.reshape(-1, in)                 # or the base GEMM's own 2-D view of x
     y   = mm(x2, [W_1 | ... | W_n | A_1 | ... | A_n])
-    out = addmm(y[:, :D] (+ bias), y[:, D:], blockdiag(s_1 B_1, ...))
+    out = y[:, :D] (+ bias) + mm(y[:, D:], blockdiag(s_1 B_1, ...))
     y_i = out[:, off_i : off_i + out_i].view(*lead, out_i)
 """
 
@@ -129,7 +129,10 @@ def _apply_fused_group(graph: torch.fx.Graph, group: FusedGroup, add_constant: A
         rank_lanes = call(graph, aten.slice.Tensor, (wide, 1, width, width + rank), like=anchor)
         if bias is not None:
             base_lanes = call(graph, aten.add.Tensor, (base_lanes, bias), like=anchor)
-        fused = call(graph, aten.addmm.default, (base_lanes, rank_lanes, lowrank), like=anchor, name=f"{stem}_lowrank_addmm")
+        # mm + add rather than addmm: addmm with a strided (sliced) input takes slow paths on
+        # some backends (CPU bfloat16), and the add is one cheap elementwise kernel
+        delta = call(graph, aten.mm.default, (rank_lanes, lowrank), like=anchor, name=f"{stem}_lowrank_mm")
+        fused = call(graph, aten.add.Tensor, (base_lanes, delta), like=anchor, name=f"{stem}_add_lowrank")
         offset = 0
         for site, binding in zip(group.sites, bindings):
             part = fused
