@@ -1,4 +1,5 @@
-"""PyTorch latency of a LoRA-adapted decoder on one GPU: base, unfused, fused (FX), merged.
+"""PyTorch latency of adapted decoders on one GPU: base, LoRA unfused / fused (FX) / merged, and
+FFBA / zFLoRA unfused and fused at LoRA's parameter budget.
 
 Builds a random-weight Llama decoder with Llama-3.2-1B shapes (hidden 2048, 32 query / 8
 key-value heads, head_dim 64, intermediate 8192, vocabulary 128,256; ``--layers`` layers, 16 by
@@ -17,6 +18,10 @@ ExportedProgram (verification in PyTorch eager on), and all run as ``program.mod
 - ``unfused``: the export as is (two extra GEMMs per adapted projection);
 - ``fused``:   ``strategy="fuse"`` (two GEMMs per group of projections reading one tensor);
 - ``merged``:  ``strategy="merge"`` (``W + s*A@B``: zero overhead, adapter not separable).
+
+``--families`` (default ``ffba zflora``) adds, for each family, ``<family>_unfused`` (its own
+``torch.export``) and ``<family>_fused`` (``fuse_adapters``), with the integer rank whose adapter
+parameter count comes closest to LoRA's (equal parameter budget; the ranks and counts are saved).
 
 Modes: ``eager`` (the GraphModule called from Python) and, on CUDA, ``cuda_graphs`` (each call
 captured once with ``torch.cuda.graphs`` on static inputs and replayed). A call is timed with
@@ -88,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-rounds", type=int, help=f"interleaved rounds, prefill (default {FULL['prefill_rounds']})")
     parser.add_argument("--warmup", type=int, help=f"warm-up calls per variant (default {FULL['warmup']})")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--families", nargs="*", choices=("ffa", "fba", "ffba", "zflora"), default=["ffba", "zflora"], help="other adapter families to measure, unfused and fused (default: ffba zflora)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="eager mode only")
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/gpu_latency_<gpu>.json)")
     args = parser.parse_args(argv)
@@ -95,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.variants = VARIANTS + tuple(f"{family}_{kind}" for family in args.families for kind in ("unfused", "fused"))
     return args
 
 
@@ -130,31 +137,67 @@ def build_programs(args, torch, device) -> tuple[dict, dict]:
         "decode": dict(seq_len=1, with_cache=True, past_len=args.past, dynamic=False),
         "prefill": dict(seq_len=args.prefill, with_cache=False, dynamic=False),
     }
-    programs, reports = {}, {}
+    budget = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    programs, reports = {phase: {} for phase in args.phases}, {phase: {} for phase in args.phases}
+    args.family_ranks = {"lora": {"rank": args.rank, "adapter_parameters": budget}}
+
+    def fuse_into(phase, unfused, variant, strategy):
+        log(f"fuse_adapters({phase}, {variant}, strategy={strategy})")
+        try:
+            result, report = fuse_fx_with_report(unfused, strategy)
+        except VerificationError as error:  # recorded, and measured anyway: the JSON says so
+            report = error.report
+            result, _ = fuse_fx_with_report(unfused, strategy, verify=False)
+            report["verification_error"] = str(error)
+        programs[phase][variant] = result
+        reports[phase][variant] = {
+            "strategy": strategy,
+            "sites": len(report["sites"]),
+            "gemm_count": report["gemm_count"]["output"],
+            "verification_passed": report["verification"].get("passed"),
+            "verification_worst": report["verification"].get("worst"),
+            **({"verification_error": report["verification_error"]} if "verification_error" in report else {}),
+        }
+
     for phase in args.phases:
         log(f"torch.export ({phase})")
         unfused = zoo.export_program(model, **exports[phase])
-        programs[phase] = {"unfused": unfused}
-        reports[phase] = {"unfused": {"gemm_count": linear_op_count(unfused)}}
+        programs[phase]["unfused"] = unfused
+        reports[phase]["unfused"] = {"gemm_count": linear_op_count(unfused)}
         for variant, strategy in STRATEGY_OF.items():
-            log(f"fuse_adapters({phase}, strategy={strategy})")
-            try:
-                result, report = fuse_fx_with_report(unfused, strategy)
-            except VerificationError as error:  # recorded, and measured anyway: the JSON says so
-                report = error.report
-                result, _ = fuse_fx_with_report(unfused, strategy, verify=False)
-                report["verification_error"] = str(error)
-            programs[phase][variant] = result
-            reports[phase][variant] = {
-                "strategy": strategy,
-                "sites": len(report["sites"]),
-                "gemm_count": report["gemm_count"]["output"],
-                "verification_passed": report["verification"].get("passed"),
-                "verification_worst": report["verification"].get("worst"),
-                **({"verification_error": report["verification_error"]} if "verification_error" in report else {}),
-            }
+            fuse_into(phase, unfused, variant, strategy)
     del model
+    for family in args.families:
+        rank, count = equal_budget_rank(family, budget, shapes, args, torch)
+        args.family_ranks[family] = {"rank": rank, "adapter_parameters": count}
+        log(f"{family}: rank {rank} ({count:,} adapter parameters; LoRA: {budget:,})")
+        model = build_family_model(family, rank, shapes, args, torch).to(device=device, dtype=dtype).eval()
+        for phase in args.phases:
+            log(f"torch.export ({phase}, {family})")
+            unfused = zoo.export_program(model, **exports[phase])
+            programs[phase][f"{family}_unfused"] = unfused
+            reports[phase][f"{family}_unfused"] = {"gemm_count": linear_op_count(unfused), "rank": rank}
+            fuse_into(phase, unfused, f"{family}_fused", "fuse")
+        del model
     return programs, reports
+
+
+def build_family_model(family: str, rank: int, shapes: dict, args, torch):
+    from zflora_compile import zoo
+    from zflora_compile.adapters import AdapterConfig, attach_adapters, randomize_adapters
+
+    base = zoo.build_base_model("llama", seed=0, num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.past + args.prefill + 8), **shapes)
+    return randomize_adapters(attach_adapters(base, AdapterConfig(family=family, rank=rank, alpha=2 * rank)), seed=1)
+
+
+def equal_budget_rank(family: str, budget: int, shapes: dict, args, torch) -> tuple[int, int]:
+    """The integer rank whose adapter parameter count is closest to ``budget`` (linear in the rank)."""
+    from zflora_compile.adapters import count_parameters
+
+    per_rank = count_parameters(build_family_model(family, 1, shapes, args, torch))[0]
+    rank = max(1, round(budget / per_rank))
+    return rank, rank * per_rank
+
 
 
 def _inputs(program, device):
@@ -201,8 +244,8 @@ def measure(args, torch, device, programs) -> dict:
     results = {}
     for phase in args.phases:
         rounds = args.decode_rounds if phase == "decode" else args.prefill_rounds
-        modules = {variant: programs[phase][variant].module() for variant in VARIANTS}
-        inputs = {variant: _inputs(programs[phase][variant], device) for variant in VARIANTS}
+        modules = {variant: programs[phase][variant].module() for variant in args.variants}
+        inputs = {variant: _inputs(programs[phase][variant], device) for variant in args.variants}
         results[phase] = {}
         for mode in MODES:
             if mode == "cuda_graphs" and device.type != "cuda":
@@ -212,7 +255,7 @@ def measure(args, torch, device, programs) -> dict:
                 results[phase][mode] = {"skipped": "--no-cuda-graphs"}
                 continue
             runners, errors = {}, {}
-            for variant in VARIANTS:
+            for variant in args.variants:
                 call_args, call_kwargs = inputs[variant]
                 try:
                     if mode == "eager":
@@ -242,18 +285,18 @@ def measure(args, torch, device, programs) -> dict:
     return results
 
 
-def table(results: dict, reports: dict) -> str:
-    lines = [f"{'phase':8} {'mode':12} {'variant':8} {'GEMMs':>6} {'median ms':>10} {'p25-p75 ms':>17} {'x base':>7}"]
+def table(results: dict, reports: dict, variants=VARIANTS) -> str:
+    lines = [f"{'phase':8} {'mode':12} {'variant':15} {'GEMMs':>6} {'median ms':>10} {'p25-p75 ms':>17} {'x base':>7}"]
     for phase, modes in results.items():
         for mode, data in modes.items():
             if "variants" not in data:
-                lines.append(f"{phase:8} {mode:12} {'-':8} {'':>6} {'skipped: ' + data['skipped']}")
+                lines.append(f"{phase:8} {mode:12} {'-':15} {'':>6} {'skipped: ' + data['skipped']}")
                 continue
-            for variant in VARIANTS:
+            for variant in variants:
                 stats = data["variants"][variant]
                 spread = f"{stats['p25_ms']:.3f}-{stats['p75_ms']:.3f}"
                 gemms = reports[phase][variant]["gemm_count"]
-                lines.append(f"{phase:8} {mode:12} {variant:8} {gemms:>6} {stats['median_ms']:>10.3f} {spread:>17} {stats['ratio_to_base']:>7.3f}")
+                lines.append(f"{phase:8} {mode:12} {variant:15} {gemms:>6} {stats['median_ms']:>10.3f} {spread:>17} {stats['ratio_to_base']:>7.3f}")
     return "\n".join(lines)
 
 
@@ -287,6 +330,8 @@ def main(argv=None) -> int:
             "layers": args.layers,
             "dtype": DTYPES[args.dtype],
             "lora": {"rank": args.rank, "alpha": 2 * args.rank, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+            "families": args.families,
+            "equal_parameter_budget": args.family_ranks,
             "batch": 1,
             "decode": {"new_tokens": 1, "past_length": args.past},
             "prefill": {"new_tokens": args.prefill, "past_length": 0, "use_cache": False},
@@ -304,7 +349,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"device: {info['name']} ({info['type']}), {args.layers} layers, {DTYPES[args.dtype]}, LoRA r={args.rank}, past {args.past}, prefill {args.prefill}")
-    print(table(results, payload["variants"]))
+    print(table(results, payload["variants"], args.variants))
     print(f"wrote {out}")
     return 0
 

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_latency.py"
-VARIANTS = ("base", "unfused", "fused", "merged")
+VARIANTS = ("base", "unfused", "fused", "merged", "ffba_unfused", "ffba_fused", "zflora_unfused", "zflora_fused")
 PHASES = ("decode", "prefill")
 
 
@@ -38,6 +38,9 @@ def test_json_structure(quick_run):
     assert settings["quick"] is True and settings["batch"] == 1 and settings["dtype"] == "float32"
     assert settings["decode"] == {"new_tokens": 1, "past_length": 16}
     assert settings["prefill"]["new_tokens"] == 16
+    budget = settings["equal_parameter_budget"]
+    assert set(budget) == {"lora", "ffba", "zflora"}
+    assert all(abs(b["adapter_parameters"] - budget["lora"]["adapter_parameters"]) < 0.25 * budget["lora"]["adapter_parameters"] for b in budget.values())
     assert set(results["results"]) == set(PHASES)
     for phase in PHASES:
         eager = results["results"][phase]["eager"]
@@ -59,9 +62,11 @@ def test_variants_are_verified_and_have_the_promised_gemm_counts(quick_run):
         unfused = variants["unfused"]["gemm_count"]
         assert variants["base"]["gemm_count"] == variants["merged"]["gemm_count"] == unfused - 2 * sites
         assert variants["fused"]["gemm_count"] == unfused - 3 * sites + 2 * 8  # QKV, O, GU, D per layer
-        for variant in ("base", "fused", "merged"):
+        for variant in ("base", "fused", "merged", "ffba_fused", "zflora_fused"):
             assert variants[variant]["verification_passed"] is True
             assert "verification_error" not in variants[variant]
+        for family in ("ffba", "zflora"):  # zero extra GEMMs: the fused family has the base's count
+            assert variants[f"{family}_fused"]["gemm_count"] == variants["base"]["gemm_count"] < variants[f"{family}_unfused"]["gemm_count"]
 
 
 def test_table_is_printed(quick_run):

@@ -27,7 +27,9 @@ def detect_adapters(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) ->
     """Adapter sites in ``model`` (``onnx.ModelProto``, ``onnx_ir.Model``, a path, a
     ``torch.export.ExportedProgram`` or a ``torch.fx.GraphModule``).
 
-    The result iterates over :class:`~zflora_compile.sites.AdapterSite` records;
+    The result iterates over every site: ``result.sites`` (LoRA,
+    :class:`~zflora_compile.sites.AdapterSite`), then ``result.widened`` (FFA / FBA / FFBA / zFLoRA,
+    :class:`~zflora_compile.sites.WidenedSite`, one per widened projection);
     ``result.rejections`` lists what looked like an adapter but was left alone, with the reason.
     """
     if _is_fx(model):

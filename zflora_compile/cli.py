@@ -116,21 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lanes(site: dict) -> str:
+    """``in+4(s=2) out+4`` for a widened projection: lanes read and written ((0): cut off / zeros appended)."""
+    parts = [f"in+{r['rank']}" + ("(0)" if r["zero"] else f"(s={r['scale']:g})") for r in site["reads"]]
+    parts += [f"out+{w['rank']}" + ("(0)" if w["zero"] else "") for w in site["writes"]]
+    return " ".join(parts)
+
+
 def _sites_table(sites: list[dict], title: str) -> Table:
     table = Table(title=title)
     for column in ("site", "layer", "projection", "family", "rank", "scale", "group", "in→out", "bias"):
         table.add_column(column)
     for s in sites:
+        widened = "reads" in s
         table.add_row(
             s["id"],
             "" if s["layer"] is None else str(s["layer"]),
             s["projection"] or s["label"],
             s["family"],
-            str(s["rank"]),
-            f"{s['scale']:g}",
-            s["group"],
+            _lanes(s) if widened else str(s["rank"]),
+            "" if widened else f"{s['scale']:g}",
+            s.get("group", ""),
             f"{s['in_features']}→{s['out_features']}",
-            "yes" if s["bias"] else "",
+            "yes" if s.get("bias") else "",
         )
     return table
 
@@ -144,7 +152,7 @@ def _run_inspect(args, console: Console) -> int:
     from zflora_compile.api import detect_adapters
 
     detection = detect_adapters(args.model, max_rank_ratio=args.max_rank_ratio)
-    sites = [s.to_json() for s in detection.sites]
+    sites = [s.to_json() for s in detection.all_sites]
     rejected = [r.to_json() for r in detection.rejections]
     if args.json:
         print(json.dumps({"model": str(args.model), "sites": sites, "rejected": rejected}, indent=2))

@@ -26,14 +26,15 @@ from zflora_compile import __version__
 from zflora_compile.errors import InputError, LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.gate import LatencyOptions, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
+from zflora_compile.passes.detect_lanes import combine, detect_lanes
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, detect_lora
-from zflora_compile.passes.planner import STRATEGIES, plan
+from zflora_compile.passes.planner import STRATEGIES, PlanError, plan
 from zflora_compile.passes.rewrite_onnx import apply_plan, disable_adapters
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets import Shape, Target, TargetOptions, get_target
 from zflora_compile.verify import compare, input_specs, make_feeds, session, verification_failure_message, verify_models, vocab_size
 
-REPORT_SCHEMA_VERSION = "1.1"
+REPORT_SCHEMA_VERSION = "1.2"
 GEMM_OPS = ("MatMul", "Gemm")
 
 @dataclasses.dataclass
@@ -70,8 +71,9 @@ def gemm_count(counts: dict[str, int]) -> int:
 
 
 def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
-    """Every adapter site in the model (the families this version understands: LoRA)."""
-    return detect_lora(model.graph, max_rank_ratio=max_rank_ratio)
+    """Every adapter site in the model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes."""
+    lora = detect_lora(model.graph, max_rank_ratio=max_rank_ratio)
+    return combine(lora, detect_lanes(model.graph, lora.sites, max_rank_ratio=max_rank_ratio))
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -125,7 +127,7 @@ def _fill_detection(report: dict, model: ir.Model, detection: Detection) -> None
             "gemm_count": gemm_count(counts),
         }
     )
-    report["sites"] = [s.to_json() for s in detection.sites]
+    report["sites"] = [s.to_json() for s in detection.all_sites]
     report["rejected"] = [r.to_json() for r in detection.rejections]
     report["groups"] = _groups_json(detection)
 
@@ -171,7 +173,10 @@ def compile_file(
             detection = detect(model, options.max_rank_ratio)
             _fill_detection(report, model, detection)
         with timer.step("rewrite"):
-            the_plan = plan(detection.sites, options.strategy)
+            try:
+                the_plan = plan(detection.sites, options.strategy, detection.widened)
+            except PlanError as error:
+                raise InputError(str(error)) from None
             if the_plan.rewrites:
                 apply_plan(model, the_plan)
                 infer_shapes(model)
@@ -297,7 +302,8 @@ def _reference(input_path: Path, options: CompileOptions) -> Iterator[tuple[Path
         return
     with tempfile.TemporaryDirectory(prefix="zflora-ref-") as tmp:
         model = load_model(input_path)
-        disable_adapters(model, detect(model, options.max_rank_ratio).sites)
+        detection = detect(model, options.max_rank_ratio)
+        disable_adapters(model, detection.sites, detection.widened)
         path = Path(tmp) / "reference.onnx"
         save_model(model, path, external=True)
         yield path, "the input model with every detected adapter's B set to zero (graph otherwise unchanged)"

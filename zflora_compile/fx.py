@@ -26,8 +26,10 @@ from torch.utils import _pytree as pytree
 
 from zflora_compile.errors import InputError, VerificationError
 from zflora_compile.passes.detect_fx import DEFAULT_MAX_RANK_RATIO, FxConstants, _val, detect_lora_fx, op_name, torch_dtype_name
+from zflora_compile.passes.detect_lanes import combine
+from zflora_compile.passes.detect_lanes_fx import detect_lanes_fx
 from zflora_compile.passes.detect_onnx import Detection
-from zflora_compile.passes.planner import STRATEGIES, Plan, plan
+from zflora_compile.passes.planner import STRATEGIES, Plan, PlanError, plan
 from zflora_compile.passes.rewrite_fx import apply_plan_fx, disable_adapters_fx
 from zflora_compile.verify import TOLERANCES, compare, verification_failure_message
 
@@ -218,6 +220,12 @@ def _edit(model, *, copy_module: bool = True):
     raise TypeError(f"expected torch.export.ExportedProgram or torch.fx.GraphModule, got {type(model).__name__}")
 
 
+def _detect(gm: torch.fx.GraphModule, constants: FxConstants, max_rank_ratio: float) -> Detection:
+    """LoRA, then FFA / FBA / FFBA / zFLoRA lanes (the same records as the ONNX front-end)."""
+    lora = detect_lora_fx(gm, constants, max_rank_ratio=max_rank_ratio)
+    return combine(lora, detect_lanes_fx(gm, constants, lora.sites, max_rank_ratio=max_rank_ratio))
+
+
 def detect_fx(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
     """Adapter sites of an ExportedProgram or GraphModule (the model is not modified)."""
     if isinstance(model, ExportedProgram):
@@ -227,10 +235,10 @@ def detect_fx(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detec
             if spec.kind in _LIFTED and isinstance(spec.arg, TensorArgument):
                 source = model.state_dict if spec.target in model.state_dict else model.constants
                 getters[spec.arg.name] = functools.partial(lambda s, t: s[t].detach(), source, spec.target)
-        return detect_lora_fx(model.graph_module, FxConstants(model.graph_module, getters), max_rank_ratio=max_rank_ratio)
+        return _detect(model.graph_module, FxConstants(model.graph_module, getters), max_rank_ratio)
     if isinstance(model, torch.fx.GraphModule):
         _check_aten_graph(model)
-        return detect_lora_fx(model, FxConstants(model), max_rank_ratio=max_rank_ratio)
+        return _detect(model, FxConstants(model), max_rank_ratio)
     raise TypeError(f"expected torch.export.ExportedProgram or torch.fx.GraphModule, got {type(model).__name__}")
 
 
@@ -248,20 +256,23 @@ def fuse_fx_with_report(
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     edit = _edit(model)
-    detection = detect_lora_fx(edit.gm, edit.constants, max_rank_ratio=max_rank_ratio)
-    the_plan: Plan = plan(detection.sites, strategy)
+    detection = _detect(edit.gm, edit.constants, max_rank_ratio)
+    try:
+        the_plan: Plan = plan(detection.sites, strategy, detection.widened)
+    except PlanError as error:
+        raise InputError(str(error)) from None
     before = linear_op_count(edit.gm)
     apply_plan_fx(edit.gm, the_plan, edit.add_constant)
     result = edit.finish()
     report = {
         "strategy": strategy,
-        "sites": [s.to_json() for s in detection.sites],
+        "sites": [s.to_json() for s in detection.all_sites],
         "rejected": [r.to_json() for r in detection.rejections],
         "plan": the_plan.to_json(),
         "gemm_count": {"input": before, "output": linear_op_count(result)},
     }
     if verify:
-        reference = _strip_reference(model, max_rank_ratio) if strategy == "strip" and detection.sites else model
+        reference = _strip_reference(model, max_rank_ratio) if strategy == "strip" and detection.all_sites else model
         outcome = verify_fx(reference, result, atol=atol, rtol=rtol, seed=seed)
         outcome["reference"] = "the input model" if reference is model else "the input model with every detected adapter's B set to zero"
         report["verification"] = outcome
@@ -281,8 +292,8 @@ def _strip_reference(model, max_rank_ratio: float) -> torch.fx.GraphModule:
     """The input with every detected adapter's B replaced by zeros (a GraphModule)."""
     module = model.module() if isinstance(model, ExportedProgram) else model
     edit = _ModuleEdit(module, copy_module=not isinstance(model, ExportedProgram))
-    sites = detect_lora_fx(edit.gm, edit.constants, max_rank_ratio=max_rank_ratio).sites
-    disable_adapters_fx(edit.gm, sites, edit.constants, edit.add_constant)
+    detection = _detect(edit.gm, edit.constants, max_rank_ratio)
+    disable_adapters_fx(edit.gm, detection.sites, edit.constants, edit.add_constant, detection.widened)
     return edit.finish()
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+from zflora_compile.errors import InputError
 from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, summarize
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
@@ -64,7 +65,10 @@ def run_gate(
         tmp = Path(tmp)
         with progress.step(f"latency gate: base model (strip) for {target.name}"):
             base_options = dataclasses.replace(compile_options, strategy="strip", check_latency=False, force=False)
-            compile_file(input_path, tmp / "base", base_options)
+            try:
+                compile_file(input_path, tmp / "base", base_options)
+            except InputError as error:  # zFLoRA: the base model cannot be derived from the adapted one
+                raise InputError(f"--check-latency needs the base model, derived by stripping the adapters: {error}") from None
         with progress.step(f"latency gate: unfused model for {target.name}"):
             (tmp / "unfused").mkdir()
             target.build(input_path, tmp / "unfused", shapes)

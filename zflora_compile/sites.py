@@ -17,8 +17,22 @@ import numpy as np
 ArrayGetter = Callable[[], np.ndarray]
 
 
+class _Labelled:
+    """Layer and projection parsed from a site's label (names are only ever labels)."""
+
+    label: str
+
+    @property
+    def layer(self) -> int | None:
+        return layer_from_label(self.label)
+
+    @property
+    def projection(self) -> str:
+        return projection_from_label(self.label)
+
+
 @dataclasses.dataclass
-class AdapterSite:
+class AdapterSite(_Labelled):
     """One adapted projection: ``y = x @ W (+ bias) + scale * ((x @ A) @ B)``."""
 
     site_id: str
@@ -39,14 +53,6 @@ class AdapterSite:
     bias: ArrayGetter | None = dataclasses.field(default=None, repr=False)
     group: str = ""
     binding: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-    @property
-    def layer(self) -> int | None:
-        return layer_from_label(self.label)
-
-    @property
-    def projection(self) -> str:
-        return projection_from_label(self.label)
 
     def to_json(self) -> dict:
         return {
@@ -102,3 +108,77 @@ def numpy_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+@dataclasses.dataclass
+class LaneRead:
+    """Adapter lanes a projection reads: ``out += scale * (lanes @ B)``; ``B`` None means zero rows.
+
+    (``B`` None: a zFLoRA entry projection in a block without an adapter only cuts the lanes off.)
+    """
+
+    lane: str
+    rank: int
+    scale: float
+    lora_b: ArrayGetter | None = dataclasses.field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return {"lane": self.lane, "rank": self.rank, "scale": self.scale, "zero": self.lora_b is None}
+
+
+@dataclasses.dataclass
+class LaneWrite:
+    """Adapter lanes a projection writes: ``lanes = x @ A`` beside its output; ``A`` None means zeros."""
+
+    lane: str
+    rank: int
+    lora_a: ArrayGetter | None = dataclasses.field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return {"lane": self.lane, "rank": self.rank, "zero": self.lora_a is None}
+
+
+@dataclasses.dataclass
+class WidenedSite(_Labelled):
+    """One base projection (or embedding table) that FFA / FBA / FFBA / zFLoRA widen.
+
+    Fused, it reads ``[x ; lanes_in]`` and writes ``[y ; lanes_out]`` through one weight
+    ``[[W, A_1 .. A_k], [s_1 B_1, 0], ..]``: the adapter costs no GEMM of its own.
+    """
+
+    site_id: str
+    family: str
+    label: str
+    input_name: str
+    output_name: str
+    in_features: int
+    out_features: int
+    dtype: str
+    nodes: list[str]
+    weight: ArrayGetter = dataclasses.field(repr=False)
+    reads: list[LaneRead] = dataclasses.field(default_factory=list)
+    writes: list[LaneWrite] = dataclasses.field(default_factory=list)
+    kind: str = "projection"  # or "embedding" (a Gather of a [vocab, d] table)
+    binding: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def rank(self) -> int:
+        return sum(r.rank for r in self.reads) + sum(w.rank for w in self.writes)
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.site_id,
+            "family": self.family,
+            "kind": self.kind,
+            "label": self.label,
+            "layer": self.layer,
+            "projection": self.projection,
+            "input": self.input_name,
+            "output": self.output_name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "dtype": self.dtype,
+            "reads": [r.to_json() for r in self.reads],
+            "writes": [w.to_json() for w in self.writes],
+            "nodes": list(self.nodes),
+        }

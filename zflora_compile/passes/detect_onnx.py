@@ -56,6 +56,19 @@ class OnnxLoraBinding:
 class Detection:
     sites: list[AdapterSite]
     rejections: list[Rejection]
+    #: FFA / FBA / FFBA / zFLoRA: one record per widened projection (see detect_lanes)
+    widened: list = dataclasses.field(default_factory=list)
+
+    @property
+    def all_sites(self) -> list:
+        return [*self.sites, *self.widened]
+
+    def __iter__(self):
+        """Every site: LoRA ``AdapterSite`` records, then ``WidenedSite`` records."""
+        return iter(self.all_sites)
+
+    def __len__(self) -> int:
+        return len(self.sites) + len(self.widened)
 
 
 class _NotACandidate(Exception):
@@ -245,8 +258,25 @@ def _clean_label(text: str) -> str:
     return text.strip(".")
 
 
-def _match_site(add: ir.Node, base_value: ir.Value, chain: _Chain, max_rank_ratio: float, index: int) -> AdapterSite:
-    base_nodes: list[ir.Node] = []
+@dataclasses.dataclass
+class _Projection:
+    """``x @ W (+ bias)``: a MatMul/Gemm with a constant weight, optionally followed by a bias Add."""
+
+    node: ir.Node
+    x: ir.Value
+    weight: ir.Value
+    transposed: bool
+    bias: ir.Value | None
+    bias_add: ir.Node | None
+
+    @property
+    def output(self) -> ir.Value:
+        """The projection's result (after the bias Add when there is one)."""
+        return (self.bias_add or self.node).outputs[0]
+
+
+def _match_projection(base_value: ir.Value) -> _Projection:
+    """The projection producing ``base_value``; raises _Reject when it is something else."""
     bias = None
     bias_add = None
     producer = base_value.producer()
@@ -255,7 +285,6 @@ def _match_site(add: ir.Node, base_value: ir.Value, chain: _Chain, max_rank_rati
             if not is_constant(data) and is_constant(const) and _is_gemm(data.producer()):
                 bias_add, bias = producer, const
                 _single_use(data, producer, "base projection output")
-                base_nodes.append(producer)
                 producer = data.producer()
                 break
     if not _is_gemm(producer):
@@ -273,6 +302,15 @@ def _match_site(add: ir.Node, base_value: ir.Value, chain: _Chain, max_rank_rati
         raise _Reject(f"base weight '{w.name}' of '{_node_label(base)}' is not constant ({by})")
     if bias is not None and not is_constant(bias):
         raise _Reject(f"bias of '{_node_label(base)}' is not constant")
+    return _Projection(base, x, w, w_t, bias, bias_add)
+
+
+def _match_site(add: ir.Node, base_value: ir.Value, chain: _Chain, max_rank_ratio: float, index: int) -> AdapterSite:
+    projection = _match_projection(base_value)
+    base, x, w, w_t, bias, bias_add = (
+        projection.node, projection.x, projection.weight, projection.transposed, projection.bias, projection.bias_add,
+    )
+    base_nodes = [bias_add] if bias_add is not None else []
     if _peel_pass_through(x) is not chain.source:
         raise _Reject(
             f"low-rank chain reads '{chain.source.name}' but the projection '{_node_label(base)}' "

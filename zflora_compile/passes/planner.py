@@ -18,6 +18,20 @@ Algebra (per site ``y = x @ W + b + s * (x @ A) @ B``):
   The adapter lanes ``Y[.., D:]`` are cut off right after the first GEMM, so no consumer of
   any ``y_i`` (Reshape into heads, RoPE, Split, attention) ever sees them.
 - ``strip``: ``y = x @ W + b``: the exact base model.
+
+Widened projections (FFA, FBA, FFBA, zFLoRA; one :class:`~zflora_compile.sites.WidenedSite`
+per base projection or embedding table), for ``fuse`` and ``merge`` alike (an adapter that
+crosses a block's nonlinearity or a residual has no merged form)::
+
+      [x ; z_1 .. z_m] @ [[W,      A_1 .. A_k],      =  [x @ W + sum_j s_j z_j @ B_j ;
+                          [s_1 B_1, 0        ],          x @ A_1 ; .. ; x @ A_k]
+                          [  ..              ]]
+
+  ``W`` gains ``sum r_j`` rows (the lanes it reads, B roles) and ``sum r_i`` columns (the lanes
+  it writes, A roles). A read without ``B`` gives zero rows (zFLoRA: the lanes are cut off), a
+  write without ``A`` zero columns (zFLoRA: zero lanes appended). Accumulated in fp32, cast to
+  ``W``'s dtype. ``strip`` drops the reads of FFA/FBA lanes (the base model); zFLoRA has no
+  stripped form (the residual stream's width is part of the adapted model).
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from zflora_compile.sites import AdapterSite, numpy_dtype
+from zflora_compile.sites import AdapterSite, WidenedSite, numpy_dtype
 
 STRATEGIES = ("fuse", "merge", "strip")
 
@@ -70,15 +84,28 @@ class MergedSite:
 
 
 @dataclasses.dataclass
+class WidenedProjection:
+    site: WidenedSite
+    weight: LazyArray  # [in + sum(read ranks), out + sum(write ranks)]
+    out_splits: list[int]  # [out, r_1, .., r_k]: the base lanes, then each written lane
+
+
+class PlanError(ValueError):
+    """The sites cannot be planned with the strategy asked for."""
+
+
+@dataclasses.dataclass
 class Plan:
     strategy: str
     groups: list[FusedGroup] = dataclasses.field(default_factory=list)
     merged: list[MergedSite] = dataclasses.field(default_factory=list)
     stripped: list[AdapterSite] = dataclasses.field(default_factory=list)
+    widened: list[WidenedProjection] = dataclasses.field(default_factory=list)
+    stripped_reads: list[WidenedSite] = dataclasses.field(default_factory=list)
 
     @property
     def rewrites(self) -> int:
-        return len(self.groups) + len(self.merged) + len(self.stripped)
+        return len(self.groups) + len(self.merged) + len(self.stripped) + len(self.widened) + len(self.stripped_reads)
 
     def to_json(self) -> dict:
         return {
@@ -96,6 +123,11 @@ class Plan:
             ],
             "merged_sites": [m.site.site_id for m in self.merged],
             "stripped_sites": [s.site_id for s in self.stripped],
+            "widened": [
+                {"site": w.site.site_id, "label": w.site.label, "weight_shape": list(w.weight.shape), "out_splits": w.out_splits}
+                for w in self.widened
+            ],
+            "stripped_reads": [s.site_id for s in self.stripped_reads],
         }
 
 
@@ -160,11 +192,48 @@ def plan_fused_group(sites: list[AdapterSite], name: str) -> FusedGroup:
     )
 
 
-def plan(sites: list[AdapterSite], strategy: str) -> Plan:
+def widened_weight(site: WidenedSite) -> np.ndarray:
+    """``[[W, A_1 .. A_k], [s_1 B_1, 0], ..]`` in fp32, cast to ``W``'s dtype (see the module docstring)."""
+    base = site.weight()
+    rows = site.in_features + sum(r.rank for r in site.reads)
+    cols = site.out_features + sum(w.rank for w in site.writes)
+    block = np.zeros((rows, cols), dtype=np.float32)
+    block[: site.in_features, : site.out_features] = base.astype(np.float32)
+    col = site.out_features
+    for write in site.writes:
+        if write.lora_a is not None:
+            block[: site.in_features, col : col + write.rank] = write.lora_a().astype(np.float32)
+        col += write.rank
+    row = site.in_features
+    for read in site.reads:
+        if read.lora_b is not None:
+            block[row : row + read.rank, : site.out_features] = read.lora_b().astype(np.float32) * np.float32(read.scale)
+        row += read.rank
+    return block.astype(base.dtype)
+
+
+def plan_widened(site: WidenedSite) -> WidenedProjection:
+    dtype = numpy_dtype(site.dtype)
+    rows = site.in_features + sum(r.rank for r in site.reads)
+    cols = site.out_features + sum(w.rank for w in site.writes)
+    return WidenedProjection(site, LazyArray((rows, cols), dtype, lambda s=site: widened_weight(s)), [site.out_features] + [w.rank for w in site.writes])
+
+
+def plan(sites: list[AdapterSite], strategy: str, widened: list[WidenedSite] | None = None) -> Plan:
     """Decide the rewrite of every site for ``strategy`` (one of :data:`STRATEGIES`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     result = Plan(strategy)
+    for site in widened or []:
+        if strategy != "strip":
+            result.widened.append(plan_widened(site))
+        elif site.family == "zflora":
+            raise PlanError(
+                f"strategy 'strip' cannot remove the zFLoRA adapter at '{site.label or site.site_id}': the widened "
+                "residual stream and its rescaled RMSNorms are part of the adapted model (use 'fuse')"
+            )
+        elif any(r.lora_b is not None for r in site.reads):
+            result.stripped_reads.append(site)
     if strategy == "strip":
         result.stripped = list(sites)
     elif strategy == "merge":

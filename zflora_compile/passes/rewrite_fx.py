@@ -23,8 +23,9 @@ import torch
 from torch.fx import Node
 
 from zflora_compile.passes.detect_fx import FxConstants, FxLoraBinding, _is_assert, _val, op_name
-from zflora_compile.passes.planner import FusedGroup, LazyArray, MergedSite, Plan
-from zflora_compile.sites import AdapterSite
+from zflora_compile.passes.detect_lanes_fx import FxWidenBinding
+from zflora_compile.passes.planner import FusedGroup, LazyArray, MergedSite, Plan, WidenedProjection
+from zflora_compile.sites import AdapterSite, WidenedSite
 
 AddConstant = Callable[[str, torch.Tensor], Node]
 aten = torch.ops.aten
@@ -162,6 +163,78 @@ def _apply_strip(graph: torch.fx.Graph, site: AdapterSite) -> None:
     _redirect(graph, binding.add, binding.base_output)
 
 
+def _widen_binding(site: WidenedSite) -> FxWidenBinding:
+    assert isinstance(site.binding, FxWidenBinding), "site was not detected in an FX graph"
+    return site.binding
+
+
+def _apply_widened(graph: torch.fx.Graph, widened: WidenedProjection, add_constant: AddConstant, concats: dict, lanes: dict) -> None:
+    """One GEMM (or embedding) with the planner's widened weight replaces the base node.
+
+    Input: the zFLoRA stream whole, ``cat([x, z_1, ..], -1)`` (shared by projections reading the
+    same input and lanes), or ``x``. Output: the cat/pad it replaces (zFLoRA), or two slices of the
+    last axis: base lanes and written lanes (FFA/FBA), or the base output. A bias of the base GEMM
+    is added padded with zeros on the written lanes.
+    """
+    site, binding = widened.site, _widen_binding(widened.site)
+    stem = _stem(site.label or site.site_id)
+    weight = to_torch(widened.weight)  # [in + read lanes, out + written lanes]
+    rows, cols = weight.shape
+    out_f = site.out_features
+    with graph.inserting_before(binding.node):
+        if binding.kind == "embedding":
+            table = add_constant(f"{stem}_widened_table", weight)
+            out = call(graph, aten.embedding.default, (table, binding.x), like=binding.node)
+        else:
+            if binding.stream is not None:
+                x = binding.stream
+            elif binding.lanes_in:
+                key = (binding.x, *binding.lanes_in)
+                if key not in concats:  # lanes whose host was rewritten already come from its slice
+                    inputs = [binding.x, *(lanes.get(z, z) for z in binding.lanes_in)]
+                    concats[key] = call(graph, aten.cat.default, (inputs, -1), like=binding.node)
+                x = concats[key]
+            else:
+                x = binding.x
+            bias = None
+            if binding.bias_value is not None:
+                value = binding.bias_value().detach().reshape(-1)
+                bias = add_constant(f"{stem}_widened_bias", torch.cat([value, value.new_zeros(cols - out_f)]))
+            x_val = _val(x)
+            if binding.kind == "linear":
+                w = add_constant(f"{stem}_widened_weight", weight.t().contiguous())
+                out = call(graph, aten.linear.default, (x, w) if bias is None else (x, w, bias), like=binding.node)
+            else:
+                w = add_constant(f"{stem}_widened_weight", weight)
+                x2 = x if x_val.dim() == 2 else call(graph, aten.view.default, (x, [-1, rows]), like=binding.node)
+                out = call(graph, aten.mm.default, (x2, w), like=binding.node, name=f"{stem}_widened_mm")
+                if bias is not None:
+                    out = call(graph, aten.add.Tensor, (out, bias), like=binding.node)
+                if x_val.dim() != 2:
+                    out = call(graph, aten.view.default, (out, [*_dims(graph, x, x_val.shape[:-1]), cols]), like=binding.node)
+        if binding.replaced is not None:
+            _redirect(graph, binding.replaced, out)
+        elif binding.lanes_out:
+            base = call(graph, aten.slice.Tensor, (out, -1, 0, out_f), like=binding.node)
+            offset = out_f
+            for z, rank in zip(binding.lanes_out, widened.out_splits[1:]):
+                part = call(graph, aten.slice.Tensor, (out, -1, offset, offset + rank), like=binding.node)
+                _redirect(graph, z, part)
+                lanes[z] = part
+                offset += rank
+            _redirect(graph, binding.output, base)
+            out = base
+        else:
+            _redirect(graph, binding.output, out)
+    _bypass_reads(graph, binding, out)
+
+
+def _bypass_reads(graph: torch.fx.Graph, binding: FxWidenBinding, replacement: Node | None = None) -> None:
+    target = replacement if binding.base_output is binding.output and replacement is not None else binding.base_output
+    for add in binding.read_adds:
+        _redirect(graph, add, target)
+
+
 def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan, add_constant: AddConstant) -> None:
     """Rewrite ``gm`` in place according to ``plan``, then remove what became dead."""
     graph = gm.graph
@@ -172,17 +245,24 @@ def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan, add_constant: AddConstan
         _apply_merge(graph, merged, add_constant)
     for site in plan.stripped:
         _apply_strip(graph, site)
+    concats: dict = {}
+    lanes: dict = {}
+    for widened in plan.widened:
+        _apply_widened(graph, widened, add_constant, concats, lanes)
+    for site in plan.stripped_reads:
+        _bypass_reads(graph, _widen_binding(site))
     cleanup(gm)
 
 
-def disable_adapters_fx(gm: torch.fx.GraphModule, sites: list[AdapterSite], constants: FxConstants, add_constant: AddConstant) -> None:
+def disable_adapters_fx(gm: torch.fx.GraphModule, sites: list[AdapterSite], constants: FxConstants, add_constant: AddConstant, widened: list[WidenedSite] = ()) -> None:
     """Replace every site's B by zeros, graph otherwise unchanged: the reference for ``strip``."""
-    for site in sites:
-        binding = _binding(site)
-        weight = binding.lowrank_b.args[binding.lowrank_b_index]
+    b_nodes = [(_binding(s).lowrank_b, _binding(s).lowrank_b_index, s.site_id) for s in sites]
+    b_nodes += [(node, index, f"{s.site_id}_{i}") for s in widened for i, (node, index) in enumerate(_widen_binding(s).b_nodes)]
+    for node, index, site_id in b_nodes:
+        weight = node.args[index]
         shape, dtype = constants.shape_dtype(weight)
-        zeros = add_constant(f"zflora_{site.site_id}_zero_b", torch.zeros(shape, dtype=dtype))
-        binding.lowrank_b.update_arg(binding.lowrank_b_index, zeros)
+        zeros = add_constant(f"zflora_{site_id}_zero_b", torch.zeros(shape, dtype=dtype))
+        node.update_arg(index, zeros)
     cleanup(gm)
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from zflora_compile.passes.detect_lanes import OnnxWidenBinding
 from zflora_compile.passes.detect_onnx import OnnxLoraBinding
 from zflora_compile.passes.onnx_constants import constant_dtype, constant_shape
-from zflora_compile.passes.planner import FusedGroup, LazyArray, MergedSite, Plan
-from zflora_compile.sites import AdapterSite, numpy_dtype
+from zflora_compile.passes.planner import FusedGroup, LazyArray, MergedSite, Plan, WidenedProjection
+from zflora_compile.sites import AdapterSite, WidenedSite, numpy_dtype
 
 _PREFIX = "zflora"
 
@@ -57,6 +58,10 @@ def _binding(site: AdapterSite) -> OnnxLoraBinding:
 def _redirect(old: ir.Value, new: ir.Value) -> None:
     """Point every use of ``old`` (graph outputs included, keeping their names) at ``new``."""
     was_output_name = old.name if old.is_graph_output() else None
+    if new.type is None:  # same values, so the same type and shape (graph outputs must keep theirs)
+        new.type = old.type
+    if new.shape is None:
+        new.shape = old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     if was_output_name is not None:
         old.name = f"{was_output_name}.{_PREFIX}_replaced"
@@ -114,6 +119,63 @@ def _apply_strip(site: AdapterSite) -> None:
     _redirect(binding.add.outputs[0], binding.base_output)
 
 
+def _widen_binding(site: WidenedSite) -> OnnxWidenBinding:
+    assert isinstance(site.binding, OnnxWidenBinding), "site was not detected in an ONNX graph"
+    return site.binding
+
+
+def _apply_widened(graph: ir.Graph, names: _Names, widened: WidenedProjection, concats: dict, lanes: dict) -> None:
+    """Replace the base node by one GEMM (or Gather) with the planner's widened weight.
+
+    Input: the zFLoRA stream whole, or ``concat(x, z_1, ..)`` (one Concat per distinct input, shared
+    by the projections that read the same lanes), or ``x``. Output: the Concat/Pad it replaces
+    (zFLoRA), or a Split into the base lanes and each written lane (FFA/FBA), or the base output.
+    """
+    site, binding = widened.site, _widen_binding(widened.site)
+    stem = f"{_PREFIX}.{site.label or site.site_id}"
+    anchor = binding.node
+    if binding.stream is not None:
+        x = binding.stream
+    elif binding.lanes_in:
+        key = (id(binding.x), *(id(z) for z in binding.lanes_in))
+        if key not in concats:  # a lane whose host was rewritten already is read from the host's Split
+            inputs = [binding.x, *(lanes.get(id(z), z) for z in binding.lanes_in)]
+            concats[key] = _node(graph, names, anchor, "Concat", inputs, f"{stem}/ConcatLanes", axis=-1).outputs[0]
+        x = concats[key]
+    else:
+        x = binding.x
+    weight = _initializer(graph, names, names(f"{stem}.widened_weight"), widened.weight)
+    if site.kind == "embedding":
+        out = _node(graph, names, anchor, "Gather", [weight, x], f"{stem}/WidenedGather", axis=0).outputs[0]
+    else:
+        out = _node(graph, names, anchor, "MatMul", [x, weight], f"{stem}/WidenedMatMul").outputs[0]
+    base_out = binding.node.outputs[0]
+    if binding.replaced is not None:
+        _redirect(binding.replaced, out)
+    elif binding.lanes_out:
+        sizes = _int64(graph, names, f"{stem}.lane_split", widened.out_splits)
+        parts = _node(graph, names, anchor, "Split", [out, sizes], f"{stem}/CutLanes", num_outputs=len(widened.out_splits), axis=-1).outputs
+        _redirect(base_out, parts[0])
+        for z, part in zip(binding.lanes_out, parts[1:]):
+            _redirect(z, part)
+            lanes[id(z)] = part
+        out = parts[0]
+    else:
+        _redirect(base_out, out)
+    _bypass_reads(binding, out)
+
+
+def _bypass_reads(binding: OnnxWidenBinding, replacement: ir.Value | None = None) -> None:
+    """Every adapter Add now passes its base operand through (the lanes are inside the GEMM, or gone).
+
+    ``replacement``: the value that took over the base node's output, when the node was replaced.
+    """
+    unbiased = binding.base_output is binding.node.outputs[0]
+    target = replacement if unbiased and replacement is not None else binding.base_output
+    for add in binding.read_adds:
+        _redirect(add.outputs[0], target)
+
+
 def apply_plan(model: ir.Model, plan: Plan) -> None:
     """Rewrite ``model`` in place according to ``plan``, then remove what became dead."""
     graph = model.graph
@@ -125,19 +187,26 @@ def apply_plan(model: ir.Model, plan: Plan) -> None:
         _apply_merge(graph, names, merged)
     for site in plan.stripped:
         _apply_strip(site)
+    concats: dict = {}
+    lanes: dict = {}
+    for widened in plan.widened:
+        _apply_widened(graph, names, widened, concats, lanes)
+    for site in plan.stripped_reads:
+        _bypass_reads(_widen_binding(site))
     cleanup(model)
 
 
-def disable_adapters(model: ir.Model, sites: list[AdapterSite]) -> None:
+def disable_adapters(model: ir.Model, sites: list[AdapterSite], widened: list[WidenedSite] = ()) -> None:
     """Replace every site's B by zeros, leaving the graph as it is: the reference for ``strip``."""
     graph = model.graph
     names = _Names(graph)
-    for site in sites:
-        node = _binding(site).lowrank_b
+    b_nodes = [(_binding(site).lowrank_b, site.site_id) for site in sites]
+    b_nodes += [(node, f"{site.site_id}_{i}") for site in widened for i, node in enumerate(_widen_binding(site).b_nodes)]
+    for node, site_id in b_nodes:
         weight = node.inputs[1]
         shape = constant_shape(weight)
         zeros = np.zeros(shape, dtype=numpy_dtype(constant_dtype(weight)))
-        node.replace_input_with(1, _initializer(graph, names, names(f"{_PREFIX}.{site.site_id}.zero_b"), zeros))
+        node.replace_input_with(1, _initializer(graph, names, names(f"{_PREFIX}.{site_id}.zero_b"), zeros))
     cleanup(model)
 
 
