@@ -120,3 +120,44 @@ def test_fused_program_exports_to_onnx(programs, tmp_path):
     names = [i.name for i in session.get_inputs()]
     got = session.run(None, dict(zip(names, [ids.numpy(), torch.ones_like(ids).numpy()])))[0]
     torch.testing.assert_close(torch.from_numpy(got), logits(programs.get("ffba")), atol=ATOL, rtol=0)
+
+
+def test_bfloat16_program():
+    torch.manual_seed(0)
+    base = zoo.build_base_model("llama", seed=0, dtype=torch.bfloat16)
+    model = randomize_adapters(attach_adapters(base, AdapterConfig(family="ffba", rank=4, alpha=8)), seed=1)
+    program = zoo.export_program(model.eval())
+    fused, report = fuse_fx_with_report(program)
+    assert report["verification"]["passed"] and not report["rejected"]
+    assert report["gemm_count"]["output"] == linear_op_count(zoo.export_program(zoo.build_base_model("llama", seed=0, dtype=torch.bfloat16)))
+
+
+class _Lane(torch.nn.Module):
+    """q = t Wq (host), z = t A; y = o Wo + 0.5 (z B): one FFA-style lane; optionally y0 = o Wo escapes."""
+
+    def __init__(self, leak: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.A, self.B = torch.nn.Linear(8, 2, bias=False), torch.nn.Linear(2, 8, bias=False)
+        self.leak = leak
+
+    def forward(self, t, o):
+        q = self.q(t)  # the host comes first, as in a decoder layer (FX keeps the graph's order)
+        y0 = self.o(o)
+        y = y0 + 0.5 * self.B(self.A(t))
+        return (q, y, y0) if self.leak else (q, y)
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_base_output_with_another_consumer_must_not_fire(leak):
+    args = (torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    program = torch.export.export(_Lane(leak).eval(), args, strict=False)
+    detection = detect_adapters(program)
+    if leak:  # y0 is also an output: widening o_proj would add the lanes to it too
+        assert detection.widened == [] and len(detection.rejections) == 1 and "also used" in detection.rejections[0].reason
+    else:
+        assert len(detection.widened) == 2 and not detection.rejections
+    fused = fuse_adapters(program, verify=False)  # compared here, independently of the tool's check
+    for got, want in zip(fused.module()(*args), program.module()(*args)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -69,6 +69,7 @@ class OnnxWidenBinding:
     lanes_in: list[ir.Value] = dataclasses.field(default_factory=list)  # cross reads: z, in site.reads order
     lanes_out: list[ir.Value] = dataclasses.field(default_factory=list)  # cross writes: z = t @ A, in site.writes order
     read_adds: list[ir.Node] = dataclasses.field(default_factory=list)  # the adapter Adds (bypassed)
+    read_bases: list[ir.Value] = dataclasses.field(default_factory=list)  # each Add's base operand (after its bias Add)
     b_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # the GEMMs applying B (zeroed for the strip reference)
 
 
@@ -179,7 +180,14 @@ def _match_read(add: ir.Node, base_value: ir.Value, lowrank_value: ir.Value, lor
             projection = _match_projection(base_value)
         except _Reject:
             raise _NotACandidate from None  # not a projection reading the same stream
-        low = _slice_of_last_axis(_peel_pass_through(projection.x).producer())
+        low = _slice_of_last_axis(projection.x.producer())  # no Cast between: the GEMM will read the stream itself
+        if low is None:
+            through = _slice_of_last_axis(_peel_pass_through(projection.x).producer())
+            if through is not None and through[0] is stream:
+                raise _Reject(
+                    f"projection '{_node_label(projection.node)}' reads the base lanes of '{stream.name}' through a Cast: "
+                    "the widened GEMM would read the stream itself, in another dtype; not widened"
+                )
         if low is None or low[0] is not stream:
             raise _NotACandidate
         if low[1] != 0 or low[2] != start:
@@ -203,6 +211,8 @@ def _match_read(add: ir.Node, base_value: ir.Value, lowrank_value: ir.Value, lor
     if projection.node.op_type != "MatMul":
         raise _Reject(f"projection '{_node_label(projection.node)}' is a Gemm; only MatMul projections are widened")
     _single_use(projection.node.outputs[0], projection.bias_add or add, "base projection output")
+    if projection.bias_add is not None:
+        _single_use(projection.bias_add.outputs[0], add, "base projection output")
     for i, chain_node in enumerate(nodes):
         _single_use(chain_node.outputs[0], nodes[i - 1] if i else add, "low-rank intermediate")
     return read
@@ -246,6 +256,7 @@ class _Builder:
         site.reads.append(LaneRead(lane, rank, read.scale, _oriented(constant_getter(read.b), read.b_transposed)))
         binding: OnnxWidenBinding = site.binding
         binding.read_adds.append(read.add)
+        binding.read_bases.append(read.projection.output)
         binding.b_nodes.append(read.b_node)
         site.nodes += [_node_label(read.b_node), _node_label(read.add)]
         if read.stream is not None:
@@ -255,7 +266,8 @@ class _Builder:
 
 
 def _lora_bases(lora_sites: list[AdapterSite]) -> set[int]:
-    return {id(s.binding.base) for s in lora_sites}
+    """The LoRA sites' GEMMs (bases and low-rank chains): never a lane's host or reader."""
+    return {id(s.binding.base) for s in lora_sites} | {id(n) for s in lora_sites for n in s.binding.chain_nodes}
 
 
 def detect_lanes(graph: ir.Graph, lora_sites: list[AdapterSite], *, max_rank_ratio: float) -> LaneDetection:
@@ -383,7 +395,7 @@ def _build_zflora(graph, reads: list[_Read], builder: _Builder, rejections, clai
 
 def _zflora_cut(node: ir.Node, ranks: set[int], builder: _Builder) -> None:
     """``a[.., :d] @ W`` with ``a`` a d+r stream: the projection reads ``a`` through zero rows."""
-    low = _slice_of_last_axis(_peel_pass_through(node.inputs[0]).producer())
+    low = _slice_of_last_axis(node.inputs[0].producer())
     weight = node.inputs[1]
     if low is None or not is_constant(weight) or len(constant_shape(weight)) != 2:
         return

@@ -75,6 +75,7 @@ class FxWidenBinding:
     lanes_in: list[Node] = dataclasses.field(default_factory=list)  # N-D lanes read (cross families)
     lanes_out: list[Node] = dataclasses.field(default_factory=list)  # N-D lanes written (the A GEMMs' outputs)
     read_adds: list[Node] = dataclasses.field(default_factory=list)
+    read_bases: list[Node] = dataclasses.field(default_factory=list)  # each add's base operand (after its bias add)
     b_nodes: list[tuple[Node, int]] = dataclasses.field(default_factory=list)  # (B GEMM, weight operand index)
 
 
@@ -178,6 +179,13 @@ def _match_read(add: Node, base_value, lowrank_value, constants: FxConstants, lo
         except _Reject:
             raise _NotACandidate from None  # e.g. the lanes of an already fused LoRA group
         low = _slice_of_last_axis(projection.x)
+        if low is None:
+            through = _slice_of_last_axis(peel(projection.x))
+            if through is not None and through[0] is stream:
+                raise _Reject(
+                    f"projection '{projection.gemm.node.name}' reads the base lanes of '{stream.name}' through a cast: "
+                    "the widened GEMM would read the stream itself, in another dtype; not widened"
+                )
         if low is None or low[0] is not stream:
             raise _NotACandidate
         if low[1] != 0 or low[2] != start:
@@ -205,6 +213,9 @@ def _match_read(add: Node, base_value, lowrank_value, constants: FxConstants, lo
         raise _Reject(f"shapes do not line up at '{add.name}': W {list(projection.weight_shape)}, B [{rank}, {_matrix(constants, b.weight, b.transposed, 'B', b.node)[1]}]")
     for i, node in enumerate(nodes):
         _single_use(node, nodes[i - 1] if i else add, "low-rank intermediate")
+    _single_use(projection.base_output, add, "base projection output")
+    if projection.output is not projection.base_output and len(real_users(projection.output)) != 1:
+        raise _Reject(f"base projection output '{projection.output.name}' is also used by node '{real_users(projection.output)[-1].name}'")
     return read
 
 
@@ -251,6 +262,7 @@ class _Builder:
         site.reads.append(LaneRead(lane, read.rank, read.scale, _to_numpy(self.constants.getter(read.b.weight), read.b.transposed)))
         binding: FxWidenBinding = site.binding
         binding.read_adds.append(read.add)
+        binding.read_bases.append(read.projection.base_output)
         binding.b_nodes.append((read.b.node, read.b.weight_index))
         site.nodes += [read.b.node.name, read.add.name]
         if read.stream is not None:
@@ -261,7 +273,7 @@ class _Builder:
 
 def detect_lanes_fx(gm: torch.fx.GraphModule, constants: FxConstants, lora_sites: list[AdapterSite], *, max_rank_ratio: float) -> LaneDetection:
     """Every FFA / FBA / FFBA / zFLoRA site in ``gm.graph``."""
-    lora_bases = {id(s.binding.base) for s in lora_sites}
+    lora_bases = {id(s.binding.base) for s in lora_sites} | {id(n) for s in lora_sites for n in s.binding.chain_nodes}
     lora_adds = {id(s.binding.add) for s in lora_sites}
     rejections: list[Rejection] = []
     claimed: set[str] = set()

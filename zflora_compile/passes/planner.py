@@ -209,7 +209,7 @@ def widened_weight(site: WidenedSite) -> np.ndarray:
         if read.lora_b is not None:
             block[row : row + read.rank, : site.out_features] = read.lora_b().astype(np.float32) * np.float32(read.scale)
         row += read.rank
-    return block.astype(base.dtype)
+    return block.astype(numpy_dtype(site.dtype))
 
 
 def plan_widened(site: WidenedSite) -> WidenedProjection:

@@ -230,9 +230,10 @@ def _apply_widened(graph: torch.fx.Graph, widened: WidenedProjection, add_consta
 
 
 def _bypass_reads(graph: torch.fx.Graph, binding: FxWidenBinding, replacement: Node | None = None) -> None:
-    target = replacement if binding.base_output is binding.output and replacement is not None else binding.base_output
-    for add in binding.read_adds:
-        _redirect(graph, add, target)
+    """Each adapter add passes its own base operand through (the replacement when that was the
+    base node's output; its bias add, which now reads the replacement, otherwise)."""
+    for add, base in zip(binding.read_adds, binding.read_bases):
+        _redirect(graph, add, replacement if base is binding.output and replacement is not None else base)
 
 
 def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan, add_constant: AddConstant) -> None:

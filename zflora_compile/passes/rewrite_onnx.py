@@ -168,12 +168,13 @@ def _apply_widened(graph: ir.Graph, names: _Names, widened: WidenedProjection, c
 def _bypass_reads(binding: OnnxWidenBinding, replacement: ir.Value | None = None) -> None:
     """Every adapter Add now passes its base operand through (the lanes are inside the GEMM, or gone).
 
-    ``replacement``: the value that took over the base node's output, when the node was replaced.
+    ``replacement``: the value that took over the base node's output, when the node was replaced
+    (an Add whose base operand was that output reads the replacement; one whose base operand is a
+    bias Add keeps reading the bias Add, which now reads the replacement).
     """
-    unbiased = binding.base_output is binding.node.outputs[0]
-    target = replacement if unbiased and replacement is not None else binding.base_output
-    for add in binding.read_adds:
-        _redirect(add.outputs[0], target)
+    for add, base in zip(binding.read_adds, binding.read_bases):
+        unbiased = base is binding.node.outputs[0]
+        _redirect(add.outputs[0], replacement if unbiased and replacement is not None else base)
 
 
 def apply_plan(model: ir.Model, plan: Plan) -> None:
