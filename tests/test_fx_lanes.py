@@ -161,3 +161,14 @@ def test_base_output_with_another_consumer_must_not_fire(leak):
     fused = fuse_adapters(program, verify=False)  # compared here, independently of the tool's check
     for got, want in zip(fused.module()(*args), program.module()(*args)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_fused_program_runs_under_torch_compile(programs):
+    """The fused program is plain ATen: inductor compiles it (CPU here) and it matches eager."""
+    fused = fuse_adapters(programs.get("ffba")).module()
+    compiled = torch.compile(fused)
+    generator = torch.Generator().manual_seed(3)  # the inputs logits() uses
+    ids = torch.randint(0, 128, (1, 6), generator=generator)
+    with torch.no_grad():
+        got = compiled(ids, torch.ones_like(ids))
+    torch.testing.assert_close(got, logits(programs.get("ffba")), atol=ATOL, rtol=0)
