@@ -28,7 +28,7 @@ from zflora_compile.gate import LatencyOptions, gate_failure_message, phase_shap
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
 from zflora_compile.passes.detect_lanes import combine, detect_lanes
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, detect_lora
-from zflora_compile.passes.planner import STRATEGIES, PlanError, plan
+from zflora_compile.passes.planner import STRATEGIES, plan
 from zflora_compile.passes.rewrite_onnx import apply_plan, disable_adapters
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets import Shape, Target, TargetOptions, get_target
@@ -173,10 +173,7 @@ def compile_file(
             detection = detect(model, options.max_rank_ratio)
             _fill_detection(report, model, detection)
         with timer.step("rewrite"):
-            try:
-                the_plan = plan(detection.sites, options.strategy, detection.widened)
-            except PlanError as error:
-                raise InputError(str(error)) from None
+            the_plan = plan(detection.sites, options.strategy, detection.widened)
             if the_plan.rewrites:
                 apply_plan(model, the_plan)
                 infer_shapes(model)

@@ -29,7 +29,7 @@ from zflora_compile.passes.detect_fx import DEFAULT_MAX_RANK_RATIO, FxConstants,
 from zflora_compile.passes.detect_lanes import combine
 from zflora_compile.passes.detect_lanes_fx import detect_lanes_fx
 from zflora_compile.passes.detect_onnx import Detection
-from zflora_compile.passes.planner import STRATEGIES, Plan, PlanError, plan
+from zflora_compile.passes.planner import STRATEGIES, Plan, plan
 from zflora_compile.passes.rewrite_fx import apply_plan_fx, disable_adapters_fx
 from zflora_compile.verify import TOLERANCES, compare, verification_failure_message
 
@@ -257,10 +257,7 @@ def fuse_fx_with_report(
         raise InputError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     edit = _edit(model)
     detection = _detect(edit.gm, edit.constants, max_rank_ratio)
-    try:
-        the_plan: Plan = plan(detection.sites, strategy, detection.widened)
-    except PlanError as error:
-        raise InputError(str(error)) from None
+    the_plan: Plan = plan(detection.sites, strategy, detection.widened)
     before = linear_op_count(edit.gm)
     apply_plan_fx(edit.gm, the_plan, edit.add_constant)
     result = edit.finish()

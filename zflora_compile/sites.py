@@ -165,6 +165,11 @@ class WidenedSite(_Labelled):
     def rank(self) -> int:
         return sum(r.rank for r in self.reads) + sum(w.rank for w in self.writes)
 
+    @property
+    def widened_shape(self) -> tuple[int, int]:
+        """``[in + lanes read, out + lanes written]``: the fused weight's shape."""
+        return self.in_features + sum(r.rank for r in self.reads), self.out_features + sum(w.rank for w in self.writes)
+
     def to_json(self) -> dict:
         return {
             "id": self.site_id,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, _clean_label
+from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, _clean_label, _NotACandidate, _Reject
 from zflora_compile.sites import AdapterSite, Rejection
 
 __all__ = ["DEFAULT_MAX_RANK_RATIO", "FxConstants", "FxLoraBinding", "detect_lora_fx", "op_name", "torch_dtype_name"]
@@ -160,14 +160,6 @@ class FxConstants:
             return tuple(val.shape), val.dtype
         value = self.getter(node)()
         return tuple(value.shape), value.dtype
-
-
-class _NotACandidate(Exception):
-    pass
-
-
-class _Reject(Exception):
-    pass
 
 
 @dataclasses.dataclass
@@ -360,35 +352,53 @@ class FxLoraBinding:
     lowrank_b_index: int
 
 
-def _match_site(add: Node, base_value, chain: _Chain, constants: FxConstants, max_rank_ratio: float, index: int) -> AdapterSite:
-    if not isinstance(base_value, Node):
-        raise _Reject(f"low-rank chain is added to a constant at '{add.name}', not to a projection")
-    base_nodes: list[Node] = []
-    bias = None
-    bias_add = None
-    reached = peel(base_value, casts=False)
-    if op_name(reached) == "add" and len(reached.args) == 2 and reached is not add:
+@dataclasses.dataclass
+class BaseProjection:
+    """``x @ W (+ bias)``: the GEMM, and the add of a constant bias after it (if any)."""
+
+    gemm: _Gemm
+    bias_add: Node | None
+    bias: Node | None  # the bias added after the GEMM, else the GEMM's own
+
+
+def match_base_projection(value: Node, constants: FxConstants, *, gemm_of: Callable[[Node], _Gemm | None] | None = None, one_bias: bool = True) -> BaseProjection:
+    """The projection producing ``value``: a GEMM with a constant weight (``gemm_of`` recognises
+    GEMMs), optionally followed by an add of a constant bias; raises _Reject when it is something
+    else. ``one_bias``: reject a GEMM with its own bias that also gets an added one."""
+    gemm_of = gemm_of or _gemm
+    bias = bias_add = None
+    reached = peel(value, casts=False)
+    if op_name(reached) == "add" and len(reached.args) == 2:
         for data, const in ((reached.args[0], reached.args[1]), (reached.args[1], reached.args[0])):
             if isinstance(data, Node) and not constants.is_constant(data) and isinstance(const, Node) and constants.is_constant(const):
-                if _gemm(peel(data, casts=False)) is not None:
+                if gemm_of(peel(data, casts=False)) is not None:
                     bias_add, bias = reached, const
-                    base_nodes.append(reached)
                     reached = peel(data, casts=False)
                     break
-    base = _gemm(reached)
+    base = gemm_of(reached)
     if base is None:
         what = f"'{op_name(reached) or reached.op}' node '{reached.name}'" if isinstance(reached, Node) else "a constant"
         raise _Reject(f"low-rank chain is added to {what}, not to a projection with a constant weight")
     if base.bias is not None:
-        if bias is not None:
+        if bias is not None and one_bias:
             raise _Reject(f"base projection '{base.node.name}' has two biases")
-        bias = base.bias
+        bias = base.bias if bias is None else bias
     if not constants.is_constant(base.weight):
         weight = base.weight
         by = "a graph input" if isinstance(weight, Node) and weight.op == "placeholder" else f"produced by node '{getattr(weight, 'name', weight)}'"
         raise _Reject(f"base weight '{getattr(weight, 'name', weight)}' of '{base.node.name}' is not constant ({by})")
-    if bias is not None and not (isinstance(bias, Node) and constants.is_constant(bias)):
-        raise _Reject(f"bias of '{base.node.name}' is not constant")
+    for operand in (bias, base.bias):
+        if operand is not None and not (isinstance(operand, Node) and constants.is_constant(operand)):
+            raise _Reject(f"bias of '{base.node.name}' is not constant")
+    return BaseProjection(base, bias_add, bias)
+
+
+def _match_site(add: Node, base_value, chain: _Chain, constants: FxConstants, max_rank_ratio: float, index: int) -> AdapterSite:
+    if not isinstance(base_value, Node):
+        raise _Reject(f"low-rank chain is added to a constant at '{add.name}', not to a projection")
+    projection = match_base_projection(base_value, constants)
+    base, bias, bias_add = projection.gemm, projection.bias, projection.bias_add
+    base_nodes = [bias_add] if bias_add is not None else []
     x_source = peel(base.x)
     if x_source is not chain.source:
         raise _Reject(f"low-rank chain reads '{getattr(chain.source, 'name', chain.source)}' but the projection '{base.node.name}' it is added to reads '{getattr(x_source, 'name', x_source)}'")

@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from zflora_compile.passes.detect_onnx import (
+    Detection,
     _gemm_operands,
     _is_gemm,
     _label,
@@ -80,25 +81,61 @@ class LaneDetection:
     claimed: set[str]  # labels of the adapter Add / Concat / Pad nodes the sites account for
 
 
-def match_either_order(match, operands, not_candidate: type, reject: type):
+def match_either_order(match, operands):
     """``match(base, lowrank)`` on both operand orders of an Add: (result, None) for the first that
     matches, (None, reason) when an order was shaped like an adapter but failed a check, else (None, None)."""
     reasons = []
     for base, lowrank in ((operands[0], operands[1]), (operands[1], operands[0])):
         try:
             return match(base, lowrank), None
-        except not_candidate:
+        except _NotACandidate:
             continue
-        except reject as error:
+        except _Reject as error:
             reasons.append(str(error))
     return None, (reasons[0] if reasons else None)
+
+
+def last_axis_bounds(start: int, end: int, width: int) -> tuple[int, int]:
+    """A step-1 slice's ``[start, end)`` on an axis of ``width`` lanes, negative and open ends resolved."""
+    start = start + width if start < 0 else start
+    end = width if end >= width else (end + width if end < 0 else end)
+    return start, end
+
+
+def check_complementary(low, through, stream, start: int, *, projection: str, lanes: str, add: str) -> None:
+    """A zFLoRA read ``a[..., :d] @ W + s * a[..., d:] @ B``: the projection must read ``a[..., 0:start)``
+    of the same stream, with nothing between. ``low``/``through``: the projection input's slice
+    ``(data, start, end)`` as read / through casts (None when it is no slice). Raises _NotACandidate
+    when this is not a read of ``stream`` at all, _Reject when it is one the pass cannot widen."""
+    if low is None and through is not None and through[0] is stream:
+        raise _Reject(
+            f"projection '{projection}' reads the base lanes of '{stream.name}' through a Cast: "
+            "the widened GEMM would read the stream itself, in another dtype; not widened"
+        )
+    if low is None or low[0] is not stream:
+        raise _NotACandidate
+    if low[1] != 0 or low[2] != start:
+        raise _Reject(
+            f"the lanes '{lanes}' read at '{add}' are a slice of '{stream.name}', but projection "
+            f"'{projection}' does not read the complementary slice [0, {start}) of the same tensor"
+        )
+
+
+def check_rank(rank: int, shape, where: str, max_rank_ratio: float) -> None:
+    if rank > max_rank_ratio * min(shape):
+        raise _Reject(f"rank {rank} at '{where}' is not small relative to W {list(shape)} (limit {max_rank_ratio:g} x {min(shape)})")
+
+
+def merged_family(old: str, new: str) -> str:
+    """The family of a projection carrying lanes of two families (FFA and FBA make FFBA)."""
+    if old == new:
+        return old
+    return "ffba" if {old, new} <= {"ffa", "fba", "ffa/fba", "ffba"} else f"{old}+{new}"
 
 
 def combine(lora, lanes: LaneDetection):
     """One Detection: LoRA sites, widened sites, and the rejections of both (the lane detector's
     reason replaces the LoRA detector's for the same node: it is the specific one)."""
-    from zflora_compile.passes.detect_onnx import Detection
-
     lane_nodes = lanes.claimed | {r.node for r in lanes.rejections}
     rejections = [r for r in lora.rejections if r.node not in lane_nodes] + lanes.rejections
     return Detection(lora.sites, rejections, lanes.sites)
@@ -148,10 +185,7 @@ def _slice_of_last_axis(node: ir.Node | None) -> tuple[ir.Value, int, int] | Non
     rank, width = dims
     if axes[0] not in (-1, rank - 1) or steps[0] != 1:
         return None
-    start, end = starts[0], ends[0]
-    start = start + width if start < 0 else start
-    end = width if end >= width else (end + width if end < 0 else end)
-    return data, start, end
+    return (data, *last_axis_bounds(starts[0], ends[0], width))
 
 
 def _match_b(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value, bool, float, list[ir.Node]]:
@@ -180,21 +214,15 @@ def _match_read(add: ir.Node, base_value: ir.Value, lowrank_value: ir.Value, lor
             projection = _match_projection(base_value)
         except _Reject:
             raise _NotACandidate from None  # not a projection reading the same stream
-        low = _slice_of_last_axis(projection.x.producer())  # no Cast between: the GEMM will read the stream itself
-        if low is None:
-            through = _slice_of_last_axis(_peel_pass_through(projection.x).producer())
-            if through is not None and through[0] is stream:
-                raise _Reject(
-                    f"projection '{_node_label(projection.node)}' reads the base lanes of '{stream.name}' through a Cast: "
-                    "the widened GEMM would read the stream itself, in another dtype; not widened"
-                )
-        if low is None or low[0] is not stream:
-            raise _NotACandidate
-        if low[1] != 0 or low[2] != start:
-            raise _Reject(
-                f"the lanes '{z.name}' read at '{_node_label(add)}' are a slice of '{stream.name}', but projection "
-                f"'{_node_label(projection.node)}' does not read the complementary slice [0, {start}) of the same tensor"
-            )
+        check_complementary(
+            _slice_of_last_axis(projection.x.producer()),  # no Cast between: the GEMM will read the stream itself
+            _slice_of_last_axis(_peel_pass_through(projection.x).producer()),
+            stream,
+            start,
+            projection=_node_label(projection.node),
+            lanes=z.name,
+            add=_node_label(add),
+        )
         read = _Read(add, projection, b_node, b, b_t, scale, z, stream)
     elif _is_gemm(producer) and is_constant(producer.inputs[1]):
         base = _peel_pass_through(base_value).producer()
@@ -216,11 +244,6 @@ def _match_read(add: ir.Node, base_value: ir.Value, lowrank_value: ir.Value, lor
     for i, chain_node in enumerate(nodes):
         _single_use(chain_node.outputs[0], nodes[i - 1] if i else add, "low-rank intermediate")
     return read
-
-
-def _check_rank(rank: int, shape: tuple[int, int], where: str, max_rank_ratio: float) -> None:
-    if rank > max_rank_ratio * min(shape):
-        raise _Reject(f"rank {rank} at '{where}' is not small relative to W {list(shape)} (limit {max_rank_ratio:g} x {min(shape)})")
 
 
 class _Builder:
@@ -248,8 +271,7 @@ class _Builder:
                 binding=OnnxWidenBinding(node=node, x=x, base_output=base_output),
             )
         site = self.sites[key]
-        if site.family != family:
-            site.family = "ffba" if {site.family, family} <= {"ffa", "fba", "ffa/fba", "ffba"} else f"{site.family}+{family}"
+        site.family = merged_family(site.family, family)
         return site
 
     def add_read(self, site: WidenedSite, read: _Read, lane: str, rank: int) -> None:
@@ -280,7 +302,7 @@ def detect_lanes(graph: ir.Graph, lora_sites: list[AdapterSite], *, max_rank_rat
     for node in graph:
         if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2 or id(node) in lora_adds:
             continue
-        read, reason = match_either_order(lambda base, low, n=node: _match_read(n, base, low, lora_bases), node.inputs, _NotACandidate, _Reject)
+        read, reason = match_either_order(lambda base, low, n=node: _match_read(n, base, low, lora_bases), node.inputs)
         if read is not None:
             reads.append(read)
         elif reason:
@@ -334,13 +356,13 @@ def _build_cross_lanes(graph, reads: list[_Read], builder: _Builder, rejections,
                     )))
                 continue
             host = min(hosts, key=lambda n: order[id(n)])
-            _check_rank(rank, (in_a, constant_shape(host.inputs[1])[1]), _node_label(a_node), max_rank_ratio)
+            check_rank(rank, (in_a, constant_shape(host.inputs[1])[1]), _node_label(a_node), max_rank_ratio)
             for read in group:
                 rank_b, out_b = _matrix_shape(read.b, read.b_transposed, "B", read.b_node)
                 in_w, out_w = _matrix_shape(read.projection.weight, False, "weight", read.projection.node)
                 if (rank_b, out_b) != (rank, out_w):
                     raise _Reject(f"shapes do not line up at '{_node_label(read.add)}': W [{in_w}, {out_w}], A [{in_a}, {rank}], B [{rank_b}, {out_b}]")
-                _check_rank(rank, (in_w, out_w), _node_label(read.add), max_rank_ratio)
+                check_rank(rank, (in_w, out_w), _node_label(read.add), max_rank_ratio)
         except _Reject as reject:
             for read in group:
                 rejections.append(Rejection(node=_node_label(read.add), reason=str(reject)))
@@ -369,7 +391,7 @@ def _build_zflora(graph, reads: list[_Read], builder: _Builder, rejections, clai
             in_w, out_w = _matrix_shape(read.projection.weight, False, "weight", read.projection.node)
             if out_b != out_w or _last_dim(read.stream)[1] != in_w + rank:
                 raise _Reject(f"shapes do not line up at '{_node_label(read.add)}': stream '{read.stream.name}' {_last_dim(read.stream)[1]} lanes, W [{in_w}, {out_w}], B [{rank}, {out_b}]")
-            _check_rank(rank, (in_w, out_w), _node_label(read.add), max_rank_ratio)
+            check_rank(rank, (in_w, out_w), _node_label(read.add), max_rank_ratio)
         except _Reject as reject:
             rejections.append(Rejection(node=_node_label(read.add), reason=str(reject)))
             continue

@@ -18,6 +18,7 @@ from torch.fx import Node
 from zflora_compile.passes.detect_fx import _gemm as _plain_gemm
 from zflora_compile.passes.detect_fx import (
     FxConstants,
+    match_base_projection,
     _Gemm,
     _label_of,
     _matrix,
@@ -32,7 +33,16 @@ from zflora_compile.passes.detect_fx import (
     real_users,
     torch_dtype_name,
 )
-from zflora_compile.passes.detect_lanes import STREAM_LANE, LaneDetection, _family_of, match_either_order
+from zflora_compile.passes.detect_lanes import (
+    STREAM_LANE,
+    LaneDetection,
+    _family_of,
+    check_complementary,
+    check_rank,
+    last_axis_bounds,
+    match_either_order,
+    merged_family,
+)
 from zflora_compile.sites import AdapterSite, LaneRead, LaneWrite, Rejection, WidenedSite
 
 _VIEWS = {"view", "reshape", "_unsafe_view"}
@@ -111,9 +121,7 @@ def _slice_of_last_axis(node) -> tuple[Node, int, int] | None:
         return None
     if dim not in (-1, val.dim() - 1) or step != 1:
         return None
-    start = start + width if start < 0 else start
-    end = width if end >= width else (end + width if end < 0 else end)
-    return data, start, end
+    return (data, *last_axis_bounds(start, end, width))
 
 
 @dataclasses.dataclass
@@ -129,23 +137,7 @@ def _match_projection(value, constants: FxConstants) -> _Projection:
     """``x @ W (+ bias)`` producing ``value``; raises _Reject."""
     if not isinstance(value, Node):
         raise _Reject("low-rank chain is added to a constant, not to a projection")
-    reached = peel(value, casts=False)
-    if op_name(reached) == "add" and len(reached.args) == 2:
-        for data, const in ((reached.args[0], reached.args[1]), (reached.args[1], reached.args[0])):
-            if isinstance(data, Node) and isinstance(const, Node) and constants.is_constant(const) and not constants.is_constant(data):
-                if _gemm(peel(data, casts=False)) is not None:
-                    reached = peel(data, casts=False)
-                    break
-    gemm = _gemm(reached)
-    if gemm is None:
-        what = f"'{op_name(reached) or reached.op}' node '{reached.name}'" if isinstance(reached, Node) else "a constant"
-        raise _Reject(f"low-rank chain is added to {what}, not to a projection with a constant weight")
-    if not constants.is_constant(gemm.weight):
-        weight = gemm.weight
-        by = "a graph input" if isinstance(weight, Node) and weight.op == "placeholder" else f"produced by node '{getattr(weight, 'name', weight)}'"
-        raise _Reject(f"base weight '{getattr(weight, 'name', weight)}' of '{gemm.node.name}' is not constant ({by})")
-    if gemm.bias is not None and not constants.is_constant(gemm.bias):
-        raise _Reject(f"bias of '{gemm.node.name}' is not constant")
+    gemm = match_base_projection(value, constants, gemm_of=_gemm, one_bias=False).gemm
     shape = _matrix(constants, gemm.weight, gemm.transposed, "weight", gemm.node)
     return _Projection(gemm, peel(gemm.x, casts=False), nd_output(gemm.node), value if value is not gemm.node else nd_output(gemm.node), shape)
 
@@ -178,21 +170,15 @@ def _match_read(add: Node, base_value, lowrank_value, constants: FxConstants, lo
             projection = _match_projection(base_value, constants)
         except _Reject:
             raise _NotACandidate from None  # e.g. the lanes of an already fused LoRA group
-        low = _slice_of_last_axis(projection.x)
-        if low is None:
-            through = _slice_of_last_axis(peel(projection.x))
-            if through is not None and through[0] is stream:
-                raise _Reject(
-                    f"projection '{projection.gemm.node.name}' reads the base lanes of '{stream.name}' through a cast: "
-                    "the widened GEMM would read the stream itself, in another dtype; not widened"
-                )
-        if low is None or low[0] is not stream:
-            raise _NotACandidate
-        if low[1] != 0 or low[2] != start:
-            raise _Reject(
-                f"the lanes '{z.name}' read at '{add.name}' are a slice of '{stream.name}', but projection "
-                f"'{projection.gemm.node.name}' does not read the complementary slice [0, {start}) of the same tensor"
-            )
+        check_complementary(
+            _slice_of_last_axis(projection.x),  # no cast between: the GEMM will read the stream itself
+            _slice_of_last_axis(peel(projection.x)),
+            stream,
+            start,
+            projection=projection.gemm.node.name,
+            lanes=z.name,
+            add=add.name,
+        )
         read = _Read(add, projection, b, scale, rank, stream=stream)
     else:
         a = _gemm(z)
@@ -250,8 +236,7 @@ class _Builder:
                 ),
             )
         site = self.sites[key]
-        if site.family != family:
-            site.family = "ffba" if {site.family, family} <= {"ffa", "fba", "ffa/fba", "ffba"} else f"{site.family}+{family}"
+        site.family = merged_family(site.family, family)
         return site
 
     def projection_site(self, projection: _Projection, family: str) -> WidenedSite:
@@ -281,7 +266,7 @@ def detect_lanes_fx(gm: torch.fx.GraphModule, constants: FxConstants, lora_sites
     for node in gm.graph.nodes:
         if op_name(node) != "add" or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1 or id(node) in lora_adds:
             continue
-        read, reason = match_either_order(lambda base, low, n=node: _match_read(n, base, low, constants, lora_bases), node.args, _NotACandidate, _Reject)
+        read, reason = match_either_order(lambda base, low, n=node: _match_read(n, base, low, constants, lora_bases), node.args)
         if read is not None:
             reads.append(read)
         elif reason:
@@ -294,11 +279,6 @@ def detect_lanes_fx(gm: torch.fx.GraphModule, constants: FxConstants, lora_sites
     for number, site in enumerate(sites):
         site.site_id = f"{site.family.replace('/', '_')}{number}"
     return LaneDetection(sites, rejections, claimed)
-
-
-def _check_rank(rank: int, shape, where: str, max_rank_ratio: float) -> None:
-    if rank > max_rank_ratio * min(shape):
-        raise _Reject(f"rank {rank} at '{where}' is not small relative to W {list(shape)} (limit {max_rank_ratio:g} x {min(shape)})")
 
 
 def _build_cross(gm, reads: list[_Read], builder: _Builder, rejections, claimed, lora_bases, max_rank_ratio, order) -> None:
@@ -330,11 +310,11 @@ def _build_cross(gm, reads: list[_Read], builder: _Builder, rejections, claimed,
             host = min(hosts, key=lambda g: order[g.node])
             if any(order[r.projection.gemm.node] < order[host.node] for r in group):
                 raise _Reject(f"the lanes of A '{a.node.name}' are read before projection '{host.node.name}', the one that could carry A's columns")
-            _check_rank(rank, _matrix(constants, host.weight, host.transposed, "weight", host.node), a.node.name, max_rank_ratio)
+            check_rank(rank, _matrix(constants, host.weight, host.transposed, "weight", host.node), a.node.name, max_rank_ratio)
             for read in group:
                 if read.rank != rank:
                     raise _Reject(f"shapes do not line up at '{read.add.name}': A [{in_a}, {rank}], B has {read.rank} rows")
-                _check_rank(rank, read.projection.weight_shape, read.add.name, max_rank_ratio)
+                check_rank(rank, read.projection.weight_shape, read.add.name, max_rank_ratio)
         except _Reject as reject:
             rejections.extend(Rejection(node=r.add.name, reason=str(reject), label=_label_of(r.add)) for r in group)
             continue
@@ -357,7 +337,7 @@ def _build_zflora(gm, reads: list[_Read], builder: _Builder, rejections, claimed
             in_w, out_w = read.projection.weight_shape
             if _last_dim(read.stream) != in_w + read.rank:
                 raise _Reject(f"shapes do not line up at '{read.add.name}': stream '{read.stream.name}' has {_last_dim(read.stream)} lanes, W [{in_w}, {out_w}], B [{read.rank}, ..]")
-            _check_rank(read.rank, (in_w, out_w), read.add.name, max_rank_ratio)
+            check_rank(read.rank, (in_w, out_w), read.add.name, max_rank_ratio)
         except _Reject as reject:
             rejections.append(Rejection(node=read.add.name, reason=str(reject), label=_label_of(read.add)))
             continue

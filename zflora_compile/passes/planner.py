@@ -41,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 
+from zflora_compile.errors import InputError
 from zflora_compile.sites import AdapterSite, WidenedSite, numpy_dtype
 
 STRATEGIES = ("fuse", "merge", "strip")
@@ -90,8 +91,8 @@ class WidenedProjection:
     out_splits: list[int]  # [out, r_1, .., r_k]: the base lanes, then each written lane
 
 
-class PlanError(ValueError):
-    """The sites cannot be planned with the strategy asked for."""
+class PlanError(InputError):
+    """The sites cannot be planned with the strategy asked for (exit 2, like any unusable input)."""
 
 
 @dataclasses.dataclass
@@ -194,11 +195,8 @@ def plan_fused_group(sites: list[AdapterSite], name: str) -> FusedGroup:
 
 def widened_weight(site: WidenedSite) -> np.ndarray:
     """``[[W, A_1 .. A_k], [s_1 B_1, 0], ..]`` in fp32, cast to ``W``'s dtype (see the module docstring)."""
-    base = site.weight()
-    rows = site.in_features + sum(r.rank for r in site.reads)
-    cols = site.out_features + sum(w.rank for w in site.writes)
-    block = np.zeros((rows, cols), dtype=np.float32)
-    block[: site.in_features, : site.out_features] = base.astype(np.float32)
+    block = np.zeros(site.widened_shape, dtype=np.float32)
+    block[: site.in_features, : site.out_features] = site.weight().astype(np.float32)
     col = site.out_features
     for write in site.writes:
         if write.lora_a is not None:
@@ -213,10 +211,8 @@ def widened_weight(site: WidenedSite) -> np.ndarray:
 
 
 def plan_widened(site: WidenedSite) -> WidenedProjection:
-    dtype = numpy_dtype(site.dtype)
-    rows = site.in_features + sum(r.rank for r in site.reads)
-    cols = site.out_features + sum(w.rank for w in site.writes)
-    return WidenedProjection(site, LazyArray((rows, cols), dtype, lambda s=site: widened_weight(s)), [site.out_features] + [w.rank for w in site.writes])
+    weight = LazyArray(site.widened_shape, numpy_dtype(site.dtype), lambda s=site: widened_weight(s))
+    return WidenedProjection(site, weight, [site.out_features] + [w.rank for w in site.writes])
 
 
 def plan(sites: list[AdapterSite], strategy: str, widened: list[WidenedSite] | None = None) -> Plan:
