@@ -145,7 +145,7 @@ def test_existing_output_dir_needs_force(capsys, tmp_path):
 
 
 def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, monkeypatch):
-    from zflora_compile.passes import planner
+    from zflora_compile import planner
 
     monkeypatch.setattr(planner, "_scaled_b_fp32", lambda site: site.lora_b().astype("float32") * 1.5 * site.scale)
     out_dir = tmp_path / "out"

@@ -20,7 +20,8 @@ import pytest
 import zflora_compile
 from zflora_compile import cli, detect_adapters, fuse_adapters
 from zflora_compile.compile import CompileOptions, compile_in_memory
-from zflora_compile.passes import planner, rewrite_onnx
+from zflora_compile import planner
+from zflora_compile.passes import rewrite_onnx
 
 try:
     from graphs import Proj, gemm_count, lora_projection_graph, qkv

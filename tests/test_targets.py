@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from zflora_compile.cli import main
 from zflora_compile.errors import DependencyError, TargetError
-from zflora_compile.passes.prepare_static import constants_last, gather_nd_identity, prepare_static
+from zflora_compile.targets.prepare_static import constants_last, gather_nd_identity, prepare_static
 from zflora_compile.targets import Shape, TargetOptions, get_target
 from zflora_compile.targets.qnn import QnnTarget
 from zflora_compile.targets.trt import TrtTarget

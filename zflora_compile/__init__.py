@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from zflora_compile.api import detect_adapters, fuse_adapters  # noqa: E402
 from zflora_compile.errors import DependencyError, InputError, VerificationError, ZcompileError  # noqa: E402
-from zflora_compile.sites import AdapterSite, Rejection  # noqa: E402
+from zflora_compile.graph.records import AdapterSite, Rejection  # noqa: E402
 
 __all__ = [
     "__version__",

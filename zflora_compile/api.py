@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from zflora_compile.compile import CompileOptions, compile_file, compile_in_memory, default_output_dir, detect
 from zflora_compile.model_io import load_model, to_ir
-from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 
 
 def _is_fx(model) -> bool:
@@ -28,8 +28,8 @@ def detect_adapters(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) ->
     ``torch.export.ExportedProgram`` or a ``torch.fx.GraphModule``).
 
     The result iterates over every site: ``result.sites`` (LoRA,
-    :class:`~zflora_compile.sites.AdapterSite`), then ``result.widened`` (FFA / FBA / FFBA / zFLoRA,
-    :class:`~zflora_compile.sites.WidenedSite`, one per widened projection);
+    :class:`~zflora_compile.graph.records.AdapterSite`), then ``result.widened`` (FFA / FBA / FFBA / zFLoRA,
+    :class:`~zflora_compile.graph.records.WidenedSite`, one per widened projection);
     ``result.rejections`` lists what looked like an adapter but was left alone, with the reason.
     """
     if _is_fx(model):

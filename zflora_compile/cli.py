@@ -24,8 +24,8 @@ from zflora_compile import __version__
 from zflora_compile.compile import CompileOptions, compile_file, default_output_dir
 from zflora_compile.errors import ZcompileError
 from zflora_compile.gate import LatencyOptions
-from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO
-from zflora_compile.passes.planner import STRATEGIES
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
+from zflora_compile.planner import STRATEGIES
 from zflora_compile.progress import NullProgress, RichProgress
 from zflora_compile.targets import TARGETS, TargetOptions
 from zflora_compile.verify import TOLERANCES

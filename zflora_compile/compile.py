@@ -26,10 +26,10 @@ from zflora_compile import __version__
 from zflora_compile.errors import InputError, LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.gate import LatencyOptions, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
-from zflora_compile.passes.detect_lanes import combine, detect_lanes
-from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, detect_lora
-from zflora_compile.passes.planner import STRATEGIES, plan
-from zflora_compile.passes.rewrite_onnx import apply_plan, disable_adapters
+from zflora_compile import families
+from zflora_compile.graph.onnx_ir import OnnxGraph
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
+from zflora_compile.planner import STRATEGIES, plan
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets import Shape, Target, TargetOptions, get_target
 from zflora_compile.verify import compare, input_specs, make_feeds, session, verification_failure_message, verify_models, vocab_size
@@ -72,8 +72,7 @@ def gemm_count(counts: dict[str, int]) -> int:
 
 def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
     """Every adapter site in the model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes."""
-    lora = detect_lora(model.graph, max_rank_ratio=max_rank_ratio)
-    return combine(lora, detect_lanes(model.graph, lora.sites, max_rank_ratio=max_rank_ratio))
+    return families.detect(OnnxGraph(model), max_rank_ratio=max_rank_ratio)
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -173,9 +172,9 @@ def compile_file(
             detection = detect(model, options.max_rank_ratio)
             _fill_detection(report, model, detection)
         with timer.step("rewrite"):
-            the_plan = plan(detection.sites, options.strategy, detection.widened)
+            the_plan = plan(detection, options.strategy)
             if the_plan.rewrites:
-                apply_plan(model, the_plan)
+                families.rewrite(OnnxGraph(model), the_plan)
                 infer_shapes(model)
             counts = op_counts(model)
             report["plan"] = the_plan.to_json()
@@ -300,7 +299,7 @@ def _reference(input_path: Path, options: CompileOptions) -> Iterator[tuple[Path
     with tempfile.TemporaryDirectory(prefix="zflora-ref-") as tmp:
         model = load_model(input_path)
         detection = detect(model, options.max_rank_ratio)
-        disable_adapters(model, detection.sites, detection.widened)
+        families.disable_adapters(OnnxGraph(model), detection)
         path = Path(tmp) / "reference.onnx"
         save_model(model, path, external=True)
         yield path, "the input model with every detected adapter's B set to zero (graph otherwise unchanged)"

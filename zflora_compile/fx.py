@@ -7,7 +7,7 @@ are removed, and the result passes the program's own verifier). ``torch.fx.Graph
 
 Detection and rewriting live in :mod:`zflora_compile.passes.detect_fx` and
 :mod:`zflora_compile.passes.rewrite_fx`; the fused weights come from the shared planner
-(:mod:`zflora_compile.passes.planner`), exactly as for ONNX. The rewrite is verified in PyTorch
+(:mod:`zflora_compile.planner`), exactly as for ONNX. The rewrite is verified in PyTorch
 eager on seeded inputs with the ONNX path's tolerances (:data:`zflora_compile.verify.TOLERANCES`).
 """
 
@@ -25,12 +25,11 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from torch.utils import _pytree as pytree
 
 from zflora_compile.errors import InputError, VerificationError
-from zflora_compile.passes.detect_fx import DEFAULT_MAX_RANK_RATIO, FxConstants, _val, detect_lora_fx, op_name, torch_dtype_name
-from zflora_compile.passes.detect_lanes import combine
-from zflora_compile.passes.detect_lanes_fx import detect_lanes_fx
-from zflora_compile.passes.detect_onnx import Detection
-from zflora_compile.passes.planner import STRATEGIES, Plan, plan
-from zflora_compile.passes.rewrite_fx import apply_plan_fx, disable_adapters_fx
+from zflora_compile import families
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
+from zflora_compile.graph.torch_fx import FxConstants, FxGraph
+from zflora_compile.passes.detect_fx import _val, op_name, torch_dtype_name
+from zflora_compile.planner import STRATEGIES, Plan, plan
 from zflora_compile.verify import TOLERANCES, compare, verification_failure_message
 
 __all__ = ["detect_fx", "fuse_fx", "fuse_fx_with_report", "is_fx_model", "linear_op_count", "verify_fx"]
@@ -222,8 +221,7 @@ def _edit(model, *, copy_module: bool = True):
 
 def _detect(gm: torch.fx.GraphModule, constants: FxConstants, max_rank_ratio: float) -> Detection:
     """LoRA, then FFA / FBA / FFBA / zFLoRA lanes (the same records as the ONNX front-end)."""
-    lora = detect_lora_fx(gm, constants, max_rank_ratio=max_rank_ratio)
-    return combine(lora, detect_lanes_fx(gm, constants, lora.sites, max_rank_ratio=max_rank_ratio))
+    return families.detect(FxGraph(gm, constants), max_rank_ratio=max_rank_ratio)
 
 
 def detect_fx(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
@@ -257,9 +255,9 @@ def fuse_fx_with_report(
         raise InputError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     edit = _edit(model)
     detection = _detect(edit.gm, edit.constants, max_rank_ratio)
-    the_plan: Plan = plan(detection.sites, strategy, detection.widened)
+    the_plan: Plan = plan(detection, strategy)
     before = linear_op_count(edit.gm)
-    apply_plan_fx(edit.gm, the_plan, edit.add_constant)
+    families.rewrite(FxGraph(edit.gm, edit.constants, edit.add_constant), the_plan)
     result = edit.finish()
     report = {
         "strategy": strategy,
@@ -290,7 +288,7 @@ def _strip_reference(model, max_rank_ratio: float) -> torch.fx.GraphModule:
     module = model.module() if isinstance(model, ExportedProgram) else model
     edit = _ModuleEdit(module, copy_module=not isinstance(model, ExportedProgram))
     detection = _detect(edit.gm, edit.constants, max_rank_ratio)
-    disable_adapters_fx(edit.gm, detection.sites, edit.constants, edit.add_constant, detection.widened)
+    families.disable_adapters(FxGraph(edit.gm, edit.constants, edit.add_constant), detection)
     return edit.finish()
 
 

@@ -31,7 +31,7 @@ import torch
 from torch.fx import Node
 
 from zflora_compile.passes.detect_onnx import DEFAULT_MAX_RANK_RATIO, Detection, _clean_label, _NotACandidate, _Reject
-from zflora_compile.sites import AdapterSite, Rejection
+from zflora_compile.graph.records import AdapterSite, Rejection
 
 __all__ = ["DEFAULT_MAX_RANK_RATIO", "FxConstants", "FxLoraBinding", "detect_lora_fx", "op_name", "torch_dtype_name"]
 

@@ -1,7 +1,7 @@
 """Structural detection of the lane families in ONNX graphs: FFA, FBA, FFBA and zFLoRA.
 
 These adapters move a rank-``r`` activation (its *lanes*) from one projection to another.
-Detection yields one :class:`~zflora_compile.sites.WidenedSite` per base projection that
+Detection yields one :class:`~zflora_compile.graph.records.WidenedSite` per base projection that
 reads or writes lanes; the planner widens its weight (see :mod:`.planner`).
 
 Cross lanes (FFA, FBA, FFBA)::
@@ -52,7 +52,7 @@ from zflora_compile.passes.detect_onnx import (
     _walk_back,
 )
 from zflora_compile.passes.onnx_constants import constant_dtype, constant_getter, constant_shape, is_constant
-from zflora_compile.sites import AdapterSite, LaneRead, LaneWrite, Rejection, WidenedSite
+from zflora_compile.graph.records import AdapterSite, LaneRead, LaneWrite, Rejection, WidenedSite
 
 _INT64_MAX = np.iinfo(np.int64).max
 STREAM_LANE = "zflora.stream"

@@ -1,6 +1,6 @@
 """FFA / FBA / FFBA / zFLoRA in torch.fx graphs: the FX twin of :mod:`.detect_lanes`.
 
-Same patterns, same :class:`~zflora_compile.sites.WidenedSite` records, same planner; only the
+Same patterns, same :class:`~zflora_compile.graph.records.WidenedSite` records, same planner; only the
 graph vocabulary differs. Projections are ``aten.linear`` (before ``run_decompositions``) or
 ``mm``/``addmm`` between leading-axis views (after); the zFLoRA stream is cut with
 ``aten.slice.Tensor`` on the last axis, its lanes appended with ``aten.cat`` or
@@ -43,7 +43,7 @@ from zflora_compile.passes.detect_lanes import (
     match_either_order,
     merged_family,
 )
-from zflora_compile.sites import AdapterSite, LaneRead, LaneWrite, Rejection, WidenedSite
+from zflora_compile.graph.records import AdapterSite, LaneRead, LaneWrite, Rejection, WidenedSite
 
 _VIEWS = {"view", "reshape", "_unsafe_view"}
 _BIG = 2**62

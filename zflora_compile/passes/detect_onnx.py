@@ -30,9 +30,8 @@ from zflora_compile.passes.onnx_constants import (
     is_constant,
     scalar_value,
 )
-from zflora_compile.sites import AdapterSite, Rejection
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, AdapterSite, Detection, Rejection
 
-DEFAULT_MAX_RANK_RATIO = 0.5
 _PASS_THROUGH = {"Cast", "Identity"}
 _GEMM_OPS = {"MatMul", "Gemm"}
 
@@ -50,25 +49,6 @@ class OnnxLoraBinding:
     bias_add: ir.Node | None
     chain_nodes: list[ir.Node]
     lowrank_b: ir.Node  # the GEMM applying B; zeroing its weight disables the adapter
-
-
-@dataclasses.dataclass
-class Detection:
-    sites: list[AdapterSite]
-    rejections: list[Rejection]
-    #: FFA / FBA / FFBA / zFLoRA: one record per widened projection (see detect_lanes)
-    widened: list = dataclasses.field(default_factory=list)
-
-    @property
-    def all_sites(self) -> list:
-        return [*self.sites, *self.widened]
-
-    def __iter__(self):
-        """Every site: LoRA ``AdapterSite`` records, then ``WidenedSite`` records."""
-        return iter(self.all_sites)
-
-    def __len__(self) -> int:
-        return len(self.sites) + len(self.widened)
 
 
 class _NotACandidate(Exception):

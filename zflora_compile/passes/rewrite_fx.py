@@ -1,4 +1,4 @@
-"""Apply a :class:`~zflora_compile.passes.planner.Plan` to a torch.fx graph.
+"""Apply a :class:`~zflora_compile.planner.Plan` to a torch.fx graph.
 
 The FX twin of :mod:`zflora_compile.passes.rewrite_onnx`: it only moves graph edges and adds the
 weights the planner computed (all the algebra lives in the planner). New weights become real
@@ -24,8 +24,8 @@ from torch.fx import Node
 
 from zflora_compile.passes.detect_fx import FxConstants, FxLoraBinding, _is_assert, _val, op_name
 from zflora_compile.passes.detect_lanes_fx import FxWidenBinding
-from zflora_compile.passes.planner import FusedGroup, LazyArray, MergedSite, Plan, WidenedProjection
-from zflora_compile.sites import AdapterSite, WidenedSite
+from zflora_compile.planner import FusedGroup, LazyArray, MergedSite, Plan, WidenedProjection
+from zflora_compile.graph.records import AdapterSite, WidenedSite
 
 AddConstant = Callable[[str, torch.Tensor], Node]
 aten = torch.ops.aten

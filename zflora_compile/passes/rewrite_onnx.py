@@ -1,4 +1,4 @@
-"""Apply a :class:`~zflora_compile.passes.planner.Plan` to an onnx-ir graph.
+"""Apply a :class:`~zflora_compile.planner.Plan` to an onnx-ir graph.
 
 The rewriter only moves graph edges and adds the initializers the planner computed; all of the
 algebra lives in the planner. Dead nodes and initializers (the old low-rank chains, old
@@ -14,8 +14,8 @@ import onnx_ir.passes.common as common_passes
 from zflora_compile.passes.detect_lanes import OnnxWidenBinding
 from zflora_compile.passes.detect_onnx import OnnxLoraBinding
 from zflora_compile.passes.onnx_constants import constant_dtype, constant_shape
-from zflora_compile.passes.planner import FusedGroup, LazyArray, MergedSite, Plan, WidenedProjection
-from zflora_compile.sites import AdapterSite, WidenedSite, numpy_dtype
+from zflora_compile.planner import FusedGroup, LazyArray, MergedSite, Plan, WidenedProjection
+from zflora_compile.graph.records import AdapterSite, WidenedSite, numpy_dtype
 
 _PREFIX = "zflora"
 

@@ -4,7 +4,7 @@ The artifact is an offline context binary per input shape: ``model_<shape>_ctx.o
 EPContext model) and the ``model_<shape>_ctx_qnn.bin`` it points to, built with CPU fallback
 disabled, so a graph that does not run entirely on the NPU is an error naming the nodes that fell
 off. HTP graphs have static shapes: each shape (decode: 1 token on a ``past``-token cache;
-prefill) is frozen and prepared (:mod:`zflora_compile.passes.prepare_static`, exact rewrites)
+prefill) is frozen and prepared (:mod:`zflora_compile.targets.prepare_static`, exact rewrites)
 before QNN compiles it.
 
 Defaults: fp16 (``enable_htp_fp16_precision=1``), ``soc_model=60``, ``htp_arch=73``
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from zflora_compile.errors import TargetError
 from zflora_compile.model_io import load_model, save_model
-from zflora_compile.passes.prepare_static import prepare_static
+from zflora_compile.targets.prepare_static import prepare_static
 from zflora_compile.targets.base import Loaded, Shape, Target
 from zflora_compile.verify import input_specs, symbol_values
 

@@ -1,6 +1,6 @@
 """The planner: decides the fused layout and computes the fused weights, for any front-end.
 
-It sees only :class:`~zflora_compile.sites.AdapterSite` records and numpy weights in
+It sees only :class:`~zflora_compile.graph.records.AdapterSite` records and numpy weights in
 ``[in, out]`` layout. Weights are returned as :class:`LazyArray` so a front-end can stream them
 to disk (ONNX external data) instead of holding every fused matrix in memory at once.
 
@@ -19,7 +19,7 @@ Algebra (per site ``y = x @ W + b + s * (x @ A) @ B``):
   any ``y_i`` (Reshape into heads, RoPE, Split, attention) ever sees them.
 - ``strip``: ``y = x @ W + b``: the exact base model.
 
-Widened projections (FFA, FBA, FFBA, zFLoRA; one :class:`~zflora_compile.sites.WidenedSite`
+Widened projections (FFA, FBA, FFBA, zFLoRA; one :class:`~zflora_compile.graph.records.WidenedSite`
 per base projection or embedding table), for ``fuse`` and ``merge`` alike (an adapter that
 crosses a block's nonlinearity or a residual has no merged form)::
 
@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from zflora_compile.errors import InputError
-from zflora_compile.sites import AdapterSite, WidenedSite, numpy_dtype
+from zflora_compile.graph.records import AdapterSite, WidenedSite, numpy_dtype
 
 STRATEGIES = ("fuse", "merge", "strip")
 
@@ -215,8 +215,9 @@ def plan_widened(site: WidenedSite) -> WidenedProjection:
     return WidenedProjection(site, weight, [site.out_features] + [w.rank for w in site.writes])
 
 
-def plan(sites: list[AdapterSite], strategy: str, widened: list[WidenedSite] | None = None) -> Plan:
-    """Decide the rewrite of every site for ``strategy`` (one of :data:`STRATEGIES`)."""
+def plan(detection, strategy: str) -> Plan:
+    """Decide the rewrite of every site of ``detection`` for ``strategy`` (one of :data:`STRATEGIES`)."""
+    sites, widened = detection.sites, detection.widened
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     result = Plan(strategy)

@@ -16,6 +16,9 @@ import numpy as np
 
 ArrayGetter = Callable[[], np.ndarray]
 
+#: an adapter's rank must be at most this fraction of min(in, out) of the projection it adapts
+DEFAULT_MAX_RANK_RATIO = 0.5
+
 
 class _Labelled:
     """Layer and projection parsed from a site's label (names are only ever labels)."""
@@ -187,3 +190,22 @@ class WidenedSite(_Labelled):
             "writes": [w.to_json() for w in self.writes],
             "nodes": list(self.nodes),
         }
+
+
+@dataclasses.dataclass
+class Detection:
+    sites: list[AdapterSite]
+    rejections: list[Rejection]
+    #: FFA / FBA / FFBA / zFLoRA: one record per widened projection (see detect_lanes)
+    widened: list = dataclasses.field(default_factory=list)
+
+    @property
+    def all_sites(self) -> list:
+        return [*self.sites, *self.widened]
+
+    def __iter__(self):
+        """Every site: LoRA ``AdapterSite`` records, then ``WidenedSite`` records."""
+        return iter(self.all_sites)
+
+    def __len__(self) -> int:
+        return len(self.sites) + len(self.widened)
