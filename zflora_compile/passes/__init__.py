@@ -1,1 +1,0 @@
-"""Graph passes: detection (front-ends), planning (IR-neutral) and rewriting (front-ends)."""
