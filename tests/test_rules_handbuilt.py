@@ -20,8 +20,7 @@ import pytest
 import zflora_compile
 from zflora_compile import cli, detect_adapters, fuse_adapters
 from zflora_compile.compile import CompileOptions, compile_in_memory
-from zflora_compile import planner
-from zflora_compile.passes import rewrite_onnx
+from zflora_compile.families import lora
 
 try:
     from graphs import Proj, gemm_count, lora_projection_graph, qkv
@@ -332,7 +331,7 @@ def _drop_scale(site):
 def test_verification_catches_a_wrong_rewrite(monkeypatch, strategy):
     proto = lora_projection_graph(projections=qkv()).proto()
     fuse_adapters(proto, strategy=strategy)  # control: passes as it is
-    monkeypatch.setattr(planner, "_scaled_b_fp32", _drop_scale)
+    monkeypatch.setattr(lora, "scaled_b_fp32", _drop_scale)
     with pytest.raises(zflora_compile.VerificationError, match="verification failed"):
         fuse_adapters(proto, strategy=strategy)
 
@@ -340,7 +339,7 @@ def test_verification_catches_a_wrong_rewrite(monkeypatch, strategy):
 def test_strip_is_verified_against_the_zero_b_reference(monkeypatch):
     """A strip that forgets to strip is caught: the reference is the input with B = 0, not the input."""
     proto = lora_projection_graph(projections=qkv()).proto()
-    monkeypatch.setattr(rewrite_onnx, "_apply_strip", lambda site: None)
+    monkeypatch.setattr(lora.StripSite, "emit", lambda self, graph, state: None)
     with pytest.raises(zflora_compile.VerificationError):
         fuse_adapters(proto, strategy="strip")
 
@@ -353,7 +352,7 @@ def test_cli_wrong_rewrite_exits_1_and_writes_nothing(tmp_path, monkeypatch, cap
     assert (tmp_path / "ok" / "model.onnx").is_file()
     capsys.readouterr()
 
-    monkeypatch.setattr(planner, "_scaled_b_fp32", _drop_scale)
+    monkeypatch.setattr(lora, "scaled_b_fp32", _drop_scale)
     out = tmp_path / "out"
     assert cli.main([str(source), "-o", str(out), "-q"]) == 1
     assert not out.exists()

@@ -1,46 +1,72 @@
-"""The adapter families, in detection order (transitional dispatch; being rewritten)."""
+"""The adapter families: one module each (pattern + check, plan, emit), written once against
+the graph view and emitter of :mod:`zflora_compile.graph.protocol`.
+
+:data:`FAMILIES` lists them in detection order. A family claims the nodes it accounts for; a
+later family skips claimed nodes, and its reason for a node replaces an earlier family's (the
+later one is the more specific: a LoRA-shaped add whose chain reads another tensor is an FFA
+lane). :data:`PLANNERS` maps each kind of site record to the module that plans, emits and
+disables it.
+"""
 
 from __future__ import annotations
 
-from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
+import dataclasses
+
+from zflora_compile.families import lanes, lora, widening, zflora
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, AdapterSite, Detection, Rejection, WidenedSite
+
+#: detection order: LoRA first (it is the most specific about its own adds), then the lane families
+FAMILIES = (lora, lanes, zflora)
+#: site record type -> the module with ``plan(sites, strategy)`` and ``disable(graph, site)``
+PLANNERS = {AdapterSite: lora, WidenedSite: widening}
+
+
+@dataclasses.dataclass
+class Found:
+    """What the families found so far in one graph."""
+
+    view: object
+    max_rank_ratio: float
+    sites: list = dataclasses.field(default_factory=list)
+    rejections: dict = dataclasses.field(default_factory=dict)  # node name -> Rejection
+    claimed_ids: set = dataclasses.field(default_factory=set)
+    widened: widening.WidenedSites = None
+
+    def __post_init__(self):
+        self.widened = widening.WidenedSites(self.view)
+
+    def claim(self, *nodes) -> None:
+        """These nodes are accounted for: no later family looks at them, earlier rejections drop."""
+        for node in nodes:
+            self.claimed_ids.add(id(node))
+            self.rejections.pop(self.view.name(node), None)
+
+    def claimed(self, node) -> bool:
+        return id(node) in self.claimed_ids
+
+    def reject(self, rejection: Rejection) -> None:
+        self.rejections.pop(rejection.node, None)
+        self.rejections[rejection.node] = rejection
 
 
 def detect(graph, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
-    """Every adapter site of ``graph`` (an OnnxGraph or FxGraph), and what was left alone, why."""
-    from zflora_compile.passes.detect_lanes import combine
-
-    if graph.ir == "onnx":
-        from zflora_compile.passes.detect_lanes import detect_lanes
-        from zflora_compile.passes.detect_onnx import detect_lora
-
-        lora = detect_lora(graph.model.graph, max_rank_ratio=max_rank_ratio)
-        return combine(lora, detect_lanes(graph.model.graph, lora.sites, max_rank_ratio=max_rank_ratio))
-    from zflora_compile.passes.detect_fx import detect_lora_fx
-    from zflora_compile.passes.detect_lanes_fx import detect_lanes_fx
-
-    lora = detect_lora_fx(graph.gm, graph.constants, max_rank_ratio=max_rank_ratio)
-    return combine(lora, detect_lanes_fx(graph.gm, graph.constants, lora.sites, max_rank_ratio=max_rank_ratio))
+    """Every adapter site of ``graph`` (a graph view), and what was left alone, and why."""
+    found = Found(graph, max_rank_ratio)
+    for family in FAMILIES:
+        family.detect(graph, found)
+    return Detection(found.sites, list(found.rejections.values()), found.widened.finish())
 
 
 def rewrite(graph, plan) -> None:
-    """Apply ``plan`` to ``graph`` in place, then remove what became dead."""
-    if graph.ir == "onnx":
-        from zflora_compile.passes.rewrite_onnx import apply_plan
-
-        apply_plan(graph.model, plan)
-    else:
-        from zflora_compile.passes.rewrite_fx import apply_plan_fx
-
-        apply_plan_fx(graph.gm, plan, graph.add_constant)
+    """Apply ``plan`` (its rewrites, in order) to ``graph`` in place, then remove what became dead."""
+    state: dict = {}
+    for step in plan.rewrites:
+        step.emit(graph, state)
+    graph.cleanup()
 
 
 def disable_adapters(graph, detection: Detection) -> None:
     """Every detected adapter's B replaced by zeros, the graph otherwise unchanged."""
-    if graph.ir == "onnx":
-        from zflora_compile.passes.rewrite_onnx import disable_adapters as disable
-
-        disable(graph.model, detection.sites, detection.widened)
-    else:
-        from zflora_compile.passes.rewrite_fx import disable_adapters_fx
-
-        disable_adapters_fx(graph.gm, detection.sites, graph.constants, graph.add_constant, detection.widened)
+    for site in detection.all_sites:
+        PLANNERS[type(site)].disable(graph, site)
+    graph.cleanup()

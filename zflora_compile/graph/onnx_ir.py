@@ -1,25 +1,390 @@
-"""The graph view and emitter over onnx-ir (transitional wrapper; being rewritten)."""
+"""The graph view and the emitter over onnx-ir (see :mod:`.protocol`).
+
+Vocabulary: GEMMs are ``MatMul`` and plain ``Gemm`` (``transA=0``, ``alpha=1``; ``transB=1`` means a
+``[out, in]`` weight; ``C`` is its bias); casts are ``Cast``/``Identity``; scales are ``Mul``/``Div``
+by a constant scalar; the last axis is cut by ``Slice``, joined by ``Concat``, extended by ``Pad``;
+embeddings are ``Gather(table, ids, axis=0)``. Constants are initializers or ``Constant`` nodes,
+behind layout ops (:mod:`.onnx_constants`), evaluated lazily. Only the default domain is matched.
+"""
 
 from __future__ import annotations
 
+import ast
 import collections
+import contextlib
+import re
 
+import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from zflora_compile.graph.onnx_constants import constant_dtype, constant_getter, constant_shape, is_constant, scalar_value
+from zflora_compile.graph.protocol import Gemm, Reject, last_axis_bounds
+from zflora_compile.graph.records import LazyArray, clean_label
 
 GEMM_OPS = ("MatMul", "Gemm")
+_PASS_THROUGH = {"Cast", "Identity"}
+_ACTIVATIONS = {
+    "Relu", "LeakyRelu", "PRelu", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "ThresholdedRelu",
+}
+_PREFIX = "zflora"
+
+
+def _default(node: ir.Node | None, *ops: str) -> bool:
+    return node is not None and node.domain == "" and node.op_type in ops
+
+
+def _int_list(value: ir.Value | None) -> list[int] | None:
+    getter = constant_getter(value) if value is not None else None
+    return None if getter is None else [int(v) for v in np.atleast_1d(getter())]
 
 
 class OnnxGraph:
-    """An onnx-ir model seen by the families (detect) and rewritten by them (emit)."""
+    """An onnx-ir model as a :class:`~.protocol.GraphView` and an :class:`~.protocol.Emitter`."""
 
     ir = "onnx"
+    requires_shapes = False
 
     def __init__(self, model: ir.Model):
         self.model = model
+        self.graph = model.graph
+        self._anchor: ir.Node | None = None
+        self._taken: set[str] | None = None
 
+    # ------------------------------------------------------------------ counts
     def op_counts(self) -> dict[str, int]:
-        return dict(sorted(collections.Counter(n.op_type for n in self.model.graph.all_nodes()).items()))
+        return dict(sorted(collections.Counter(n.op_type for n in self.graph.all_nodes()).items()))
 
     def gemm_count(self) -> int:
         counts = self.op_counts()
         return sum(counts.get(op, 0) for op in GEMM_OPS)
+
+    # ------------------------------------------------------------------ structure
+    def nodes(self):
+        return iter(list(self.graph))
+
+    def adds(self):
+        for node in list(self.graph):
+            if _default(node, "Add") and len(node.inputs) == 2:
+                yield node, list(node.inputs)
+
+    def producer(self, value):
+        return value.producer() if isinstance(value, ir.Value) else None
+
+    def output(self, node):
+        return node.outputs[0]
+
+    def data_input(self, node):
+        return next((v for v in node.inputs if v is not None and not is_constant(v)), None)
+
+    def users(self, value):
+        return [user for user, _ in value.uses()]
+
+    def is_graph_output(self, value) -> bool:
+        return value.is_graph_output()
+
+    def order(self) -> dict[int, int]:
+        return {id(node): i for i, node in enumerate(self.graph)}
+
+    # ------------------------------------------------------------------ names
+    def name(self, node) -> str:
+        return (node.name or node.op_type) if node is not None else "<graph input>"
+
+    def value_name(self, value) -> str:
+        return value.name or ""
+
+    def describe(self, value) -> str:
+        node = self.producer(value)
+        return f"'{node.op_type}' node '{self.name(node)}'" if node is not None else "a graph input"
+
+    def label(self, node, weight=None) -> str:
+        """The module path the exporter recorded, else the node's name scope, else the weight's name."""
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            try:
+                parts = ast.literal_eval(scopes)
+                module = next((p for p in reversed(parts[:-1]) if p), "")
+            except (ValueError, SyntaxError):
+                module = ""
+            if module:
+                return clean_label(module)
+        name = node.name or ""
+        if "/" in name:
+            return clean_label(".".join(p for p in name.split("/")[:-1] if p))
+        if weight is None:
+            return ""
+        root = weight
+        while root.producer() is not None and root.producer().op_type in ("Transpose", "Cast", "Identity"):
+            root = root.producer().inputs[0]
+        return clean_label(root.name or name)
+
+    # ------------------------------------------------------------------ arithmetic
+    def peel(self, value, *, casts: bool = True):
+        """Up through ``Cast``/``Identity`` (``casts=False``: nothing; ONNX has no leading-axis views)."""
+        if not casts:
+            return value
+        node = value.producer()
+        while _default(node, *_PASS_THROUGH):
+            value = node.inputs[0]
+            node = value.producer()
+        return value
+
+    def _scale_of(self, node: ir.Node):
+        if not _default(node, "Mul", "Div") or len(node.inputs) != 2:
+            return None
+        left, right = node.inputs
+        orders = [(left, right), (right, left)] if node.op_type == "Mul" else [(left, right)]
+        for data, factor in orders:
+            if is_constant(data):
+                continue
+            value = scalar_value(factor)
+            if value is None:
+                continue
+            if node.op_type == "Div":
+                return (data, 1.0 / value) if value != 0 else None
+            return data, value
+        return None
+
+    def walk_back(self, value):
+        nodes, scale = [], 1.0
+        while True:
+            node = value.producer()
+            if node is None or node.domain != "":
+                return value, scale, nodes
+            if node.op_type in _PASS_THROUGH:
+                nodes.append(node)
+                value = node.inputs[0]
+                continue
+            scaled = self._scale_of(node)
+            if scaled is None:
+                return value, scale, nodes
+            nodes.append(node)
+            value, scale = scaled[0], scale * scaled[1]
+
+    def gemm(self, value):
+        node = self.producer(value)
+        if not _default(node, *GEMM_OPS) or len(node.inputs) < 2:
+            return None
+        x, weight, bias, transposed = node.inputs[0], node.inputs[1], None, False
+        if node.op_type == "Gemm":
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                raise Reject(f"Gemm node '{self.name(node)}' has transA or alpha != 1")
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if bias is not None and attrs.get("beta", 1.0) != 1.0:
+                raise Reject(f"Gemm node '{self.name(node)}' has beta != 1")
+            transposed = bool(attrs.get("transB", 0))
+        shape = None
+        if is_constant(weight):
+            stored = constant_shape(weight)
+            if len(stored) == 2:
+                shape = (stored[1], stored[0]) if transposed else (stored[0], stored[1])
+        return Gemm(node, node.op_type, x, node.outputs[0], weight, bias, shape, transposed, 1, x)
+
+    def gemm_readers(self, value):
+        readers = []
+        for user, index in value.uses():
+            if index == 0 and _default(user, *GEMM_OPS):
+                try:
+                    gemm = self.gemm(user.outputs[0])
+                except Reject:
+                    continue
+                readers.append(gemm)
+        return readers
+
+    def bias_add(self, value):
+        node = self.producer(value)
+        if not _default(node, "Add") or len(node.inputs) != 2:
+            return None
+        for data, const in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+            if not is_constant(data) and is_constant(const):
+                return data, const, node
+        return None
+
+    def activation_input(self, value):
+        node = self.producer(value)
+        if node is None or node.domain not in ("", "com.microsoft"):
+            return None
+        if (node.domain == "" and node.op_type in _ACTIVATIONS) or (node.domain == "com.microsoft" and node.op_type in ("FastGelu", "QuickGelu", "BiasGelu")):
+            return node.inputs[0]
+        if _default(node, "Mul") and len(node.inputs) == 2:  # SiLU as Mul(t, Sigmoid(t))
+            for data, gate in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+                producer = gate.producer() if gate is not None else None
+                if _default(producer, "Sigmoid") and producer.inputs[0] is data:
+                    return data
+        return None
+
+    # ------------------------------------------------------------------ constants
+    def is_constant(self, value) -> bool:
+        return is_constant(value)
+
+    def constant_array(self, value, *, transposed: bool = False):
+        getter = constant_getter(value)
+        return (lambda: np.ascontiguousarray(getter().T)) if transposed else getter
+
+    def weight(self, gemm: Gemm):
+        """The GEMM's constant weight as an ``[in, out]`` array getter."""
+        return self.constant_array(gemm.weight, transposed=gemm.transposed)
+
+    def constant_shape(self, value):
+        return constant_shape(value)
+
+    def dtype(self, value) -> str:
+        return constant_dtype(value)
+
+    # ------------------------------------------------------------------ shapes and the last axis
+    def last_dim(self, value):
+        shape = value.shape if isinstance(value, ir.Value) else None
+        if shape is None or len(shape) == 0 or not isinstance(shape[-1], int):
+            return None
+        return int(shape[-1])
+
+    def shape_key(self, value):
+        """ONNX shapes are advisory (exporters leave them stale or missing): not used for checks."""
+        return None
+
+    def last_axis_slice(self, value):
+        node = self.producer(value)
+        if not _default(node, "Slice") or len(node.inputs) < 3:
+            return None
+        data = node.inputs[0]
+        width = self.last_dim(data)
+        starts, ends = _int_list(node.inputs[1]), _int_list(node.inputs[2])
+        axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else [0]
+        steps = _int_list(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+        if width is None or None in (starts, ends, axes, steps) or not (len(starts) == len(ends) == len(axes) == len(steps) == 1):
+            return None
+        if axes[0] not in (-1, len(data.shape) - 1) or steps[0] != 1:
+            return None
+        return (data, *last_axis_bounds(starts[0], ends[0], width))
+
+    def last_axis_concat(self, node):
+        if not _default(node, "Concat") or node.attributes.get("axis") is None:
+            return None
+        shape = node.outputs[0].shape
+        if shape is None or node.attributes["axis"].value not in (-1, len(shape) - 1):
+            return None
+        return list(node.inputs)
+
+    def last_axis_pad(self, node):
+        """``(data, r)`` for a constant zero ``Pad`` of ``r`` lanes at the end of the last axis only."""
+        if not _default(node, "Pad") or len(node.inputs) < 2:
+            return None
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.value != "constant":
+            return None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            getter = constant_getter(node.inputs[2])
+            if getter is None or np.any(getter() != 0):
+                return None
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            return None
+        pads = _int_list(node.inputs[1])
+        shape = node.inputs[0].shape or node.outputs[0].shape
+        if pads is None or shape is None or len(pads) != 2 * len(shape):
+            return None
+        rank = len(shape)
+        if any(p != 0 for i, p in enumerate(pads) if i != 2 * rank - 1):
+            return None
+        return node.inputs[0], pads[2 * rank - 1]
+
+    def embedding(self, value):
+        node = self.producer(value)
+        if not _default(node, "Gather"):
+            return None
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.value != 0:
+            return None
+        return node.inputs[0], node.inputs[1], node
+
+    # ================================================================== emitter
+    def _name(self, base: str) -> str:
+        if self._taken is None:
+            self._taken = {v.name for v in self.graph.initializers.values()} | {v.name for v in self.graph.inputs}
+            for node in self.graph:
+                self._taken.update(o.name for o in node.outputs if o.name)
+                if node.name:
+                    self._taken.add(node.name)
+        name, n = base, 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+    @contextlib.contextmanager
+    def at(self, node, stem: str = ""):
+        saved = self._anchor, getattr(self, "_stem", "")
+        self._anchor, self._stem = node, f"{_PREFIX}.{stem}" if stem else _PREFIX
+        try:
+            yield self
+        finally:
+            self._anchor, self._stem = saved
+
+    def _node(self, op: str, inputs, what: str, num_outputs: int = 1, **attrs):
+        name = f"{self._stem}/{what}"
+        node = ir.node(op, inputs, attributes=attrs or None, num_outputs=num_outputs, name=self._name(name))
+        for i, output in enumerate(node.outputs):
+            output.name = self._name(f"{name}_out{i}" if num_outputs > 1 else f"{name}_out")
+        self.graph.insert_before(self._anchor, node)
+        return node
+
+    def constant(self, name: str, array):
+        name = self._name(f"{self._stem}.{name}")
+        if isinstance(array, LazyArray):
+            tensor = ir.LazyTensor(lambda a=array: ir.tensor(a.numpy()), dtype=ir.DataType.from_numpy(array.dtype), shape=ir.Shape(array.shape), name=name)
+        else:
+            tensor = ir.tensor(np.asarray(array), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def project(self, x, array, like=None, bias=None, name: str = "weight"):
+        """``x @ array (+ bias)`` as a ``MatMul`` (and an ``Add``) reading new initializers."""
+        out = self._node("MatMul", [x, self.constant(name, array)], "MatMul").outputs[0]
+        return out if bias is None else self.add(out, self.constant(f"{name}_bias", bias))
+
+    def add(self, a, b):
+        return self._node("Add", [a, b], "Add").outputs[0]
+
+    def split_last(self, value, sizes):
+        if len(sizes) == 1:
+            return [value]
+        split = self.constant("split_sizes", np.asarray(sizes, dtype=np.int64))
+        return list(self._node("Split", [value, split], "Split", num_outputs=len(sizes), axis=-1).outputs)
+
+    def concat_last(self, values):
+        return self._node("Concat", list(values), "Concat", axis=-1).outputs[0]
+
+    def gather(self, table, ids):
+        return self._node("Gather", [table, ids], "Gather", axis=0).outputs[0]
+
+    def replace_weight(self, gemm: Gemm, array, name: str = "weight") -> None:
+        """The GEMM reads ``array`` (``[in, out]``; stored transposed for ``Gemm(transB=1)``)."""
+        if gemm.transposed:
+            array = _transposed(array)
+        gemm.node.replace_input_with(1, self.constant(name, array))
+
+    def redirect(self, old, new) -> None:
+        """Every use of ``old`` (graph outputs included, which keep their names) reads ``new``."""
+        was_output_name = old.name if old.is_graph_output() else None
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        if was_output_name is not None:
+            old.name = f"{was_output_name}.{_PREFIX}_replaced"
+            new.name = was_output_name
+
+    def cleanup(self) -> None:
+        """Dead-node and unused-initializer removal, then a topological sort."""
+        common_passes.RemoveUnusedNodesPass()(self.model)
+        common_passes.TopologicalSortPass()(self.model)
+
+
+def _transposed(array):
+    if isinstance(array, LazyArray):
+        return LazyArray(array.shape[::-1], array.dtype, lambda a=array: np.ascontiguousarray(a.numpy().T))
+    return np.ascontiguousarray(np.asarray(array).T)

@@ -89,6 +89,33 @@ class Rejection:
         return {"node": self.node, "label": self.label, "reason": self.reason}
 
 
+@dataclasses.dataclass
+class LazyArray:
+    """A weight a plan computes, described by shape and dtype, evaluated on demand (so a writer can
+    stream it to disk instead of holding every fused matrix in memory at once)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    compute: Callable[[], np.ndarray] = dataclasses.field(repr=False)
+
+    def numpy(self) -> np.ndarray:
+        array = self.compute()
+        assert array.shape == self.shape and array.dtype == self.dtype, (array.shape, array.dtype)
+        return array
+
+
+_SCOPE_STRIP = re.compile(r"(^|\.)(base_model\.model|base_layer|lora_[AB]\.[^.]+|default)(?=\.|$)")
+
+
+def clean_label(text: str) -> str:
+    """A module path as a label: PEFT's wrapper scopes and a trailing ``.weight`` removed."""
+    text = re.sub(r"\.weight$", "", text)
+    text = _SCOPE_STRIP.sub("", text)
+    while re.match(r"^(m|model)\.model\.", text):
+        text = text.split(".", 1)[1]
+    return text.strip(".")
+
+
 _LAYER_RE = re.compile(r"layers?[._/](\d+)")
 _PROJ_RE = re.compile(r"([A-Za-z_]*(?:proj|query_key_value|dense[A-Za-z_0-9]*|fc\d*|lm_head))")
 

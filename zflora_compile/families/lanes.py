@@ -1,0 +1,141 @@
+"""FFA, FBA and FFBA: adapter lanes written by one projection and read by others.
+
+Pattern::
+
+    z = t @ A                                  # A: constant [in, r]; the writer
+    y = x @ W (+ bias) + s * (z @ B)           # B: constant [r, out]; a reader, x is not t
+
+``z`` may fan out to several readers (FBA: gate and up; the next layer's q, k, v; the LM head).
+A *host* carries A's columns: the first base projection ``t @ W_h`` with a constant weight that
+reads ``t`` (FFA: q or gate; FBA: o or down); a reader may come before it in graph order (the
+emitters restore a topological order). Fused (see :mod:`.widening`):
+``t @ [W_h | A]`` is cut once into ``(t @ W_h, z)``; each reader becomes
+``concat(x, z) @ [[W], [s B]]``: the adapter costs no GEMM of its own. ``strip`` drops the reads.
+
+A read whose low-rank chain reads the projection's own input is LoRA's (:mod:`.lora`), one whose
+lanes are a slice of a wider stream is zFLoRA's (:mod:`.zflora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from zflora_compile.families.widening import WidenedSites, check_read
+from zflora_compile.graph.protocol import Gemm, GraphView, NotACandidate, Projection, Reject, check_rank, either_order, match_projection, matrix_shape
+from zflora_compile.graph.records import LaneWrite, Rejection
+
+NAME = "ffa/fba"
+
+
+@dataclasses.dataclass
+class _Read:
+    add: object
+    base_value: object
+    projection: Projection
+    a: Gemm
+    b: Gemm
+    scale: float
+
+
+def _family_of(text: str) -> str:
+    text = text.lower()
+    return "ffa" if "ffa" in text else "fba" if "fba" in text else NAME
+
+
+def match_lowrank(view: GraphView, value) -> tuple[Gemm, float, list, object]:
+    """``s * (z @ B)`` ending at ``value``: (B's GEMM, s, chain nodes, z up to casts)."""
+    reached, scale, nodes = view.walk_back(value)
+    b = view.gemm(reached)
+    if b is None or b.bias is not None or not view.is_constant(b.weight):
+        raise NotACandidate
+    nodes.append(b.node)
+    return b, scale, nodes, view.peel(b.operand)
+
+
+def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Read:
+    b, scale, nodes, z = match_lowrank(view, lowrank_value)
+    a = view.gemm(z)
+    if view.last_axis_slice(z) is not None or a is None or not view.is_constant(a.weight):
+        raise NotACandidate
+    base = view.gemm(view.peel(base_value, casts=False))
+    if base is not None and view.peel(base.x) is view.peel(a.x):
+        raise NotACandidate  # plain LoRA (the LoRA family's, with its own checks and reasons)
+    projection = match_projection(view, base_value, one_bias=False)
+    if view.peel(projection.gemm.x) is view.peel(a.x):
+        raise NotACandidate
+    if a.bias is not None:
+        raise Reject(f"low-rank GEMM '{view.name(a.node)}' has a bias")
+    check_read(view, add, base_value, projection, nodes, claimed)
+    return _Read(add, base_value, projection, a, b, scale)
+
+
+def detect(view: GraphView, found) -> None:
+    """Every FFA / FBA / FFBA read, grouped by the lanes it reads, with its host."""
+    reads: list[_Read] = []
+    for add, operands in view.adds():
+        if found.claimed(add):
+            continue
+        read, reason = either_order(lambda base, low, add=add: _match_read(view, add, base, low, found.claimed), operands)
+        if read is not None:
+            reads.append(read)
+        elif reason:
+            found.reject(Rejection(node=view.name(add), reason=reason, label=view.label(add)))
+    lanes: dict[int, list[_Read]] = {}
+    for read in reads:
+        lanes.setdefault(id(read.a.node), []).append(read)
+    writers = {key for key in lanes}
+    order = view.order()
+    for group in lanes.values():
+        try:
+            host = _host(view, group, writers, order, found)
+        except Reject as reject:
+            for read in group:
+                found.reject(Rejection(node=view.name(read.add), reason=str(reject), label=view.label(read.add)))
+            continue
+        if host is not None:
+            _widen(view, group, host, found.widened)
+            found.claim(*(read.add for read in group))
+
+
+def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, found) -> Gemm | None:
+    """The projection that carries A's columns, after the checks every read of the lanes needs."""
+    a = group[0].a
+    t = a.x
+    in_a, rank = matrix_shape(view, a, "A")
+    hosts = [
+        g
+        for g in view.gemm_readers(t)
+        if id(g.node) not in writers and not found.claimed(g.node) and g.shape is not None and view.is_constant(g.weight) and g.shape[0] == in_a
+    ]
+    if not hosts:
+        for read in group:
+            found.reject(Rejection(node=view.name(read.add), label=view.label(read.add), reason=(
+                f"low-rank chain reads '{view.value_name(t)}' but the projection '{view.name(read.projection.node)}' it is added to "
+                f"reads '{view.value_name(view.peel(read.projection.gemm.x))}'; as an FFA/FBA lane it needs a base projection with "
+                f"a constant weight reading '{view.value_name(t)}' to carry A's columns (input of A '{view.name(a.node)}'), and no base "
+                f"projection with a constant weight reads '{view.value_name(t)}'"
+            )))
+        return None
+    host = min(hosts, key=lambda g: order[id(g.node)])
+    check_rank(rank, host.shape, view.name(a.node), found.max_rank_ratio)
+    for read in group:
+        rank_b, out_b = matrix_shape(view, read.b, "B")
+        in_w, out_w = read.projection.shape
+        if (rank_b, out_b) != (rank, out_w):
+            raise Reject(f"shapes do not line up at '{view.name(read.add)}': W [{in_w}, {out_w}], A [{in_a}, {rank}], B [{rank_b}, {out_b}]")
+        check_rank(rank, (in_w, out_w), view.name(read.add), found.max_rank_ratio)
+    return host
+
+
+def _widen(view: GraphView, group: list[_Read], host: Gemm, widened: WidenedSites) -> None:
+    a = group[0].a
+    rank = a.shape[1]
+    family = _family_of(view.label(a.node, a.weight) + " " + view.name(a.node))
+    lane = view.name(a.node)
+    host_site = widened.projection(host, family)
+    host_site.writes.append(LaneWrite(lane, rank, view.weight(a)))
+    host_site.binding.lanes_out.append(a.out)
+    host_site.nodes.append(view.name(a.node))
+    for read in group:
+        site = widened.projection(read.projection.gemm, family)
+        widened.add_read(site, read.add, read.base_value, read.b, read.scale, lane, rank, z=a.out)

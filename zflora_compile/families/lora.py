@@ -1,0 +1,317 @@
+"""LoRA (PEFT and compatible): ``y = x @ W (+ bias) + s * ((x @ A) @ B)``.
+
+Pattern: an add, in either operand order, of
+
+- ``P = x @ W (+ bias)``: a GEMM with a constant 2-D weight, optionally followed by an add of a
+  constant bias;
+- ``C = s * ((x @ A) @ B)``: two GEMMs with constant ``A: [in, r]`` and ``B: [r, out]``, optional
+  constant scalar multiplies / divides (before or after ``B``) and casts;
+
+both reading the same tensor ``x`` (up to casts) with ``r`` small relative to ``in`` and ``out``.
+Every add with a low-rank chain on one side that fails a check is a rejection with the reason.
+
+Plan (weights computed lazily; accumulated in fp32, cast back to ``W``'s dtype):
+
+- ``merge``: ``W' = W + s * A @ B``.
+- ``fuse``: for the sites of one group (same input ``x``, same dtype), with ``D = sum(out_i)`` and
+  ``R = sum(r_i)``::
+
+      Y      = x @ [W_1 | ... | W_n | A_1 | ... | A_n]                  # one GEMM, [.., D + R]
+      y      = Y[.., :D] + [b_1 | ... | b_n] + Y[.., D:] @ blockdiag(s_1 B_1, ..., s_n B_n)
+      y_i    = y[.., offset_i : offset_i + out_i]
+
+  The adapter lanes ``Y[.., D:]`` are cut off right after the first GEMM, so no consumer of any
+  ``y_i`` (reshape into heads, RoPE, split, attention) ever sees them.
+- ``strip``: ``y = x @ W + b``, the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from zflora_compile.graph.protocol import (
+    Gemm,
+    GraphView,
+    NotACandidate,
+    Reject,
+    check_path,
+    either_order,
+    match_projection,
+    matrix_shape,
+    produced_by,
+    single_use,
+)
+from zflora_compile.graph.records import AdapterSite, LazyArray, Rejection, numpy_dtype
+
+NAME = "lora"
+
+
+@dataclasses.dataclass
+class LoraBinding:
+    """The graph handles a LoRA rewrite needs (opaque to everything but the view that made them)."""
+
+    add: object
+    gemm: Gemm  # the base GEMM
+    base_output: object  # the add's base operand (after its bias add): what strip and merge keep
+    b_gemm: Gemm  # the GEMM applying B (zeroed for the strip reference)
+    chain_nodes: list
+
+
+@dataclasses.dataclass
+class _Chain:
+    a: Gemm
+    b: Gemm
+    scale: float
+    source: object  # x, up to casts
+    nodes: list
+
+
+# ---------------------------------------------------------------- pattern and check
+
+
+def _match_chain(view: GraphView, value) -> _Chain:
+    """``s * ((x @ A) @ B)`` ending at ``value``; raises NotACandidate or Reject."""
+    reached, scale_after, nodes = view.walk_back(value)
+    b = view.gemm(reached)
+    if b is None:
+        raise NotACandidate
+    nodes.append(b.node)
+    reached, scale_between, more = view.walk_back(b.operand)
+    nodes += more
+    a = view.gemm(reached)
+    if a is None:
+        inner = view.activation_input(reached)
+        below = view.gemm(view.walk_back(inner)[0]) if inner is not None else None
+        if below is not None and view.is_constant(below.weight):
+            raise Reject(f"{view.describe(reached)} sits between the low-rank GEMMs '{view.name(below.node)}' and '{view.name(b.node)}' (not linear)")
+        raise NotACandidate
+    nodes.append(a.node)
+    if a.bias is not None or b.bias is not None:
+        raise Reject(f"low-rank GEMM '{view.name((a if a.bias is not None else b).node)}' has a bias")
+    for gemm, role in ((a, "A"), (b, "B")):
+        if not view.is_constant(gemm.weight):
+            raise Reject(f"low-rank {role} '{view.value_name(gemm.weight)}' of '{view.name(gemm.node)}' is not constant ({produced_by(view, gemm.weight)})")
+    return _Chain(a, b, scale_after * scale_between, view.peel(a.x), nodes)
+
+
+def _match_site(view: GraphView, add, base_value, chain: _Chain, max_rank_ratio: float, index: int) -> AdapterSite:
+    projection = match_projection(view, base_value)
+    gemm, bias = projection.gemm, projection.bias
+    if view.peel(gemm.x) is not chain.source:
+        raise Reject(
+            f"low-rank chain reads '{view.value_name(chain.source)}' but the projection '{view.name(gemm.node)}' "
+            f"it is added to reads '{view.value_name(view.peel(gemm.x))}'"
+        )
+    check_path(view, base_value, gemm.node, add, "base projection output")
+    for i, node in enumerate(chain.nodes):  # collected walking back: nodes[i] feeds nodes[i - 1], nodes[0] the add
+        single_use(view, view.output(node), chain.nodes[i - 1] if i else add, "low-rank intermediate")
+    in_w, out_w = projection.shape
+    in_a, rank = matrix_shape(view, chain.a, "A")
+    rank_b, out_b = matrix_shape(view, chain.b, "B")
+    if (in_a, rank_b, out_b) != (in_w, rank, out_w):
+        raise Reject(f"shapes do not line up at '{view.name(add)}': W [{in_w}, {out_w}], A [{in_a}, {rank}], B [{rank_b}, {out_b}]")
+    if rank > max_rank_ratio * min(in_w, out_w):
+        raise Reject(f"rank {rank} is not small relative to W [{in_w}, {out_w}] (limit {max_rank_ratio:g} x {min(in_w, out_w)})")
+    bias_getter = None
+    if bias is not None:
+        bias_shape = view.constant_shape(bias)
+        if int(np.prod(bias_shape)) != out_w or (bias_shape and bias_shape[-1] != out_w):
+            raise Reject(f"bias of '{view.name(gemm.node)}' has shape {list(bias_shape)}, not [{out_w}]")
+        getter = view.constant_array(bias)
+        bias_getter = lambda g=getter, n=out_w: g().reshape(n)  # noqa: E731
+    out = view.output(add)
+    x_shape, out_shape = view.shape_key(gemm.x), view.shape_key(out)
+    if (x_shape is None or out_shape is None) and view.requires_shapes:
+        raise Reject(f"no shape metadata on '{view.value_name(gemm.x)}' or '{view.name(add)}'; export the graph with torch.export or run FakeTensorProp")
+    if x_shape is not None and out_shape is not None and (x_shape[:-1] != out_shape[:-1] or out_shape[-1] != str(out_w)):
+        raise Reject(f"shape mismatch at '{view.name(add)}': input {x_shape} but output {out_shape}")
+    bias_add = [projection.bias_add] if projection.bias_add is not None else []
+    return AdapterSite(
+        site_id=f"lora{index}",
+        family=NAME,
+        label=view.label(gemm.node, gemm.weight),
+        input_name=view.value_name(gemm.x),
+        output_name=view.value_name(out),
+        in_features=in_w,
+        out_features=out_w,
+        rank=rank,
+        scale=chain.scale,
+        dtype=view.dtype(gemm.weight),
+        has_bias=bias is not None,
+        nodes=[view.name(n) for n in [gemm.node, *bias_add, *reversed(chain.nodes), add]],
+        weight=view.weight(gemm),
+        lora_a=view.weight(chain.a),
+        lora_b=view.weight(chain.b),
+        bias=bias_getter,
+        binding=LoraBinding(add, gemm, base_value, chain.b, list(chain.nodes)),
+    )
+
+
+def detect(view: GraphView, found) -> None:
+    """Every LoRA site of ``view`` into ``found`` (a :class:`~zflora_compile.families.Found`)."""
+    sites: list[AdapterSite] = []
+    for add, operands in view.adds():
+        def match(base, lowrank, add=add):
+            return _match_site(view, add, base, _match_chain(view, lowrank), found.max_rank_ratio, len(sites))
+
+        site, reason = either_order(match, operands)
+        if site is not None:
+            sites.append(site)
+            found.claim(add, site.binding.gemm.node, *site.binding.chain_nodes)
+        elif reason:
+            found.reject(Rejection(node=view.name(add), reason=reason, label=view.label(add)))
+    groups: dict[tuple, list[AdapterSite]] = {}
+    for site in sites:  # sites whose base projections read the same tensor in the same dtype: QKV, gate/up
+        groups.setdefault((id(site.binding.gemm.x), site.dtype), []).append(site)
+    for number, members in enumerate(groups.values()):
+        for site in members:
+            site.group = f"g{number}"
+    found.sites += sites
+
+
+# ---------------------------------------------------------------- plan
+
+
+def scaled_b_fp32(site: AdapterSite) -> np.ndarray:
+    """``s * B`` in fp32."""
+    return site.lora_b().astype(np.float32) * np.float32(site.scale)
+
+
+def merged_weight(site: AdapterSite, dtype: np.dtype) -> np.ndarray:
+    """``W + s * A @ B`` accumulated in fp32, cast to ``dtype``."""
+    delta = site.lora_a().astype(np.float32) @ scaled_b_fp32(site)
+    return (site.weight().astype(np.float32) + delta).astype(dtype)
+
+
+@dataclasses.dataclass
+class FuseGroup:
+    """Sites reading one tensor, fused into ``x @ weight`` then ``lanes @ lowrank``."""
+
+    section: ClassVar[str] = "fused_groups"
+    name: str
+    sites: list[AdapterSite]
+    weight: LazyArray  # [in, D + R]
+    lowrank: LazyArray  # [R, D]
+    bias: LazyArray | None  # [D]
+    out_splits: list[int]
+    rank_total: int
+
+    @property
+    def base_width(self) -> int:
+        return sum(self.out_splits)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "sites": [s.site_id for s in self.sites],
+            "out_splits": self.out_splits,
+            "rank_total": self.rank_total,
+            "weight_shape": list(self.weight.shape),
+            "lowrank_shape": list(self.lowrank.shape),
+        }
+
+    def emit(self, graph, state: dict) -> None:
+        bindings = [s.binding for s in self.sites]
+        order = state.setdefault("order", graph.order())
+        first = min(bindings, key=lambda b: order[id(b.add)])
+        with graph.at(first.add, self.name):
+            wide = graph.project(first.gemm.x, self.weight, like=first.gemm, name="fused_weight")
+            base_lanes, rank_lanes = graph.split_last(wide, [self.base_width, self.rank_total])
+            if self.bias is not None:
+                base_lanes = graph.add(base_lanes, graph.constant("fused_bias", self.bias))
+            fused = graph.add(base_lanes, graph.project(rank_lanes, self.lowrank, name="lowrank_weight"))
+            for binding, output in zip(bindings, graph.split_last(fused, self.out_splits)):
+                graph.redirect(graph.output(binding.add), output)
+
+
+@dataclasses.dataclass
+class MergeSite:
+    """``W' = W + s * A @ B``; the add passes the projection through."""
+
+    section: ClassVar[str] = "merged_sites"
+    site: AdapterSite
+    weight: LazyArray  # [in, out]
+
+    def to_json(self) -> str:
+        return self.site.site_id
+
+    def emit(self, graph, state: dict) -> None:
+        binding = self.site.binding
+        with graph.at(binding.add, self.site.label or self.site.site_id):
+            graph.replace_weight(binding.gemm, self.weight, name="merged_weight")
+            graph.redirect(graph.output(binding.add), binding.base_output)
+
+
+@dataclasses.dataclass
+class StripSite:
+    """The add passes the projection through: the base model."""
+
+    section: ClassVar[str] = "stripped_sites"
+    site: AdapterSite
+
+    def to_json(self) -> str:
+        return self.site.site_id
+
+    def emit(self, graph, state: dict) -> None:
+        binding = self.site.binding
+        graph.redirect(graph.output(binding.add), binding.base_output)
+
+
+def _group_name(sites: list[AdapterSite], fallback: str) -> str:
+    labels = [s.label for s in sites if s.label]
+    if len(labels) != len(sites):
+        return fallback
+    prefix = labels[0].rsplit(".", 1)[0] if "." in labels[0] else ""
+    if all(label.rsplit(".", 1)[0] == prefix for label in labels) and prefix:
+        return prefix + "." + "+".join(label.rsplit(".", 1)[-1] for label in labels)
+    return "+".join(labels)
+
+
+def fuse_group(sites: list[AdapterSite], name: str) -> FuseGroup:
+    dtype = numpy_dtype(sites[0].dtype)
+    outs = [s.out_features for s in sites]
+    width, rank_total = sum(outs), sum(s.rank for s in sites)
+
+    def weight() -> np.ndarray:
+        return np.concatenate([s.weight().astype(dtype) for s in sites] + [s.lora_a().astype(dtype) for s in sites], axis=1)
+
+    def lowrank() -> np.ndarray:
+        block = np.zeros((rank_total, width), dtype=np.float32)
+        row, col = 0, 0
+        for site in sites:
+            block[row : row + site.rank, col : col + site.out_features] = scaled_b_fp32(site)
+            row, col = row + site.rank, col + site.out_features
+        return block.astype(dtype)
+
+    bias = None
+    if any(s.has_bias for s in sites):
+
+        def bias_fn() -> np.ndarray:
+            return np.concatenate([(s.bias() if s.bias else np.zeros(s.out_features)).astype(dtype) for s in sites])
+
+        bias = LazyArray((width,), dtype, bias_fn)
+    return FuseGroup(name, sites, LazyArray((sites[0].in_features, width + rank_total), dtype, weight), LazyArray((rank_total, width), dtype, lowrank), bias, outs, rank_total)
+
+
+def plan(sites: list[AdapterSite], strategy: str) -> list:
+    if strategy == "strip":
+        return [StripSite(site) for site in sites]
+    if strategy == "merge":
+        return [
+            MergeSite(site, LazyArray((site.in_features, site.out_features), numpy_dtype(site.dtype), lambda s=site: merged_weight(s, numpy_dtype(s.dtype))))
+            for site in sites
+        ]
+    groups: dict[str, list[AdapterSite]] = {}
+    for site in sites:
+        groups.setdefault(site.group or site.site_id, []).append(site)
+    return [fuse_group(members, _group_name(members, key)) for key, members in groups.items()]
+
+
+def disable(graph, site: AdapterSite) -> None:
+    """B replaced by zeros, the graph otherwise unchanged (the strip reference)."""
+    gemm = site.binding.b_gemm
+    with graph.at(site.binding.add, f"{site.site_id}.zero_b"):
+        graph.replace_weight(gemm, np.zeros(gemm.shape, dtype=numpy_dtype(graph.dtype(gemm.weight))), name="zero_b")
