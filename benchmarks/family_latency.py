@@ -128,7 +128,8 @@ def export(args, family: str, rank: int) -> tuple[Path, int]:
 
 
 def compile_variant(source: Path, out: Path, strategy: str) -> dict:
-    from zflora_compile.compile import CompileOptions, compile_file
+    from zflora_compile.build import compile_file
+    from zflora_compile.options import CompileOptions
 
     report = compile_file(source, out, CompileOptions(strategy=strategy, verify=True, force=True))
     assert report["verification"]["passed"], report["message"]

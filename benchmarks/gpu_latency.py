@@ -153,7 +153,7 @@ def build_programs(args, torch, device) -> tuple[dict, dict]:
         reports[phase][variant] = {
             "strategy": strategy,
             "sites": len(report["sites"]),
-            "gemm_count": report["gemm_count"]["output"],
+            "gemm_count": report["output"]["gemm_count"],
             "verification_passed": report["verification"].get("passed"),
             "verification_worst": report["verification"].get("worst"),
             **({"verification_error": report["verification_error"]} if "verification_error" in report else {}),

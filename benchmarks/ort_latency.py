@@ -299,7 +299,8 @@ def export_rank(args, rank: int, rank_dir: Path, past_probe: list[int]) -> tuple
 
 def compile_variants(export_path: Path, rank_dir: Path) -> dict[str, dict]:
     """compile_file for strip / merge / fuse with verification on; raises if any fails."""
-    from zflora_compile.compile import CompileOptions, compile_file
+    from zflora_compile.build import compile_file
+    from zflora_compile.options import CompileOptions
     from zflora_compile.errors import ZcompileError
 
     reports = {}

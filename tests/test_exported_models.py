@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 from conftest import run_onnx, token_feeds  # noqa: E402
 
 from zflora_compile import detect_adapters  # noqa: E402
-from zflora_compile.compile import CompileOptions, compile_file  # noqa: E402
+from zflora_compile.build import compile_file  # noqa: E402
+from zflora_compile.options import CompileOptions  # noqa: E402
 from zflora_compile.zoo import EXPORTERS  # noqa: E402
 
 LAYERS = 2

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from zflora_compile import cli, zoo  # noqa: E402
 from zflora_compile.api import detect_adapters, fuse_adapters  # noqa: E402
 from zflora_compile.errors import InputError  # noqa: E402
-from zflora_compile.model_io import load_model, onnx_input, resolve_model_path  # noqa: E402
+from zflora_compile.model_io import load_model, resolve_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,21 @@ def test_compile_pt2_writes_fused_onnx(saved, capsys):
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("source", ["pt2", "dir"])
+def test_compile_pt2_and_model_directory_with_verification(saved, capsys, source):
+    out = saved["root"] / f"verified_{source}"
+    capsys.readouterr()
+    assert cli.main([str(saved[source]), "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verification"]["passed"] is True and report["verification"]["reference"] == "the input model"
+    assert report["target"]["check"]["passed"] and report["input"]["sha256"]
+
+
 def test_model_io_resolves_directories_and_pt2(saved, tmp_path):
     assert resolve_model_path(saved["dir"]) == saved["dir"] / "model.onnx"
+    assert resolve_model_path(saved["pt2"]) == saved["pt2"]
     assert len(load_model(saved["dir"]).graph.initializers) > 0
-    with onnx_input(saved["pt2"]) as exported:
-        assert exported.suffix == ".onnx" and exported.is_file()
-        kept = exported
-    assert not kept.exists()  # the temporary export is removed
-    with onnx_input(saved["dir"]) as path:
-        assert path == saved["dir"] / "model.onnx"
+    assert len(load_model(saved["pt2"]).graph.initializers) > 0  # exported in memory, temp files gone
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no .onnx file"):

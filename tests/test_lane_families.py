@@ -23,7 +23,8 @@ from conftest import run_onnx, token_feeds  # noqa: E402
 from zflora_compile import zoo  # noqa: E402
 from zflora_compile.adapters import AdapterConfig, attach_adapters, randomize_adapters  # noqa: E402
 from zflora_compile.cli import main  # noqa: E402
-from zflora_compile.compile import CompileOptions, compile_file  # noqa: E402
+from zflora_compile.build import compile_file  # noqa: E402
+from zflora_compile.options import CompileOptions  # noqa: E402
 from zflora_compile.errors import InputError  # noqa: E402
 
 RANK = 4

@@ -36,6 +36,7 @@ def test_gate_passes_with_a_generous_threshold(capsys, tmp_path):
     jsonschema.validate(report, SCHEMA)
     latency = report["latency"]
     assert latency["passed"] is True and latency["max_overhead_pct"] == 100000 and latency["target"] == "ort"
+    assert latency["emulated"] is False
     assert set(latency["phases"]) == {"decode", "prefill"}
     decode, prefill = latency["phases"]["decode"], latency["phases"]["prefill"]
     assert (decode["seq"], decode["past"], decode["rounds"]) == (1, 16, 6)

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from zflora_compile.cli import main
 from zflora_compile.errors import DependencyError, TargetError
 from zflora_compile.targets.prepare_static import constants_last, gather_nd_identity, prepare_static
-from zflora_compile.targets import Shape, TargetOptions, get_target
+from zflora_compile.targets import QnnOptions, Shape, TrtOptions, get_target
 from zflora_compile.targets.qnn import QnnTarget
 from zflora_compile.targets.trt import TrtTarget
 from zflora_compile.verify import input_specs, make_feeds, session, symbol_values
@@ -130,7 +130,7 @@ def test_qnn_context_binary_compiles_loads_and_matches_the_fused_model(capsys, t
     ctx = onnx.load(str(out_dir / "model_decode_ctx.onnx"), load_external_data=False)
     assert {n.op_type for n in ctx.graph.node} == {"EPContext"}
     # reload the artifact independently and compare to the fused ONNX model on CPU
-    qnn = QnnTarget(TargetOptions(precision=precision))
+    qnn = QnnTarget(QnnOptions(precision=precision))
     for shape in (Shape("decode", 1, 8), Shape("prefill", 12, 0)):
         loaded = qnn.load(out_dir, out_dir / "model.onnx", shape)
         feeds = make_feeds(input_specs(out_dir / "model.onnx"), 128, seq=shape.seq, past=shape.past, seed=7)
@@ -166,9 +166,12 @@ def test_qnn_latency_gate_runs_on_the_emulator(capsys, tmp_path):
     assert latency["phases"]["decode"]["runs_on"].startswith("QNN HTP context binary")
 
 
-def test_qnn_rejects_bf16():
+def test_qnn_rejects_bf16_before_the_compile_starts(capsys, tmp_path):
     with pytest.raises(TargetError, match="fp16 or fp32"):
-        _ = QnnTarget(TargetOptions(precision="bf16")).precision
+        QnnOptions(precision="bf16")
+    code, _, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--target", "qnn", "--precision", "bf16", "--report", tmp_path / "r.json")
+    assert code == 2 and "target 'qnn' supports --precision fp16 or fp32, not bf16" in err
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "error" and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- TensorRT
@@ -187,7 +190,7 @@ def test_trt_missing_exits_2_with_install_hint_and_writes_nothing(capsys, tmp_pa
 
 
 def test_trt_profile_covers_the_sequence_and_cache_ranges():
-    target = TrtTarget(TargetOptions(seq_range=(1, 64, 256), past_range=(0, 32, 512)))
+    target = TrtTarget(TrtOptions(seq_range=(1, 64, 256), past_range=(0, 32, 512)))
     profile = target.profile_shapes(EXAMPLE)
     assert profile["input_ids"] == ((1, 1), (1, 64), (1, 256))
     assert profile["attention_mask"] == ((1, 1), (1, 96), (1, 768))

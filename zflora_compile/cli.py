@@ -20,14 +20,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from zflora_compile import __version__
-from zflora_compile.compile import CompileOptions, compile_file, default_output_dir
-from zflora_compile.errors import ZcompileError
+from zflora_compile._version import __version__
+from zflora_compile.build import compile_file, default_output_dir
+from zflora_compile.errors import ZcompileError, first_line
 from zflora_compile.gate import LatencyOptions
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
+from zflora_compile.options import CompileOptions
 from zflora_compile.planner import STRATEGIES
 from zflora_compile.progress import NullProgress, RichProgress
-from zflora_compile.targets import TARGETS, TargetOptions
+from zflora_compile.report import InputInfo, Report
+from zflora_compile.targets import TARGETS
+from zflora_compile.targets.base import or_list
 from zflora_compile.verify import TOLERANCES
 
 SUBCOMMANDS = ("compile", "inspect")
@@ -63,17 +66,7 @@ def _compile_args() -> argparse.ArgumentParser:
     group.add_argument("-o", "--output", type=Path, help="output directory (default: <model stem>_<strategy> beside the model)")
     group.add_argument("--strategy", choices=STRATEGIES, default="fuse", help="fuse (default): widened projections, adapters separable; merge: W + s*A@B; strip: base model")
     group.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    target = parent.add_argument_group("target")
-    target.add_argument("--target", choices=sorted(TARGETS), default="ort", help="ort: ONNX Runtime (default); qnn: Qualcomm HTP via onnxruntime-qnn; trt: TensorRT")
-    target.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="qnn: fp16 (default) or fp32; trt: fp16 (default), bf16 or fp32; ort runs the model's own precision")
-    target.add_argument("--ort-provider", help="ort: cpu or cuda (default: cuda when onnxruntime-gpu sees a GPU, else cpu)")
-    target.add_argument("--threads", type=int, help="ort: intra-op threads (default: ONNX Runtime's)")
-    target.add_argument("--soc-model", default="60", help="qnn: Qualcomm SoC model id (default %(default)s: Snapdragon 8 Gen 3)")
-    target.add_argument("--htp-arch", default="73", help="qnn: HTP architecture (default %(default)s)")
-    target.add_argument("--trt-seq", type=_triple, default=(1, 128, 512), metavar="MIN,OPT,MAX", help="trt: optimization profile of new tokens (default 1,128,512)")
-    target.add_argument("--trt-past", type=_triple, default=(0, 128, 512), metavar="MIN,OPT,MAX", help="trt: optimization profile of cached tokens (default 0,128,512)")
-    target.add_argument("--refit", action="store_true", help="trt: build a refittable engine")
-    target.add_argument("--workspace-gib", type=float, default=4.0, help="trt: builder workspace limit (default %(default)s GiB)")
+    _target_args(parent)
     latency = parent.add_argument_group("latency gate")
     latency.add_argument("--check-latency", action="store_true", help="build base (strip), unfused and fused on the target, time them interleaved, fail (exit 1) above --max-overhead")
     latency.add_argument("--max-overhead", type=float, default=2.0, metavar="PCT", help="largest allowed fused/base - 1 per phase, in percent (default %(default)s)")
@@ -92,14 +85,16 @@ def _compile_args() -> argparse.ArgumentParser:
     return parent
 
 
-def _triple(text: str) -> tuple[int, int, int]:
-    try:
-        low, opt, high = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX integers, got '{text}'") from None
-    if not 0 <= low <= opt <= high:
-        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= OPT <= MAX, got '{text}'")
-    return (low, opt, high)
+def _target_args(parent: argparse.ArgumentParser) -> None:
+    """``--target`` and ``--precision``, then each registered target's own group of flags."""
+    group = parent.add_argument_group("target")
+    group.add_argument("--target", choices=sorted(TARGETS), default="ort", help="; ".join(f"{name}: {cls.summary}" for name, cls in TARGETS.items()))
+    precisions = sorted({p for cls in TARGETS.values() for p in cls.precisions})
+    described = [f"{name}: {or_list([f'{cls.precisions[0]} (default)', *cls.precisions[1:]])}" for name, cls in TARGETS.items() if cls.precisions]
+    described += [f"{name} runs the model's own precision" for name, cls in TARGETS.items() if not cls.precisions]
+    group.add_argument("--precision", choices=precisions, help="; ".join(described))
+    for name, cls in TARGETS.items():
+        cls.add_arguments(parent.add_argument_group(f"target {name}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,37 +163,7 @@ def _run_inspect(args, console: Console) -> int:
 
 def _run_compile(args, console: Console, err_console: Console) -> int:
     output = args.output or default_output_dir(args.model, args.strategy)
-    options = CompileOptions(
-        strategy=args.strategy,
-        target=args.target,
-        verify=args.verify,
-        atol=args.atol,
-        rtol=args.rtol,
-        max_rank_ratio=args.max_rank_ratio,
-        seed=args.seed,
-        force=args.force,
-        target_options=TargetOptions(
-            precision=args.precision,
-            ort_provider=args.ort_provider,
-            threads=args.threads,
-            soc_model=args.soc_model,
-            htp_arch=args.htp_arch,
-            seq_range=args.trt_seq,
-            past_range=args.trt_past,
-            refit=args.refit,
-            workspace_gib=args.workspace_gib,
-        ),
-        latency=LatencyOptions(
-            max_overhead_pct=args.max_overhead,
-            prefill=args.prefill,
-            past=args.past,
-            decode_rounds=args.rounds,
-            prefill_rounds=args.prefill_rounds,
-            warmup=args.warmup,
-            phases=tuple(args.phases),
-        ),
-        check_latency=args.check_latency,
-    )
+    options = _compile_options(args)
     show = not (args.quiet or args.json) and err_console.is_terminal
     report = compile_file(args.model, output, options, progress=RichProgress(err_console) if show else NullProgress())
     _save_report(args, report)
@@ -207,6 +172,37 @@ def _run_compile(args, console: Console, err_console: Console) -> int:
     elif not args.quiet:
         _print_summary(console, report)
     return 0
+
+
+def _compile_options(args) -> CompileOptions:
+    """The options the flags ask for; bad ones fail here, before the compile, with an error report."""
+    try:
+        return CompileOptions(
+            strategy=args.strategy,
+            target=args.target,
+            verify=args.verify,
+            atol=args.atol,
+            rtol=args.rtol,
+            max_rank_ratio=args.max_rank_ratio,
+            seed=args.seed,
+            force=args.force,
+            target_options=TARGETS[args.target].options_from_args(args),
+            latency=LatencyOptions(
+                max_overhead_pct=args.max_overhead,
+                prefill=args.prefill,
+                past=args.past,
+                decode_rounds=args.rounds,
+                prefill_rounds=args.prefill_rounds,
+                warmup=args.warmup,
+                phases=tuple(args.phases),
+            ),
+            check_latency=args.check_latency,
+        )
+    except ZcompileError as error:
+        report = Report({"strategy": args.strategy, "target": args.target, "verify": args.verify}, InputInfo(path=str(args.model)))
+        report.fail(error)
+        error.report = report.to_json()
+        raise
 
 
 def _print_summary(console: Console, report: dict) -> None:
@@ -274,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - a bug: one line, traceback with --debug
         if args.debug:
             traceback.print_exc()
-        first = str(error).splitlines()[0] if str(error) else ""
-        print(f"zcompile: internal error: {type(error).__name__}: {first} (rerun with --debug for a traceback)", file=sys.stderr)
+        print(f"zcompile: internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for a traceback)", file=sys.stderr)
         return EXIT_INTERNAL
 
 

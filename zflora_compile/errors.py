@@ -7,6 +7,12 @@ Every error carries a one-line message that names the file, node or tensor at fa
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class ZcompileError(Exception):
     """Base class: a user-facing error with an exit code and a one-line message."""
 
@@ -20,6 +26,10 @@ class InputError(ZcompileError):
     """The input cannot be used: missing file, not ONNX, truncated, bad external data, opset."""
 
     exit_code = 2
+
+
+class PlanError(InputError):
+    """The sites cannot be planned with the strategy asked for (exit 2, like any unusable input)."""
 
 
 class DependencyError(ZcompileError):

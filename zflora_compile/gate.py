@@ -1,27 +1,31 @@
 """The latency gate: the fused model must cost what the base model costs on the target.
 
-Three artifacts come out of the same pipeline and target: ``base`` (the input with every
-adapter stripped: the exact base model), ``unfused`` (the input as given) and ``fused`` (the
-compiled model). Each phase (decode: 1 new token on a ``past``-token KV cache; prefill:
-``prefill`` tokens on an empty cache) runs them interleaved after warm-up
-(:func:`zflora_compile.latency.interleaved`) on the same seeded inputs. The overhead of a phase
-is ``median(fused) / median(base) - 1``; the gate fails (exit 1) when any phase's overhead
-exceeds ``max_overhead_pct``.
+The file pipeline (:mod:`zflora_compile.build`) builds three artifacts with the same target:
+``base`` (the input with every adapter stripped: the exact base model), ``unfused`` (the input
+as given) and ``fused`` (the compiled model). This module only times and decides: each phase
+(decode: 1 new token on a ``past``-token KV cache; prefill: ``prefill`` tokens on an empty
+cache) runs them interleaved after warm-up (:func:`zflora_compile.latency.interleaved`) on the
+same seeded inputs. The overhead of a phase is ``median(fused) / median(base) - 1``; the gate
+fails (exit 1) when any phase's overhead exceeds ``max_overhead_pct``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
-from zflora_compile.errors import InputError
 from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, summarize
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
 from zflora_compile.verify import has_kv_cache, input_specs, make_feeds
 
-VARIANTS = ("base", "unfused", "fused")
+
+class Variant(NamedTuple):
+    """An artifact built into ``dir`` from the ONNX file ``model``."""
+
+    dir: Path
+    model: Path
 
 
 @dataclasses.dataclass
@@ -46,53 +50,39 @@ def phase_shapes(model_path: Path, options: LatencyOptions) -> list[Shape]:
 
 
 def run_gate(
-    input_path: Path,
-    fused_dir: Path,
     target: Target,
+    variants: dict[str, Variant],
+    shapes: list[Shape],
     options: LatencyOptions,
-    compile_options,
     vocab: int | None,
+    *,
+    seed: int = 0,
     progress=None,
 ) -> dict:
-    """Build base and unfused next to the already-built fused artifact, time all three, decide."""
-    from zflora_compile.compile import compile_file  # the same pipeline, strategy strip
-
+    """Time the ``base``, ``unfused`` and ``fused`` artifacts interleaved per shape; the report's ``latency`` section."""
     progress = progress or NullProgress()
-    shapes = phase_shapes(input_path, options)
-    specs = input_specs(input_path)
+    specs = input_specs(variants["unfused"].model)
     machine = machine_info()
-    with tempfile.TemporaryDirectory(prefix="zflora-gate-") as tmp:
-        tmp = Path(tmp)
-        with progress.step(f"latency gate: base model (strip) for {target.name}"):
-            base_options = dataclasses.replace(compile_options, strategy="strip", check_latency=False, force=False)
-            try:
-                compile_file(input_path, tmp / "base", base_options)
-            except InputError as error:  # zFLoRA: the base model cannot be derived from the adapted one
-                raise InputError(f"--check-latency needs the base model, derived by stripping the adapters: {error}") from None
-        with progress.step(f"latency gate: unfused model for {target.name}"):
-            (tmp / "unfused").mkdir()
-            target.build(input_path, tmp / "unfused", shapes)
-        dirs = {"base": (tmp / "base", tmp / "base" / "model.onnx"), "unfused": (tmp / "unfused", input_path), "fused": (fused_dir, fused_dir / "model.onnx")}
-        phases = {}
-        for shape in shapes:
-            rounds = options.prefill_rounds if shape.name == "prefill" else options.decode_rounds
-            feeds = make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=compile_options.seed)
-            loaded = {name: target.load(directory, model, shape) for name, (directory, model) in dirs.items()}
-            runners = {name: _runner(item, feeds) for name, item in loaded.items()}
-            with progress.bar(f"latency gate: {shape.describe()}, {rounds} interleaved rounds", rounds) as advance:
-                times, _ = interleaved(runners, rounds=rounds, warmup=options.warmup, progress=advance)
-            stats = summarize(times, "base")
-            phases[shape.name] = {
-                "seq": shape.seq,
-                "past": shape.past,
-                "rounds": rounds,
-                "timer": "device (CUDA events)" if loaded["fused"].timed else "host wall clock around run()",
-                "runs_on": loaded["fused"].description,
-                "variants": stats,
-                "overhead_pct": (stats["fused"]["ratio_to_base"] - 1) * 100,
-                "unfused_overhead_pct": (stats["unfused"]["ratio_to_base"] - 1) * 100,
-            }
-            del loaded, runners
+    phases = {}
+    for shape in shapes:
+        rounds = options.prefill_rounds if shape.name == "prefill" else options.decode_rounds
+        feeds = make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=seed)
+        loaded = {name: target.load(variant.dir, variant.model, shape) for name, variant in variants.items()}
+        runners = {name: _runner(item, feeds) for name, item in loaded.items()}
+        with progress.bar(f"latency gate: {shape.describe()}, {rounds} interleaved rounds", rounds) as advance:
+            times, _ = interleaved(runners, rounds=rounds, warmup=options.warmup, progress=advance)
+        stats = summarize(times, "base")
+        phases[shape.name] = {
+            "seq": shape.seq,
+            "past": shape.past,
+            "rounds": rounds,
+            "timer": "device (CUDA events)" if loaded["fused"].timed else "host wall clock around run()",
+            "runs_on": loaded["fused"].description,
+            "variants": stats,
+            "overhead_pct": (stats["fused"]["ratio_to_base"] - 1) * 100,
+            "unfused_overhead_pct": (stats["unfused"]["ratio_to_base"] - 1) * 100,
+        }
+        del loaded, runners
     worst = max(phases.values(), key=lambda p: p["overhead_pct"])
     machine["load_average_end"] = load_average()
     passed = all(p["overhead_pct"] <= options.max_overhead_pct for p in phases.values())
@@ -106,7 +96,7 @@ def run_gate(
         "interleaving": "every round runs base, unfused and fused once, in an order rotated per round",
         "phases": phases,
         "machine": machine,
-        "emulated": target.name == "qnn",
+        "emulated": target.emulated,
     }
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from zflora_compile.errors import InputError
+from zflora_compile.errors import InputError, first_line
 
 MIN_OPSET = 13  # Split with a `split` input, Unsqueeze/Squeeze with `axes` inputs
 MAX_OPSET = onnx.defs.onnx_opset_version()
@@ -52,34 +50,14 @@ def export_program_to_onnx(path: str | os.PathLike, onnx_path: str | os.PathLike
     try:
         program = torch.export.load(str(path))
     except Exception as error:  # noqa: BLE001 - any load failure is bad input
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: not a readable torch.export program ({first})") from None
+        raise InputError(f"{path}: not a readable torch.export program ({first_line(error)})") from None
     try:
         exported = torch.onnx.export(program, dynamo=True, verbose=False)
     except Exception as error:  # noqa: BLE001
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: torch.onnx.export of the program failed ({first})") from None
+        raise InputError(f"{path}: torch.onnx.export of the program failed ({first_line(error)})") from None
     weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     exported.save(str(onnx_path), external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
     return onnx_path
-
-
-@contextlib.contextmanager
-def onnx_input(path: str | os.PathLike) -> Iterator[Path]:
-    """The ONNX file to read, digest and verify against for a model path: the file itself,
-    ``<dir>/model.onnx`` for a directory, or a ``.pt2`` program exported to a temporary
-    ``model.onnx`` (removed on exit)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    path = resolve_model_path(path)
-    if path.suffix != EXPORTED_PROGRAM_SUFFIX or path.stat().st_size == 0:
-        yield path
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="zflora-pt2-") as tmp:
-        yield export_program_to_onnx(path, Path(tmp) / "model.onnx")
 
 
 def _load_exported_program(path: Path) -> ir.Model:

@@ -7,6 +7,7 @@ so pipelines get clean logs.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator
 
 
@@ -38,3 +39,18 @@ class RichProgress(NullProgress):
             task = progress.add_task(name, total=total)
             yield lambda: progress.advance(task)
         self.console.print(f"[green]✓[/green] {name}")
+
+
+class TimedSteps:
+    """Named steps shown on ``progress`` (None: nothing shown), each one's seconds recorded in ``timings``."""
+
+    def __init__(self, progress=None, timings: dict[str, float] | None = None):
+        self.progress = progress or NullProgress()
+        self.timings = {} if timings is None else timings
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.progress.step(name):
+            yield
+        self.timings[name] = round(time.perf_counter() - start, 4)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from zflora_compile.errors import InputError
+from zflora_compile.errors import InputError, first_line
 
 # (atol, rtol) by output element type. fp32: the rewrite only reassociates sums.
 TOLERANCES = {
@@ -77,6 +77,12 @@ def vocab_size(model: ir.Model, input_name: str) -> int | None:
             if user.op_type in ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"):
                 frontier.extend(user.outputs)
     return None
+
+
+def token_vocab(model: ir.Model) -> int | None:
+    """The vocabulary size read from the embedding of the model's ``input_ids``-like input."""
+    name = next((v.name for v in model.graph.inputs if "input_ids" in (v.name or "")), "")
+    return vocab_size(model, name)
 
 
 def _dims(shape) -> list:
@@ -224,7 +230,7 @@ def verify_models(
     try:
         reference_session = session(original)
     except Exception as error:  # noqa: BLE001
-        raise InputError(f"{original}: ONNX Runtime cannot load the original model ({_first_line(error)}); use --no-verify to skip verification") from None
+        raise InputError(f"{original}: ONNX Runtime cannot load the original model ({first_line(error)}); use --no-verify to skip verification") from None
     candidate_session = session(rewritten)
     cases = make_cases(reference_session, vocab, seed=seed)
     names = [o.name for o in reference_session.get_outputs()]
@@ -235,9 +241,9 @@ def verify_models(
             expected = reference_session.run(names, case.feeds)
         except Exception as error:  # noqa: BLE001
             if case.optional:
-                results.append({"case": case.name, "inputs": {k: list(v.shape) for k, v in case.feeds.items()}, "outputs": {}, "skipped": f"the original model does not run on it: {_first_line(error)}"})
+                results.append({"case": case.name, "inputs": {k: list(v.shape) for k, v in case.feeds.items()}, "outputs": {}, "skipped": f"the original model does not run on it: {first_line(error)}"})
                 continue
-            raise InputError(f"{original}: the original model does not run on synthesized inputs ({case.name}: {_first_line(error)}); use --no-verify") from None
+            raise InputError(f"{original}: the original model does not run on synthesized inputs ({case.name}: {first_line(error)}); use --no-verify") from None
         actual = candidate_session.run(names, case.feeds)
         outputs = {}
         for name, ref, got in zip(names, expected, actual):
@@ -256,11 +262,6 @@ def verify_models(
         "worst": worst,
         "cases": results,
     }
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def verification_failure_message(result: dict) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 
-from zflora_compile.errors import DependencyError
+from zflora_compile.errors import DependencyError, InputError, TargetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,22 +31,25 @@ class Shape:
         return f"{self.name} ({self.seq} token(s), past {self.past})"
 
 
-@dataclasses.dataclass
-class TargetOptions:
-    """Options shared by targets; each target reads the ones it understands and states its defaults."""
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a target that has none of its own."""
 
-    precision: str | None = None  # fp32 / fp16 / bf16; None: the target's default
-    # ORT
-    ort_provider: str | None = None  # None: CUDA when onnxruntime-gpu sees a GPU, else CPU
-    threads: int | None = None
-    # QNN (HTP)
-    soc_model: str = "60"
-    htp_arch: str = "73"
-    # TensorRT
-    seq_range: tuple[int, int, int] = (1, 128, 512)  # min / opt / max new tokens
-    past_range: tuple[int, int, int] = (0, 128, 512)  # min / opt / max cached tokens
-    refit: bool = False
-    workspace_gib: float = 4.0
+
+def or_list(items) -> str:
+    """``a, b or c``."""
+    items = [str(i) for i in items]
+    return " or ".join([", ".join(items[:-1]), items[-1]]) if len(items) > 1 else "".join(items)
+
+
+def check_precision(target: str, precision: str | None, allowed: tuple[str, ...]) -> None:
+    """``precision`` must be one the target builds (``allowed``; empty: the model's own precision)."""
+    if precision is None:
+        return
+    if not allowed:
+        raise InputError(f"target '{target}' runs the model in its own precision; --precision {precision} does not apply to it")
+    if precision not in allowed:
+        raise TargetError(f"target '{target}' supports --precision {or_list(allowed)}, not {precision}")
 
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -67,16 +70,44 @@ class Loaded:
 
 
 class Target(abc.ABC):
-    """Builds and runs the deployable artifact of a verified ONNX model."""
+    """Builds and runs the deployable artifact of a verified model.
 
-    name: str = ""
+    A target owns its options (``Options``, a dataclass that validates itself), its command-line
+    flags (:meth:`add_arguments`, :meth:`options_from_args`), the precisions it builds, the
+    tolerance of its artifact check and whether its timings come from an emulator.
+    """
+
+    name: ClassVar[str] = ""
+    #: one line for ``--target``'s help
+    summary: ClassVar[str] = ""
+    #: its options dataclass; ``Options()`` gives the defaults
+    Options: ClassVar[type] = NoOptions
+    #: the model forms it builds from: "onnx" (a file), room for a torch program target
+    accepts: ClassVar[tuple[str, ...]] = ("onnx",)
+    #: precisions ``--precision`` may ask for, the default first; empty: the model's own precision
+    precisions: ClassVar[tuple[str, ...]] = ()
     #: extra/packages needed, shown when they are missing
-    install_hint: str = ""
+    install_hint: ClassVar[str] = ""
     #: tolerance (atol, rtol) for comparing the artifact's outputs with ONNX Runtime CPU
-    artifact_tolerance: tuple[float, float] = (1e-4, 1e-4)
+    artifact_tolerance: ClassVar[tuple[float, float]] = (1e-4, 1e-4)
+    #: whether the artifact runs on an emulator here, so its timings are not device latencies
+    emulated: bool = False
 
-    def __init__(self, options: TargetOptions | None = None):
-        self.options = options or TargetOptions()
+    def __init__(self, options=None):
+        options = self.Options() if options is None else options
+        if not isinstance(options, self.Options):
+            raise InputError(f"target '{self.name}' takes {self.Options.__name__}, not {type(options).__name__}")
+        self.options = options
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        """Add this target's own flags to ``group`` (an argparse argument group)."""
+
+    @classmethod
+    def options_from_args(cls, args):
+        """This target's options from parsed flags (``args.precision`` and its own flags)."""
+        check_precision(cls.name, args.precision, cls.precisions)
+        return cls.Options()
 
     @classmethod
     def missing_dependency(cls) -> str | None:

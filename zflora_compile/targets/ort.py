@@ -8,12 +8,13 @@ ONNX Runtime version (ONNX Runtime's rule), the portable ``model.onnx`` sits bes
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import onnxruntime as ort
 
-from zflora_compile.errors import InputError, VerificationError
-from zflora_compile.targets.base import Loaded, Shape, Target
+from zflora_compile.errors import InputError, VerificationError, first_line
+from zflora_compile.targets.base import Loaded, Shape, Target, check_precision
 
 OPTIMIZED_NAME = "model.optimized.onnx"
 
@@ -36,8 +37,37 @@ def choose_provider(requested: str | None) -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True)
+class OrtOptions:
+    """``ort_provider``: cpu, cuda or a provider name (None: CUDA when onnxruntime-gpu sees a GPU,
+    else CPU); ``threads``: intra-op threads (None: ONNX Runtime's default)."""
+
+    ort_provider: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {self.threads}")
+
+
 class OrtTarget(Target):
     name = "ort"
+    summary = "ONNX Runtime (default)"
+    Options = OrtOptions
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--ort-provider", help="ort: cpu or cuda (default: cuda when onnxruntime-gpu sees a GPU, else cpu)")
+        group.add_argument("--threads", type=int, help="ort: intra-op threads (default: ONNX Runtime's)")
+
+    @classmethod
+    def options_from_args(cls, args) -> OrtOptions:
+        check_precision(cls.name, args.precision, cls.precisions)
+        return OrtOptions(ort_provider=args.ort_provider, threads=args.threads)
+
+    def check_available(self) -> None:
+        super().check_available()
+        choose_provider(self.options.ort_provider)
 
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -52,8 +82,6 @@ class OrtTarget(Target):
         return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
 
     def build(self, model_path: Path, out_dir: Path, shapes: list[Shape]) -> dict:
-        if self.options.precision not in (None, "model"):
-            raise InputError(f"target 'ort' runs the model in its own precision; --precision {self.options.precision} applies to qnn and trt")
         options = self._session_options()
         optimized = out_dir / OPTIMIZED_NAME
         options.optimized_model_filepath = str(optimized)
@@ -63,7 +91,7 @@ class OrtTarget(Target):
         try:
             session = ort.InferenceSession(str(model_path), options, providers=self._providers())
         except Exception as error:  # noqa: BLE001
-            raise VerificationError(f"{model_path}: ONNX Runtime cannot load the model: {str(error).splitlines()[0]}") from None
+            raise VerificationError(f"{model_path}: ONNX Runtime cannot load the model: {first_line(error)}") from None
         artifacts = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(OPTIMIZED_NAME))
         return {
             "name": self.name,

@@ -17,17 +17,19 @@ tolerances. Timings taken on the emulator are NOT NPU latencies: they measure an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from zflora_compile.errors import TargetError
+from zflora_compile.errors import TargetError, first_line
 from zflora_compile.model_io import load_model, save_model
 from zflora_compile.targets.prepare_static import prepare_static
-from zflora_compile.targets.base import Loaded, Shape, Target
+from zflora_compile.targets.base import Loaded, Shape, Target, check_precision
 from zflora_compile.verify import input_specs, symbol_values
 
 EP_NAME = "QNNExecutionProvider"
@@ -69,10 +71,42 @@ def artifact_names(shape: Shape) -> tuple[str, str]:
     return f"{stem}.onnx", f"{stem}_qnn.bin"
 
 
+PRECISIONS = ("fp16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class QnnOptions:
+    """HTP arithmetic precision, Qualcomm SoC model id and HTP architecture."""
+
+    precision: str = PRECISIONS[0]
+    soc_model: str = "60"
+    htp_arch: str = "73"
+
+    def __post_init__(self):
+        check_precision("qnn", self.precision, PRECISIONS)
+
+
 class QnnTarget(Target):
     name = "qnn"
+    summary = "Qualcomm HTP via onnxruntime-qnn"
+    Options = QnnOptions
+    precisions = PRECISIONS
     install_hint = "Install it with: pip install 'zflora-compile[qnn]' (onnxruntime-qnn, Linux x86_64 / Windows ARM64 wheels)."
     artifact_tolerance = (2e-2, 2e-2)  # fp16 arithmetic on HTP vs fp32 on CPU
+
+    @property
+    def emulated(self) -> bool:
+        """On x86_64 the HTP backend of the wheel is an emulator."""
+        return platform.machine().lower() in ("x86_64", "amd64")
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--soc-model", default=QnnOptions.soc_model, help="qnn: Qualcomm SoC model id (default %(default)s: Snapdragon 8 Gen 3)")
+        group.add_argument("--htp-arch", default=QnnOptions.htp_arch, help="qnn: HTP architecture (default %(default)s)")
+
+    @classmethod
+    def options_from_args(cls, args) -> QnnOptions:
+        return QnnOptions(precision=args.precision or PRECISIONS[0], soc_model=args.soc_model, htp_arch=args.htp_arch)
 
     @classmethod
     def missing_dependency(cls) -> str | None:
@@ -85,17 +119,10 @@ class QnnTarget(Target):
             return f"onnxruntime {ort.__version__} cannot load plugin execution providers (needs >= 1.22)"
         return None
 
-    @property
-    def precision(self) -> str:
-        precision = self.options.precision or "fp16"
-        if precision not in ("fp16", "fp32"):
-            raise TargetError(f"target 'qnn' supports --precision fp16 or fp32, not {precision}")
-        return precision
-
     def _provider_options(self, trace_dir: Path | None = None) -> dict[str, str]:
         options = {
             "backend_type": "htp",
-            "enable_htp_fp16_precision": "1" if self.precision == "fp16" else "0",
+            "enable_htp_fp16_precision": "1" if self.options.precision == "fp16" else "0",
             "soc_model": str(self.options.soc_model),
             "htp_arch": str(self.options.htp_arch),
         }
@@ -141,13 +168,13 @@ class QnnTarget(Target):
             "name": self.name,
             "runtime": f"onnxruntime {ort.__version__} + onnxruntime-qnn {_qnn_version()}",
             "backend": "htp",
-            "precision": self.precision,
+            "precision": self.options.precision,
             "soc_model": str(self.options.soc_model),
             "htp_arch": str(self.options.htp_arch),
             "cpu_fallback": "disabled",
             "artifacts": [name for entry in built for name in entry["artifacts"]],
             "shapes": built,
-            "note": "on x86_64 the HTP backend is an emulator: its timings are not NPU latencies",
+            **({"note": "on x86_64 the HTP backend is an emulator: its timings are not NPU latencies"} if self.emulated else {}),
         }
 
     def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
@@ -164,10 +191,10 @@ class QnnTarget(Target):
             with _stdout_to_stderr():
                 session = ort.InferenceSession(str(out_dir / ctx_name), sess_options=options)
         except Exception as error:  # noqa: BLE001
-            raise TargetError(f"{out_dir / ctx_name}: QNN cannot load the context binary: {_first_line(error)}") from None
+            raise TargetError(f"{out_dir / ctx_name}: QNN cannot load the context binary: {first_line(error)}") from None
         session.disable_fallback()
         names = [o.name for o in session.get_outputs()]
-        return Loaded(run=lambda feeds: session.run(names, feeds), output_names=names, description=f"QNN HTP context binary {ctx_name} (emulated on this host)")
+        return Loaded(run=lambda feeds: session.run(names, feeds), output_names=names, description=f"QNN HTP context binary {ctx_name}" + (" (emulated on this host)" if self.emulated else ""))
 
 
 def _qnn_version() -> str:
@@ -177,11 +204,6 @@ def _qnn_version() -> str:
         return version("onnxruntime-qnn")
     except Exception:  # noqa: BLE001
         return "unknown"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _build_failure(model_path: Path, shape: Shape, error: BaseException, trace_dir: Path) -> str:
@@ -196,4 +218,4 @@ def _build_failure(model_path: Path, shape: Shape, error: BaseException, trace_d
         listed = ", ".join(f"{n.get('node_name')} ({n.get('op_type')}{': ' + n['reason'] if n.get('reason') else ''})" for n in unsupported[:8])
         more = f" and {len(unsupported) - 8} more" if len(unsupported) > 8 else ""
         return f"{model_path}: {len(unsupported)} node(s) cannot run on the QNN HTP backend for {shape.describe()} and CPU fallback is disabled: {listed}{more}"
-    return f"{model_path}: QNN HTP could not compile the graph for {shape.describe()}: {_first_line(error)}"
+    return f"{model_path}: QNN HTP could not compile the graph for {shape.describe()}: {first_line(error)}"

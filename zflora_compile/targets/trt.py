@@ -2,7 +2,7 @@
 
 The artifact is ``model.plan``, a serialized engine built by the ONNX parser and builder with
 one optimization profile covering the dynamic sequence and cache axes (min / opt / max from
-``TargetOptions.seq_range`` and ``past_range``), in fp32, fp16 (default) or bf16, optionally
+``TrtOptions.seq_range`` and ``past_range``), in fp32, fp16 (default) or bf16, optionally
 refittable. Device buffers are torch CUDA tensors; timing uses CUDA events around
 ``execute_async_v3``.
 
@@ -13,20 +13,55 @@ authors; its tests skip with that reason.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from zflora_compile.errors import TargetError
-from zflora_compile.targets.base import Loaded, Shape, Target
+from zflora_compile.errors import InputError, TargetError
+from zflora_compile.targets.base import Loaded, Shape, Target, check_precision
 from zflora_compile.verify import input_specs, symbol_values
 
 PLAN_NAME = "model.plan"
-NOT_RUN_HERE = "TensorRT could not be installed on the machines zflora-compile is developed on; this target was written against the documented API and is untested"
+PRECISIONS = ("fp16", "fp32", "bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtOptions:
+    """Engine precision, optimization profile (min / opt / max new and cached tokens), refit, workspace."""
+
+    precision: str = PRECISIONS[0]
+    seq_range: tuple[int, int, int] = (1, 128, 512)
+    past_range: tuple[int, int, int] = (0, 128, 512)
+    refit: bool = False
+    workspace_gib: float = 4.0
+
+    def __post_init__(self):
+        check_precision("trt", self.precision, PRECISIONS)
+        for flag, value in (("--trt-seq", self.seq_range), ("--trt-past", self.past_range)):
+            if len(value) != 3 or not 0 <= value[0] <= value[1] <= value[2]:
+                raise InputError(f"{flag}: expected 0 <= MIN <= OPT <= MAX, got {value}")
+        if self.workspace_gib <= 0:
+            raise InputError(f"--workspace-gib must be positive, got {self.workspace_gib:g}")
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    """``MIN,OPT,MAX`` for argparse."""
+    try:
+        low, opt, high = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX integers, got '{text}'") from None
+    if not 0 <= low <= opt <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= OPT <= MAX, got '{text}'")
+    return (low, opt, high)
 
 
 class TrtTarget(Target):
     name = "trt"
+    summary = "TensorRT"
+    Options = TrtOptions
+    precisions = PRECISIONS
     install_hint = (
         "Install it on a machine with an NVIDIA GPU and CUDA: pip install 'zflora-compile[trt]' "
         "(or pip install tensorrt --extra-index-url https://pypi.nvidia.com, plus a CUDA build of torch)."
@@ -47,12 +82,17 @@ class TrtTarget(Target):
             return "no CUDA GPU is visible to torch"
         return None
 
-    @property
-    def precision(self) -> str:
-        precision = self.options.precision or "fp16"
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise TargetError(f"target 'trt' supports --precision fp32, fp16 or bf16, not {precision}")
-        return precision
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        defaults = TrtOptions()
+        group.add_argument("--trt-seq", type=_triple, default=defaults.seq_range, metavar="MIN,OPT,MAX", help="trt: optimization profile of new tokens (default 1,128,512)")
+        group.add_argument("--trt-past", type=_triple, default=defaults.past_range, metavar="MIN,OPT,MAX", help="trt: optimization profile of cached tokens (default 0,128,512)")
+        group.add_argument("--refit", action="store_true", help="trt: build a refittable engine")
+        group.add_argument("--workspace-gib", type=float, default=defaults.workspace_gib, help="trt: builder workspace limit (default %(default)s GiB)")
+
+    @classmethod
+    def options_from_args(cls, args) -> TrtOptions:
+        return TrtOptions(precision=args.precision or PRECISIONS[0], seq_range=args.trt_seq, past_range=args.trt_past, refit=args.refit, workspace_gib=args.workspace_gib)
 
     def build(self, model_path: Path, out_dir: Path, shapes: list[Shape]) -> dict:
         self.check_available()
@@ -66,9 +106,9 @@ class TrtTarget(Target):
             raise TargetError(f"{model_path}: TensorRT's ONNX parser failed: {_parser_errors(parser)}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.options.workspace_gib * (1 << 30)))
-        if self.precision == "fp16":
+        if self.options.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
-        elif self.precision == "bf16":
+        elif self.options.precision == "bf16":
             config.set_flag(trt.BuilderFlag.BF16)
         if self.options.refit:
             config.set_flag(trt.BuilderFlag.REFIT)
@@ -86,7 +126,7 @@ class TrtTarget(Target):
         return {
             "name": self.name,
             "runtime": f"tensorrt {trt.__version__}",
-            "precision": self.precision,
+            "precision": self.options.precision,
             "refittable": self.options.refit,
             "profile": {name: {"min": list(r[0]), "opt": list(r[1]), "max": list(r[2])} for name, r in ranges.items()},
             "artifacts": [PLAN_NAME],

@@ -1,0 +1,45 @@
+"""What a compile is asked to do: strategy, verification, and for files the target and latency gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from zflora_compile.errors import InputError
+from zflora_compile.gate import LatencyOptions
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
+from zflora_compile.planner import STRATEGIES
+from zflora_compile.targets import target_class
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    """``target``, ``target_options`` (the target's own ``Options``; None: its defaults), ``force``,
+    ``latency`` and ``check_latency`` apply to :func:`zflora_compile.build.compile_file` only."""
+
+    strategy: str = "fuse"
+    target: str = "ort"
+    verify: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO
+    seed: int = 0
+    force: bool = False
+    target_options: Any = None
+    #: shapes the target builds for (prefill, past) and, with check_latency, the gate's settings
+    latency: LatencyOptions = dataclasses.field(default_factory=LatencyOptions)
+    check_latency: bool = False
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
+        options_type = target_class(self.target).Options
+        if self.target_options is None:
+            self.target_options = options_type()
+        elif not isinstance(self.target_options, options_type):
+            raise InputError(f"target '{self.target}' takes {options_type.__name__}, not {type(self.target_options).__name__}")
+
+    def to_json(self) -> dict:
+        """The options as JSON values (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))

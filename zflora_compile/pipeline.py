@@ -1,0 +1,169 @@
+"""The compile pipeline, in memory: detect, plan, rewrite, verify; ONNX and torch.fx alike.
+
+``compile_model(model, options) -> (model, Report)``. An ``onnx_ir.Model`` is rewritten in place
+(an ``onnx.ModelProto`` is converted first) and verified in ONNX Runtime through temporary
+files; an ``ExportedProgram`` / ``GraphModule`` gives a new program, verified in PyTorch eager.
+Files, targets and the latency gate are :mod:`zflora_compile.build`'s.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from zflora_compile import families
+from zflora_compile.errors import VerificationError, ZcompileError, first_line
+from zflora_compile.graph.onnx_ir import OnnxGraph
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
+from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
+from zflora_compile.options import CompileOptions
+from zflora_compile.planner import plan
+from zflora_compile.progress import TimedSteps
+from zflora_compile.report import NO_VERIFY, GraphStats, InputInfo, OutputInfo, Report, file_digest
+from zflora_compile.verify import token_vocab, verification_failure_message, verify_models
+
+CHECKER_PASSED = "onnx.checker.check_model(full_check=True) passed"
+STRIP_REFERENCE = "the input model with every detected adapter's B set to zero"
+
+
+def is_fx_model(model) -> bool:
+    """A ``torch.export.ExportedProgram`` or ``torch.fx.GraphModule`` (without importing torch)."""
+    if "torch" not in sys.modules:
+        return False
+    from zflora_compile.fx_program import is_fx_model as is_program
+
+    return is_program(model)
+
+
+def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
+    """Every adapter site in an ONNX model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes."""
+    return families.detect(OnnxGraph(model), max_rank_ratio=max_rank_ratio)
+
+
+def onnx_stats(model: ir.Model) -> GraphStats:
+    graph = OnnxGraph(model)
+    return GraphStats(graph.op_counts(), graph.gemm_count())
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference over the rewritten graph; a model it cannot handle keeps its shapes."""
+    try:
+        common_passes.ShapeInferencePass()(model)
+    except Exception:  # noqa: BLE001 - custom-domain ops the inference does not know
+        pass
+
+
+def compile_model(model, options: CompileOptions | None = None, *, progress=None):
+    """Rewrite every adapter site of ``model`` with ``options.strategy`` and verify the result.
+
+    Returns ``(model, report)``: the rewritten ``onnx_ir.Model`` (the one given, rewritten in
+    place) or a new ``ExportedProgram`` / ``GraphModule``, and its :class:`Report`. Raises
+    :class:`ZcompileError` subclasses (``VerificationError`` on a mismatch) with the report as
+    JSON on ``error.report``.
+    """
+    options = options or CompileOptions()
+    fx = is_fx_model(model)
+    model = model if fx else to_ir(model)
+    report = Report(options.to_json(), InputInfo(ir="fx" if fx else "onnx"))
+    steps = TimedSteps(progress, report.timings_s)
+    try:
+        result = compile_fx(report, model, options, steps) if fx else compile_onnx(report, model, options, steps)
+    except ZcompileError as error:
+        report.fail(error)
+        error.report = report.to_json()
+        raise
+    report.succeed()
+    report.stop_clock()
+    return result, report
+
+
+def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps: TimedSteps, *, source: Path | None = None) -> ir.Model:
+    """Detect, rewrite in place, check and verify ``model``, filling ``report``.
+
+    ``source`` is the unchanged file the model was loaded from: verification runs it as the
+    reference; without it, the model is saved to a temporary file first.
+    """
+    vocab = token_vocab(model)
+    with tempfile.TemporaryDirectory(prefix="zflora-") as tmp:
+        tmp = Path(tmp)
+        if source is None:
+            saved = save_model(model, tmp / "original.onnx", external=True)
+            source = saved[0]
+            report.input.sha256 = report.input.sha256 or file_digest(*saved)
+        if report.input.external_data is None:
+            report.input.external_data = has_external_data(model)
+        report.input.opset = model.opset_imports.get("", None)
+        with steps.step("detect"):
+            detection = detect(model, options.max_rank_ratio)
+            report.detection, report.input.graph = detection, onnx_stats(model)
+        with steps.step("rewrite"):
+            the_plan = plan(detection, options.strategy)
+            if len(the_plan):
+                families.rewrite(OnnxGraph(model), the_plan)
+                infer_shapes(model)
+            report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
+        rewritten = save_model(model, tmp / "model.onnx", external=True)[0]
+        with steps.step("check"):
+            try:
+                onnx.checker.check_model(str(rewritten), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+                raise VerificationError(f"rewritten model fails onnx.checker: {first_line(error)}") from None
+            report.output.checker = CHECKER_PASSED
+        if not options.verify:
+            report.verification = dict(NO_VERIFY)
+            return model
+        with steps.step("verify"):
+            reference, meaning = _onnx_reference(source, options, tmp)
+            result = verify_models(reference, rewritten, vocab, atol=options.atol, rtol=options.rtol, seed=options.seed)
+            result["reference"] = meaning
+            report.verification = result
+            if not result["passed"]:
+                raise VerificationError(verification_failure_message(result))
+    return model
+
+
+def _onnx_reference(source: Path, options: CompileOptions, tmp: Path) -> tuple[Path, str]:
+    """What the rewritten model must equal: the input, or for ``strip`` the input with B = 0."""
+    if options.strategy != "strip":
+        return source, "the input model"
+    model = load_model(source)
+    families.disable_adapters(OnnxGraph(model), detect(model, options.max_rank_ratio))
+    path = tmp / "reference.onnx"
+    save_model(model, path, external=True)
+    return path, f"{STRIP_REFERENCE} (graph otherwise unchanged)"
+
+
+def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps):
+    """Detect, rewrite and verify an ExportedProgram or GraphModule (not modified); returns a new one."""
+    from zflora_compile.fx_program import edit, graph_stats, program_digest, strip_reference
+    from zflora_compile.fx_verify import verify_fx
+    from zflora_compile.graph.torch_fx import FxGraph
+
+    program = edit(model)
+    report.input.sha256 = program_digest(model)
+    with steps.step("detect"):
+        detection = families.detect(FxGraph(program.gm, program.constants), max_rank_ratio=options.max_rank_ratio)
+        report.detection, report.input.graph = detection, graph_stats(program.gm)
+    with steps.step("rewrite"):
+        the_plan = plan(detection, options.strategy)
+        if len(the_plan):
+            families.rewrite(FxGraph(program.gm, program.constants, program.add_constant), the_plan)
+        result = program.finish()
+        report.plan, report.output = the_plan, OutputInfo(graph_stats(result))
+    if not options.verify:
+        report.verification = dict(NO_VERIFY)
+        return result
+    with steps.step("verify"):
+        stripped = options.strategy == "strip" and bool(detection.all_sites)
+        reference = strip_reference(model, options.max_rank_ratio) if stripped else model
+        outcome = verify_fx(reference, result, atol=options.atol, rtol=options.rtol, seed=options.seed)
+        outcome["reference"] = STRIP_REFERENCE if stripped else "the input model"
+        report.verification = outcome
+        if not outcome["passed"]:
+            raise VerificationError(verification_failure_message(outcome))
+    return result
