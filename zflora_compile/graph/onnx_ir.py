@@ -235,10 +235,21 @@ class OnnxGraph:
 
     # ------------------------------------------------------------------ shapes and the last axis
     def last_dim(self, value):
+        """The static last axis of ``value``: recorded, else read off a GEMM's constant weight or a
+        last-axis slice (hand-built and partly inferred graphs leave intermediate shapes out)."""
         shape = value.shape if isinstance(value, ir.Value) else None
-        if shape is None or len(shape) == 0 or not isinstance(shape[-1], int):
+        if shape is not None and len(shape) and isinstance(shape[-1], int):
+            return int(shape[-1])
+        if shape is not None and len(shape) == 0:
             return None
-        return int(shape[-1])
+        try:
+            gemm = self.gemm(value)
+        except Reject:
+            gemm = None
+        if gemm is not None:
+            return gemm.shape[1] if gemm.shape is not None else None
+        cut = self.last_axis_slice(value)
+        return None if cut is None else cut[2] - cut[1]
 
     def shape_key(self, value):
         """ONNX shapes are advisory (exporters leave them stale or missing): not used for checks."""
@@ -262,8 +273,9 @@ class OnnxGraph:
     def last_axis_concat(self, node):
         if not _default(node, "Concat") or node.attributes.get("axis") is None:
             return None
-        shape = node.outputs[0].shape
-        if shape is None or node.attributes["axis"].value not in (-1, len(shape) - 1):
+        axis = node.attributes["axis"].value
+        shape = node.outputs[0].shape or next((v.shape for v in node.inputs if v is not None and v.shape is not None), None)
+        if axis != -1 and (shape is None or axis != len(shape) - 1):
             return None
         return list(node.inputs)
 
