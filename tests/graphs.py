@@ -115,12 +115,14 @@ class GraphBuilder:
             return self.op("Transpose", [stored], f"{name}/Transpose", perm=[1, 0])
         raise ValueError(f"unknown constant form {form!r}")
 
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], name: str | None = None, **attributes) -> ir.Value:
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], name: str | None = None, _outputs: int = 1, **attributes):
+        """One node; its output (or, with ``_outputs`` > 1, the list of its outputs)."""
         self._count += 1
-        node = ir.node(op_type, list(inputs), attributes=attributes or None, name=name or f"{op_type}_{self._count}")
-        node.outputs[0].name = f"{node.name}_out"
+        node = ir.node(op_type, list(inputs), attributes=attributes or None, num_outputs=_outputs, name=name or f"{op_type}_{self._count}")
+        for i, output in enumerate(node.outputs):
+            output.name = f"{node.name}_out" if _outputs == 1 else f"{node.name}_out{i}"
         self.nodes.append(node)
-        return node.outputs[0]
+        return node.outputs[0] if _outputs == 1 else list(node.outputs)
 
     def model(self, name: str = "handbuilt") -> ir.Model:
         graph = ir.Graph(
