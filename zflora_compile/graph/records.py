@@ -223,7 +223,7 @@ class WidenedSite(_Labelled):
 class Detection:
     sites: list[AdapterSite]
     rejections: list[Rejection]
-    #: FFA / FBA / FFBA / zFLoRA: one record per widened projection (see detect_lanes)
+    #: FFA / FBA / FFBA / zFLoRA: one record per widened projection (see families.widening)
     widened: list = dataclasses.field(default_factory=list)
 
     @property

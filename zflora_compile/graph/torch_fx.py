@@ -505,10 +505,10 @@ class FxGraph:
         if like is not None and like.kind == "linear":
             weight = self.add_constant(f"{self._stem}_{name}", to_torch(array).t().contiguous())
             return self._call(aten.linear.default, (x, weight) if bias is None else (x, weight, bias))
-        out = self.matmul(x, self.constant(name, array), like)
+        out = self._matmul(x, self.constant(name, array), like)
         return out if bias is None else self.add(out, bias)
 
-    def matmul(self, x, weight, like: Gemm | None = None):
+    def _matmul(self, x, weight, like: Gemm | None = None):
         """``x @ weight`` for an N-D ``x`` and a 2-D ``[in, out]`` constant node."""
         x_val, rows = tensor_meta(x), tensor_meta(weight).shape[0]
         x2 = x
