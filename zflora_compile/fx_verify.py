@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from zflora_compile.errors import InputError, first_line
 from zflora_compile.graph.torch_fx import op_name, tensor_meta, torch_dtype_name
-from zflora_compile.verify import TOLERANCES, compare
+from zflora_compile.verify import TOLERANCES, compare, verification_section
 
 
 def _user_placeholders(model) -> list[torch.fx.Node]:
@@ -153,13 +153,4 @@ def verify_fx(reference, candidate, *, atol: float | None = None, rtol: float | 
         if len(expected) != len(actual):
             outputs["<outputs>"] = {"passed": False, "reason": f"{len(actual)} outputs != {len(expected)}"}
         results.append({"case": name, "inputs": inputs, "outputs": outputs})
-    passed = all(o["passed"] for r in results for o in r["outputs"].values())
-    return {
-        "passed": passed,
-        "runtime": f"torch {torch.__version__} eager",
-        "seed": seed,
-        "rule": "|rewritten - original| <= atol + rtol * |original|, elementwise, every output",
-        "tolerances": {k: {"atol": a if atol is None else atol, "rtol": r if rtol is None else rtol} for k, (a, r) in TOLERANCES.items()},
-        "worst": worst,
-        "cases": results,
-    }
+    return verification_section(f"torch {torch.__version__} eager", results, worst, seed=seed, atol=atol, rtol=rtol)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes
 
-from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
 from zflora_compile.options import CompileOptions
 from zflora_compile.pipeline import compile_model
 
@@ -13,24 +12,16 @@ from zflora_compile.pipeline import compile_model
 class FuseAdaptersPass(onnx_ir.passes.InPlacePass):
     """Rewrite every adapter site with ``strategy`` (fuse, merge or strip), in place, verified.
 
-    Verification runs both models in ONNX Runtime (the compiler's tolerances unless ``atol`` /
-    ``rtol`` are given) and raises ``VerificationError`` on a mismatch. ``modified`` is False when
-    nothing was rewritten (no adapter site, or a model already fused). The last run's report is
-    on ``self.report``.
+    ``options`` are :class:`~zflora_compile.options.CompileOptions` fields (``verify``, ``atol``,
+    ``rtol``, ``max_rank_ratio``, ``seed``). Verification runs both models in ONNX Runtime (the
+    compiler's tolerances unless ``atol`` / ``rtol`` are given) and raises ``VerificationError``
+    on a mismatch. ``modified`` is False when nothing was rewritten (no adapter site, or a model
+    already fused). The last run's report is on ``self.report``.
     """
 
-    def __init__(
-        self,
-        strategy: str = "fuse",
-        *,
-        verify: bool = True,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO,
-        seed: int = 0,
-    ):
+    def __init__(self, strategy: str = "fuse", **options):
         super().__init__()
-        self.options = CompileOptions(strategy=strategy, verify=verify, atol=atol, rtol=rtol, max_rank_ratio=max_rank_ratio, seed=seed)
+        self.options = CompileOptions(strategy=strategy, **options)
         self.report = None
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:

@@ -121,7 +121,7 @@ class Report:
     def summary(self) -> str:
         sites = len(self.detection.all_sites) if self.detection is not None else 0
         if not sites:
-            return "no adapter sites found; model unchanged"
+            return "no adapter sites found; model " + ("written unchanged" if self.input.path else "unchanged")
         return f"{sites} adapter site(s), strategy {self.plan.strategy}: GEMMs {self.input.graph.gemm_count} -> {self.output.graph.gemm_count}"
 
     def record_gate(self, latency: dict, failure: str | None) -> None:
