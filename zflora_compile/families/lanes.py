@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from zflora_compile.families.widening import WidenedSites, check_read
+from zflora_compile.families.widening import WidenedSites, check_read, widening_problem
 from zflora_compile.graph.protocol import Gemm, GraphView, NotACandidate, Projection, Reject, check_rank, either_order, match_projection, matrix_shape
 from zflora_compile.graph.records import LaneWrite, Rejection
 
@@ -65,6 +65,15 @@ def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Re
         raise NotACandidate
     if a.bias is not None:
         raise Reject(f"low-rank GEMM '{view.name(a.node)}' has a bias")
+    if view.peel(b.operand, casts=False) is not z:
+        raise Reject(f"a Cast sits between the lanes of A '{view.name(a.node)}' and B '{view.name(b.node)}': the widened GEMM would read the lanes in another dtype")
+    x = projection.gemm.x
+    lanes_dtype, x_dtype = view.value_dtype(a.out), view.value_dtype(x)
+    if lanes_dtype and x_dtype and lanes_dtype != x_dtype:
+        raise Reject(f"the lanes of A '{view.name(a.node)}' are {lanes_dtype} but projection '{view.name(projection.node)}' reads {x_dtype}: they cannot be read together")
+    lanes_lead, x_lead = view.leading_shape(a.x), view.leading_shape(x)  # a GEMM keeps its input's leading axes
+    if lanes_lead is not None and x_lead is not None and lanes_lead != x_lead:
+        raise Reject(f"the lanes of A '{view.name(a.node)}' have leading axes {lanes_lead} but projection '{view.name(projection.node)}' reads {x_lead}: they cannot be read together")
     check_read(view, add, base_value, projection, nodes, claimed)
     return _Read(add, base_value, projection, a, b, scale)
 
@@ -85,16 +94,58 @@ def detect(view: GraphView, found) -> None:
         lanes.setdefault(id(read.a.node), []).append(read)
     writers = {key for key in lanes}
     order = view.order()
+    hosted = []
     for group in lanes.values():
         try:
             host = _host(view, group, writers, order, found)
         except Reject as reject:
-            for read in group:
-                found.reject(Rejection(node=view.name(read.add), reason=str(reject), label=view.label(read.add)))
+            _reject_group(view, group, str(reject), found)
             continue
         if host is not None:
-            _widen(view, group, host, found.widened)
-            found.claim(*(read.add for read in group))
+            hosted.append((group, host))
+    for group, host in _without_cycles(view, hosted, found):
+        _widen(view, group, host, found.widened)
+        found.claim(*(read.add for read in group))
+
+
+def _reject_group(view: GraphView, group: list[_Read], reason: str, found) -> None:
+    for read in group:
+        found.reject(Rejection(node=view.name(read.add), reason=reason, label=view.label(read.add)))
+
+
+def _without_cycles(view: GraphView, hosted: list, found) -> list:
+    """The hosted lane groups whose widening keeps the graph acyclic. Widened, a reader depends on
+    its lanes' host; a group whose host is reachable from one of its readers (through the graph
+    and the other groups' new dependencies) would make the host depend on its own output."""
+    kept = list(hosted)
+    while True:
+        extra: dict[int, list] = {}
+        for group, host in kept:
+            for read in group:
+                extra.setdefault(id(host.node), []).append(read.projection.node)
+                extra.setdefault(id(group[0].a.node), []).append(read.projection.node)
+        bad = next(((g, h, r) for g, h in kept for r in g if _reaches(view, r.projection.node, h.node, extra)), None)
+        if bad is None:
+            return kept
+        group, host, read = bad
+        kept = [(g, h) for g, h in kept if g is not group]
+        _reject_group(view, group, (
+            f"projection '{view.name(host.node)}' cannot carry the lanes of A '{view.name(group[0].a.node)}': it depends on "
+            f"the output of their reader '{view.name(read.projection.node)}', so the widened graph would have a cycle"
+        ), found)
+
+
+def _reaches(view: GraphView, start, target, extra: dict) -> bool:
+    seen, frontier = {id(start)}, [start]
+    while frontier:
+        node = frontier.pop()
+        for nxt in [*view.successors(node), *extra.get(id(node), [])]:
+            if nxt is target:
+                return True
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                frontier.append(nxt)
+    return False
 
 
 def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, found) -> Gemm | None:
@@ -102,11 +153,15 @@ def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, f
     a = group[0].a
     t = a.x
     in_a, rank = matrix_shape(view, a, "A")
-    hosts = [
+    candidates = [
         g
         for g in view.gemm_readers(t)
         if id(g.node) not in writers and not found.claimed(g.node) and g.shape is not None and view.is_constant(g.weight) and g.shape[0] == in_a
     ]
+    unfit = {id(g.node): _unfit_host(view, g, a) for g in candidates}
+    hosts = [g for g in candidates if unfit[id(g.node)] is None]
+    if candidates and not hosts:
+        raise Reject(f"no projection reading '{view.value_name(t)}' can carry the columns of A '{view.name(a.node)}': {unfit[id(candidates[0].node)]}")
     if not hosts:
         for read in group:
             found.reject(Rejection(node=view.name(read.add), label=view.label(read.add), reason=(
@@ -125,6 +180,13 @@ def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, f
             raise Reject(f"shapes do not line up at '{view.name(read.add)}': W [{in_w}, {out_w}], A [{in_a}, {rank}], B [{rank_b}, {out_b}]")
         check_rank(rank, (in_w, out_w), view.name(read.add), found.max_rank_ratio)
     return host
+
+
+def _unfit_host(view: GraphView, gemm: Gemm, a: Gemm) -> str | None:
+    """Why ``gemm`` cannot carry A's columns, or None."""
+    if view.dtype(gemm.weight) != view.dtype(a.weight):
+        return f"projection '{view.name(gemm.node)}' is {view.dtype(gemm.weight)}, A is {view.dtype(a.weight)}"
+    return widening_problem(view, gemm)
 
 
 def _widen(view: GraphView, group: list[_Read], host: Gemm, widened: WidenedSites) -> None:

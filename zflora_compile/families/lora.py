@@ -37,6 +37,7 @@ from zflora_compile.graph.protocol import (
     GraphView,
     NotACandidate,
     Reject,
+    bias_problem,
     check_path,
     either_order,
     match_projection,
@@ -117,9 +118,9 @@ def _match_site(view: GraphView, add, base_value, chain: _Chain, max_rank_ratio:
         raise Reject(f"rank {rank} is not small relative to W [{in_w}, {out_w}] (limit {max_rank_ratio:g} x {min(in_w, out_w)})")
     bias_getter = None
     if bias is not None:
-        bias_shape = view.constant_shape(bias)
-        if int(np.prod(bias_shape)) != out_w or (bias_shape and bias_shape[-1] != out_w):
-            raise Reject(f"bias of '{view.name(gemm.node)}' has shape {list(bias_shape)}, not [{out_w}]")
+        problem = bias_problem(view, bias, out_w, gemm.x)
+        if problem:
+            raise Reject(f"bias of '{view.name(gemm.node)}' {problem}")
         getter = view.constant_array(bias)
         bias_getter = lambda g=getter, n=out_w: g().reshape(n)  # noqa: E731
     out = view.output(add)

@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 
 from zflora_compile.errors import PlanError
-from zflora_compile.graph.protocol import Gemm, GraphView, Projection, Reject, check_path, single_use
+from zflora_compile.graph.protocol import Gemm, GraphView, Projection, Reject, bias_problem, check_path, single_use
 from zflora_compile.graph.records import LaneRead, LaneWrite, LazyArray, WidenedSite, numpy_dtype
 
 STREAM_LANE = "zflora.stream"
@@ -115,11 +115,22 @@ class WidenedSites:
         return sites
 
 
+def widening_problem(view: GraphView, gemm: Gemm) -> str | None:
+    """Why ``gemm`` cannot be widened (its own bias cannot be padded to the widened width), or None."""
+    if gemm.bias is None:
+        return None
+    problem = bias_problem(view, gemm.bias, gemm.shape[1], gemm.x)
+    return f"the bias of projection '{view.name(gemm.node)}' {problem}; not widened" if problem else None
+
+
 def check_read(view: GraphView, add, base_value, projection: Projection, chain_nodes: list, claimed) -> None:
-    """What every lane read needs: a projection no other family claimed, and intermediates that
-    feed only the next step."""
+    """What every lane read needs: a projection no other family claimed and that can be widened,
+    and intermediates that feed only the next step."""
     if claimed(projection.node):
         raise Reject(f"projection '{view.name(projection.node)}' also carries a LoRA adapter")
+    problem = widening_problem(view, projection.gemm)
+    if problem:
+        raise Reject(problem)
     for i, node in enumerate(chain_nodes):
         single_use(view, view.output(node), chain_nodes[i - 1] if i else add, "low-rank intermediate")
     check_path(view, base_value, projection.node, add, "base projection output")

@@ -16,7 +16,7 @@ stream and its rescaled norms are part of the adapted model.
 from __future__ import annotations
 
 from zflora_compile.families.lanes import match_lowrank
-from zflora_compile.families.widening import STREAM_LANE, WidenedSites, check_read
+from zflora_compile.families.widening import STREAM_LANE, WidenedSites, check_read, widening_problem
 from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, check_rank, either_order, match_projection, matrix_shape, single_use
 from zflora_compile.graph.records import LaneRead, LaneWrite, Rejection
 
@@ -108,6 +108,9 @@ def _cut(view: GraphView, gemm, ranks: set[int], widened: WidenedSites) -> None:
     rank = (view.last_dim(stream) or 0) - end
     if start != 0 or end != gemm.shape[0] or rank not in ranks:
         return
+    problem = widening_problem(view, gemm)
+    if problem:
+        raise Reject(problem)
     site = widened.projection(gemm, NAME)
     site.reads.append(LaneRead(STREAM_LANE, rank, 1.0, None))
     site.binding.stream = stream
@@ -153,6 +156,9 @@ def _write(view: GraphView, node, ranks: set[int], widened: WidenedSites, found)
                 raise Reject(f"the lanes concatenated at '{view.name(node)}' are not a GEMM of the same input as projection '{view.name(gemm.node)}'")
             single_use(view, lane_value, node, "lane GEMM output")
         single_use(view, base_value, node, "base projection output")
+        problem = widening_problem(view, gemm)
+        if problem:
+            raise Reject(problem)
         site = widened.projection(gemm, NAME)
         site.writes.append(LaneWrite(STREAM_LANE, rank, view.weight(lane_gemm) if lane_gemm is not None else None))
         if lane_gemm is not None:

@@ -81,6 +81,9 @@ class OnnxGraph:
     def users(self, value):
         return [user for user, _ in value.uses()]
 
+    def successors(self, node):
+        return [user for output in node.outputs for user, _ in output.uses()]
+
     def is_graph_output(self, value) -> bool:
         return value.is_graph_output()
 
@@ -136,8 +139,8 @@ class OnnxGraph:
         left, right = node.inputs
         orders = [(left, right), (right, left)] if node.op_type == "Mul" else [(left, right)]
         for data, factor in orders:
-            if is_constant(data):
-                continue
+            if is_constant(data) or len(constant_shape(factor) if is_constant(factor) else ()) > max(1, self.rank(data) or 0):
+                continue  # a "scale" of higher rank than the data broadcasts it up: not a scale
             value = scalar_value(factor)
             if value is None:
                 continue
@@ -250,6 +253,17 @@ class OnnxGraph:
             return gemm.shape[1] if gemm.shape is not None else None
         cut = self.last_axis_slice(value)
         return None if cut is None else cut[2] - cut[1]
+
+    def value_dtype(self, value):
+        return value.dtype.numpy().name if isinstance(value, ir.Value) and value.dtype is not None else None
+
+    def leading_shape(self, value):
+        shape = value.shape if isinstance(value, ir.Value) else None
+        return None if shape is None or len(shape) == 0 else [str(d) for d in shape[:-1]]
+
+    def rank(self, value):
+        shape = value.shape if isinstance(value, ir.Value) else None
+        return None if shape is None else len(shape)
 
     def shape_key(self, value):
         """ONNX shapes are advisory (exporters leave them stale or missing): not used for checks."""

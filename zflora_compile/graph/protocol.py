@@ -83,6 +83,7 @@ class GraphView(Protocol):
     def data_input(self, node: Node) -> Value | None: ...  # the first non-constant operand
     def output(self, node: Node) -> Value: ...
     def users(self, value: Value) -> list[Node]: ...
+    def successors(self, node: Node) -> list[Node]: ...  # the nodes reading any of its outputs
     def is_graph_output(self, value: Value) -> bool: ...
     def order(self) -> dict[int, int]: ...  # id(node) -> position
     # names (labels only: never decide anything)
@@ -106,6 +107,9 @@ class GraphView(Protocol):
     # shapes and the last axis
     def last_dim(self, value: Value) -> int | None: ...
     def shape_key(self, value: Value) -> list[str] | None: ...  # None where shapes are advisory
+    def value_dtype(self, value: Value) -> str | None: ...  # numpy name of any value's element type, if known
+    def leading_shape(self, value: Value) -> list[str] | None: ...  # all but the last axis, if known
+    def rank(self, value: Value) -> int | None: ...
     def last_axis_slice(self, value: Value) -> tuple[Value, int, int] | None: ...
     def last_axis_concat(self, node: Node) -> list[Value] | None: ...
     def last_axis_pad(self, node: Node) -> tuple[Value, int] | None: ...
@@ -199,6 +203,18 @@ def check_path(view: GraphView, top: Value, node: Node, consumer: Node, what: st
         value = view.data_input(consumer)
         if value is None:
             return
+
+
+def bias_problem(view: GraphView, bias: Value, out: int, x: Value) -> str | None:
+    """Why ``bias`` cannot be treated as a per-column vector of ``out`` entries added to ``x @ W``
+    (a rewrite concatenates and pads it as ``[out]``), or None when it can."""
+    if not view.is_constant(bias):
+        return "is not constant"
+    shape = tuple(view.constant_shape(bias))
+    rank = view.rank(x)
+    if int(np.prod(shape)) != out or not shape or shape[-1] != out or (len(shape) > 1 and (rank is None or len(shape) > rank)):
+        return f"has shape {list(shape)}, not [{out}]"
+    return None
 
 
 def produced_by(view: GraphView, value: Value) -> str:

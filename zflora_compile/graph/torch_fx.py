@@ -93,6 +93,21 @@ def _keeps_last_axis(node: Node) -> bool:
     return op_name(node) in _VIEWS and _last_dim(node) is not None and _last_dim(node) == _last_dim(node.args[0])
 
 
+def _rank(node) -> int:
+    val = tensor_meta(node)
+    return -1 if val is None else val.dim()
+
+
+def _flattens(node: Node) -> bool:
+    """A leading-axis view that does not add axes (``[B, S, d] -> [B*S, d]``: what feeds ``mm``)."""
+    return _keeps_last_axis(node) and _rank(node.args[0]) >= _rank(node)
+
+
+def _unflattens(node: Node) -> bool:
+    """A leading-axis view that adds axes (``[B*S, d] -> [B, S, d]``: what follows ``mm``)."""
+    return _keeps_last_axis(node) and _rank(node.args[0]) < _rank(node)
+
+
 class FxConstants:
     """Resolves graph nodes that are compile-time constants to tensors (lazily)."""
 
@@ -170,8 +185,13 @@ def to_torch(array) -> torch.Tensor:
 
 
 def _through_broadcast(node):
-    """Up through ``view``/``expand`` that keep the last axis (how ``matmul`` decomposes to ``bmm``)."""
-    while isinstance(node, Node) and op_name(node) in (*_VIEWS, "expand") and _last_dim(node) == _last_dim(node.args[0]):
+    """Up through ``view``/``expand`` that keep the last two axes: the batch broadcast of
+    ``bmm(view(expand(x)), view(expand(W)))``, how ``matmul`` of an N-D input decomposes (a view
+    that regroups the matrix itself, like per-head weights ``W.view(H, in, out)``, is not one)."""
+    while isinstance(node, Node) and op_name(node) in (*_VIEWS, "expand"):
+        out, src = tensor_meta(node), tensor_meta(node.args[0])
+        if out is None or src is None or src.dim() < 2 or list(out.shape[-2:]) != list(src.shape[-2:]):
+            break
         node = node.args[0]
     return node
 
@@ -227,6 +247,9 @@ class FxGraph:
     def users(self, value):
         return real_users(value) if isinstance(value, Node) else []
 
+    def successors(self, node):
+        return list(node.users)
+
     def is_graph_output(self, value) -> bool:
         return isinstance(value, Node) and any(u.op == "output" for u in value.users)
 
@@ -259,9 +282,9 @@ class FxGraph:
 
     # ------------------------------------------------------------------ arithmetic
     def peel(self, value, *, casts: bool = True):
-        """Up through identities, leading-axis views and (``casts``) dtype casts."""
+        """Up through identities, flattening leading-axis views and (``casts``) dtype casts."""
         while isinstance(value, Node):
-            if op_name(value) in _IDENTITY or (casts and _is_cast(value)) or _keeps_last_axis(value):
+            if op_name(value) in _IDENTITY or (casts and _is_cast(value)) or _flattens(value):
                 value = value.args[0]
                 continue
             return value
@@ -315,12 +338,14 @@ class FxGraph:
         """The GEMM's result with its leading axes restored (the view after ``mm``, if any)."""
         while True:
             users = real_users(node)
-            if len(users) == 1 and _keeps_last_axis(users[0]):
+            if len(users) == 1 and _unflattens(users[0]):
                 node = users[0]
                 continue
             return node
 
     def gemm(self, value):
+        while isinstance(value, Node) and _unflattens(value):  # the N-D result of a 2-D GEMM
+            value = value.args[0]
         if not isinstance(value, Node):
             return None
         name = op_name(value)
@@ -355,7 +380,7 @@ class FxGraph:
         return Gemm(value, name, self.peel(x, casts=False), self._nd_output(value), weight, bias, shape, transposed, index, x)
 
     def gemm_readers(self, value):
-        source = self.peel(value)
+        source = self.peel(value, casts=False)
         readers = []
         for node in self.graph.nodes:
             if op_name(node) in GEMM_OPS:
@@ -363,7 +388,7 @@ class FxGraph:
                     gemm = self.gemm(node)
                 except Reject:
                     continue
-                if gemm is not None and self.peel(gemm.x) is source:
+                if gemm is not None and gemm.x is source:
                     readers.append(gemm)
         return readers
 
@@ -404,6 +429,18 @@ class FxGraph:
     # ------------------------------------------------------------------ shapes and the last axis
     def last_dim(self, value):
         return _last_dim(value)
+
+    def value_dtype(self, value):
+        val = tensor_meta(value)
+        return None if val is None else torch_dtype_name(val.dtype)
+
+    def rank(self, value):
+        val = tensor_meta(value)
+        return None if val is None else val.dim()
+
+    def leading_shape(self, value):
+        val = tensor_meta(value)
+        return None if val is None else [str(d) for d in val.shape[:-1]]
 
     def shape_key(self, value):
         val = tensor_meta(value)
@@ -517,7 +554,7 @@ class FxGraph:
             if raw is not None and tensor_meta(raw) is not None and tensor_meta(raw).dim() == 2:
                 x2 = raw
             else:
-                view = aten.view.default if like is not None and like.kind in ("mm", "addmm", "bmm") else aten.reshape.default
+                view = aten.view.default if like is not None and like.kind in ("mm", "addmm") else aten.reshape.default
                 x2 = self._call(view, (x, [-1, rows]))
         out = self._call(aten.mm.default, (x2, weight), name="mm")
         if x_val.dim() != 2:

@@ -1,0 +1,260 @@
+"""Wrong rewrites and wrong detections a review hunt found in the family modules, kept found.
+
+Each case was a crash, an invalid model, a cycle or a silent precision loss; each must now be left
+alone with a reason (or rewritten exactly), in the IR it was found in. Numbers: the rewritten graph
+against the original (ONNX Runtime / eager) on seeded inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from zflora_compile import families
+from zflora_compile.fx_program import edit
+from zflora_compile.graph.onnx_ir import OnnxGraph
+from zflora_compile.graph.torch_fx import FxGraph
+from zflora_compile.planner import plan
+
+try:
+    from graphs import GraphBuilder
+except ImportError:  # tests/ became a package
+    from tests.graphs import GraphBuilder
+
+S, D, R = 4, 8, 2
+F32 = np.float32
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def _run(model: ir.Model, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _onnx_rewrite(model: ir.Model, strategy: str = "fuse"):
+    """(rewritten copy, detection) after checking the copy against the original in ONNX Runtime."""
+    copy = ir.from_proto(ir.to_proto(model))
+    graph = OnnxGraph(copy)
+    detection = families.detect(graph)
+    families.rewrite(graph, plan(detection, strategy))
+    rng = np.random.default_rng(0)
+    feeds = {v.name: rng.standard_normal([d if isinstance(d, int) else S for d in v.shape]).astype(v.dtype.numpy()) for v in model.graph.inputs}
+    if strategy != "strip":
+        for got, want in zip(_run(copy, feeds), _run(model, feeds)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    return copy, detection
+
+
+class Lanes:
+    """``z = t @ A`` hosted by ``host(t)`` and read by ``reader(x) + 2 * (z @ B)``."""
+
+    def __init__(self, seed=0, t_shape=(S, D), x_shape=(S, D)):
+        self.rng = np.random.default_rng(seed)
+        self.gb = GraphBuilder()
+        self.t = self.gb.input("t", list(t_shape), F32)
+        self.x = self.gb.input("x", list(x_shape), F32)
+
+    def const(self, name, shape, dtype=F32):
+        return self.gb.initializer(name, (self.rng.standard_normal(shape) * 0.3).astype(dtype))
+
+    def gemm(self, x, name, bias_shape=None, bias_value=None):
+        inputs = [x, self.const(f"{name}.W", [D, D])]
+        if bias_shape is not None:
+            inputs.append(self.const(f"{name}.C", bias_shape))
+        elif bias_value is not None:
+            inputs.append(bias_value)
+        return self.gb.op("Gemm", inputs, name)
+
+    def read(self, base, z, name="read"):
+        delta = self.gb.op("MatMul", [z, self.const(f"{name}.B", [R, D])], f"{name}_B")
+        scaled = self.gb.op("Mul", [delta, self.gb.initializer(f"{name}.s", np.array(2.0, F32))], f"{name}_scale")
+        return self.gb.op("Add", [base, scaled], f"{name}_add")
+
+    def model(self, **outputs):
+        for name, value in outputs.items():
+            self.gb.output(value, name, F32, [d if isinstance(d, int) else "?" for d in value.shape] if value.shape else [S, D])
+        return self.gb.model()
+
+
+@pytest.mark.parametrize("where", ["host", "reader"])
+@pytest.mark.parametrize("bias_shape", [[], [1], [S, D]])
+def test_gemm_with_a_broadcast_bias_is_not_widened(where, bias_shape):
+    g = Lanes()
+    host = g.gemm(g.t, "host", bias_shape if where == "host" else None)
+    z = g.gb.op("MatMul", [g.t, g.const("A", [D, R])], "A")
+    out = g.read(g.gemm(g.x, "reader", bias_shape if where == "reader" else None), z)
+    _, detection = _onnx_rewrite(g.model(host=host, out=out))
+    assert not detection.widened and len(detection.rejections) == 1
+    assert f"has shape {bias_shape}, not [{D}]" in detection.rejections[0].reason
+
+
+def test_gemm_whose_bias_is_an_activation_never_hosts():
+    g = Lanes()
+    host = g.gemm(g.t, "host", bias_value=g.x)
+    z = g.gb.op("MatMul", [g.t, g.const("A", [D, R])], "A")
+    out = g.read(g.gemm(g.x, "reader"), z)
+    _, detection = _onnx_rewrite(g.model(host=host, out=out))
+    assert not detection.widened and "is not constant" in detection.rejections[0].reason
+
+
+def test_a_host_that_depends_on_its_own_readers_is_refused_and_the_rest_stays_exact():
+    """P hosts z (read by Q) and reads z2 = relu(Q) @ A2: widened, P would wait for itself."""
+    g = Lanes()
+    z = g.gb.op("MatMul", [g.t, g.const("A", [D, R])], "A")
+    q = g.read(g.gb.op("MatMul", [g.x, g.const("Wq", [D, D])], "Q"), z, "q")
+    u = g.gb.op("Relu", [q], "relu")
+    r = g.gb.op("MatMul", [u, g.const("Wr", [D, D])], "R")
+    z2 = g.gb.op("MatMul", [u, g.const("A2", [D, R])], "A2")
+    p = g.read(g.gb.op("MatMul", [g.t, g.const("Wp", [D, D])], "P"), z2, "p")
+    _, detection = _onnx_rewrite(g.model(q=q, r=r, p=p))
+    assert [r.node for r in detection.rejections] == ["q_add"] and "cycle" in detection.rejections[0].reason
+    assert sorted(s.nodes[0] for s in detection.widened) == ["P", "R"]
+
+
+@pytest.mark.parametrize("lanes_dtype", [np.float16, np.float32])
+def test_a_cast_between_the_lanes_and_b_is_refused(lanes_dtype):
+    g = Lanes()
+    cast_to = ir.DataType.FLOAT16 if lanes_dtype == F32 else ir.DataType.FLOAT
+    t = g.t if lanes_dtype == F32 else g.gb.op("Cast", [g.t], "t16", to=ir.DataType.FLOAT16)
+    host = g.gb.op("MatMul", [t, g.const("host.W", [D, D], lanes_dtype)], "host")
+    z = g.gb.op("Cast", [g.gb.op("MatMul", [t, g.const("A", [D, R], lanes_dtype)], "A")], "cast", to=cast_to)
+    z = z if lanes_dtype == F32 else z
+    base = g.gb.op("MatMul", [g.x, g.const("reader.W", [D, D])], "reader")
+    if lanes_dtype == F32:
+        z = g.gb.op("Cast", [z], "cast_back", to=ir.DataType.FLOAT)
+    out = g.read(base, z)
+    model = g.model(out=out)
+    model.graph.outputs.append(host)
+    host.name, host.type, host.shape = "host_out", ir.TensorType(ir.DataType.from_numpy(np.dtype(lanes_dtype))), ir.Shape([S, D])
+    _, detection = _onnx_rewrite(model)
+    assert not detection.widened and "a Cast sits between the lanes" in detection.rejections[0].reason
+
+
+def test_lanes_whose_leading_axes_broadcast_against_the_reader_are_refused():
+    g = Lanes(t_shape=(1, S, D), x_shape=(2, S, D))
+    host = g.gb.op("MatMul", [g.t, g.const("host.W", [D, D])], "host")
+    z = g.gb.op("MatMul", [g.t, g.const("A", [D, R])], "A")
+    out = g.read(g.gb.op("MatMul", [g.x, g.const("reader.W", [D, D])], "reader"), z)
+    _, detection = _onnx_rewrite(g.model(host=host, out=out))
+    assert not detection.widened and "leading axes" in detection.rejections[0].reason
+
+
+@pytest.mark.parametrize("variant", ["bias", "scale"])
+def test_a_constant_that_raises_the_rank_is_no_bias_and_no_scale(variant):
+    g = Lanes()
+    base = g.gb.op("MatMul", [g.x, g.const("W", [D, D])], "W")
+    if variant == "bias":
+        base = g.gb.op("Add", [base, g.const("b", [1, 1, D])], "bias")
+    low = g.gb.op("MatMul", [g.gb.op("MatMul", [g.x, g.const("A", [D, R])], "A"), g.const("B", [R, D])], "B")
+    low = g.gb.op("Mul", [low, g.gb.initializer("s", np.full([1, 1, 1] if variant == "scale" else [], 2.0, F32))], "scale")
+    out = g.gb.op("Transpose", [g.gb.op("Add", [base, low], "add")], "tr", perm=[2, 1, 0])
+    model = g.model(out=out)
+    for strategy in ("fuse", "merge"):
+        _, detection = _onnx_rewrite(model, strategy)
+        assert not detection.sites
+
+
+# ---------------------------------------------------------------- torch.fx
+
+
+def _fx_rewrite(module: torch.nn.Module, args, strategy: str = "fuse", decompose: bool = True):
+    program = torch.export.export(module.eval(), args)
+    program = program.run_decompositions() if decompose else program
+    program_edit = edit(program)
+    graph = FxGraph(program_edit.gm, program_edit.constants, program_edit.add_constant)
+    detection = families.detect(graph)
+    families.rewrite(graph, plan(detection, strategy))
+    result = program_edit.finish()
+    with torch.no_grad():
+        want, got = program.module()(*args), result.module()(*args)
+    for w, o in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        torch.testing.assert_close(o, w, atol=1e-4, rtol=1e-4)
+    return detection
+
+
+class PerHead(torch.nn.Module):
+    """``bmm(x[H, S, in], W.view(H, in, out))``: H different weights, not one GEMM."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.W = torch.nn.Parameter(torch.randn(heads * D, D))
+        self.A = torch.nn.Parameter(torch.randn(heads * D, R))
+        self.B = torch.nn.Parameter(torch.randn(R, D))
+
+    def forward(self, x):
+        return torch.bmm(x, self.W.view(self.heads, D, D)) + 2.0 * (torch.bmm(x, self.A.view(self.heads, D, R)) @ self.B)
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_per_head_bmm_is_not_a_gemm(decompose):
+    detection = _fx_rewrite(PerHead(), (torch.randn(4, 5, D),), decompose=decompose)
+    assert not detection.sites
+
+
+class TransposedLora(torch.nn.Module):
+    """LoRA on ``x.transpose(0, 1)``: decomposed, the base GEMM is a bmm on a non-viewable input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.a, self.b = torch.nn.Linear(D, D), torch.nn.Linear(D, R, bias=False), torch.nn.Linear(R, D, bias=False)
+        torch.nn.init.normal_(self.b.weight)
+
+    def forward(self, x):
+        xs = x.transpose(0, 1)
+        return self.q(xs) + 2.0 * self.b(self.a(xs))
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_lora_on_a_transposed_input_fuses_exactly(strategy):
+    detection = _fx_rewrite(TransposedLora(), (torch.randn(3, 6, D),), strategy)
+    assert len(detection.sites) == 1
+
+
+class HostThroughCast(torch.nn.Module):
+    """An fp32 A reading t; the only other projection reading t reads it cast to ``dtype``."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.a, self.b = torch.nn.Linear(D, R, bias=False), torch.nn.Linear(R, D, bias=False)
+        self.reader = torch.nn.Linear(D, D, bias=False)
+        self.host = torch.nn.Linear(D, D, bias=False).to(dtype)
+        torch.nn.init.normal_(self.b.weight)
+
+    def forward(self, t, x):
+        return self.reader(x) + 2.0 * self.b(self.a(t)), self.host(t.to(self.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_projection_reading_a_cast_of_t_never_hosts_an_fp32_a(dtype):
+    detection = _fx_rewrite(HostThroughCast(dtype), (torch.randn(2, 5, D) * 4, torch.randn(2, 5, D)), decompose=False)
+    assert not detection.widened and len(detection.rejections) == 1
+
+
+class ReadBeforeHost(torch.nn.Module):
+    """The reader of z = t @ A comes before the host of A's columns in graph order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(D, R, bias=False), torch.nn.Linear(R, D, bias=False)
+        self.reader, self.host, self.after = (torch.nn.Linear(D, D) for _ in range(3))
+        torch.nn.init.normal_(self.b.weight)
+
+    def forward(self, t, x):
+        out = self.reader(x) + 2.0 * self.b(self.a(t))
+        return out, self.after(self.host(t))
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_a_read_before_its_host_is_widened_exactly(decompose):
+    detection = _fx_rewrite(ReadBeforeHost(), (torch.randn(2, 5, D), torch.randn(2, 5, D)), decompose=decompose)
+    assert len(detection.widened) == 2 and not detection.rejections
