@@ -19,7 +19,7 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
-from zflora_compile import families
+import zflora_compile.families as families
 from zflora_compile.errors import InputError
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 from zflora_compile.graph.torch_fx import FxConstants, FxGraph, op_name

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from zflora_compile import families
+import zflora_compile.families as families
 from zflora_compile.errors import VerificationError, ZcompileError, first_line
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
