@@ -65,7 +65,7 @@ def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Re
         raise NotACandidate
     if a.bias is not None:
         raise Reject(f"low-rank GEMM '{view.name(a.node)}' has a bias")
-    if view.peel(b.operand, casts=False) is not z:
+    if _changes_dtype(view, b.operand, z):
         raise Reject(f"a Cast sits between the lanes of A '{view.name(a.node)}' and B '{view.name(b.node)}': the widened GEMM would read the lanes in another dtype")
     x = projection.gemm.x
     lanes_dtype, x_dtype = view.value_dtype(a.out), view.value_dtype(x)
@@ -106,6 +106,18 @@ def detect(view: GraphView, found) -> None:
     for group, host in _without_cycles(view, hosted, found):
         _widen(view, group, host, found.widened)
         found.claim(*(read.add for read in group))
+
+
+def _changes_dtype(view: GraphView, top, bottom) -> bool:
+    """Whether any value on the pass-through path from ``top`` down to ``bottom`` has another dtype."""
+    want, value = view.value_dtype(bottom), top
+    while value is not None and value is not bottom:
+        have = view.value_dtype(value)
+        if want is None or have is None or have != want:
+            return True
+        producer = view.producer(value)
+        value = view.data_input(producer) if producer is not None else None
+    return value is None
 
 
 def _reject_group(view: GraphView, group: list[_Read], reason: str, found) -> None:
@@ -184,8 +196,8 @@ def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, f
 
 def _unfit_host(view: GraphView, gemm: Gemm, a: Gemm) -> str | None:
     """Why ``gemm`` cannot carry A's columns, or None."""
-    if view.dtype(gemm.weight) != view.dtype(a.weight):
-        return f"projection '{view.name(gemm.node)}' is {view.dtype(gemm.weight)}, A is {view.dtype(a.weight)}"
+    if view.dtype(gemm.weight) != view.dtype(a.weight) or view.value_dtype(gemm.x) != view.value_dtype(a.x):
+        return f"projection '{view.name(gemm.node)}' is {view.dtype(gemm.weight)} reading {view.value_dtype(gemm.x)}, A is {view.dtype(a.weight)} reading {view.value_dtype(a.x)}"
     return widening_problem(view, gemm)
 
 

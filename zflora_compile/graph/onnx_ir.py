@@ -186,14 +186,18 @@ class OnnxGraph:
         return Gemm(node, node.op_type, x, node.outputs[0], weight, bias, shape, transposed, 1, x)
 
     def gemm_readers(self, value):
-        readers = []
-        for user, index in value.uses():
-            if index == 0 and _default(user, *GEMM_OPS):
-                try:
-                    gemm = self.gemm(user.outputs[0])
-                except Reject:
-                    continue
-                readers.append(gemm)
+        """The GEMMs reading ``value`` up to casts (the source itself, or a Cast/Identity of it)."""
+        readers, frontier = [], [self.peel(value)]
+        while frontier:
+            current = frontier.pop(0)
+            for user, index in current.uses():
+                if index == 0 and _default(user, *_PASS_THROUGH):
+                    frontier.append(user.outputs[0])
+                elif index == 0 and _default(user, *GEMM_OPS):
+                    try:
+                        readers.append(self.gemm(user.outputs[0]))
+                    except Reject:
+                        continue
         return readers
 
     def bias_add(self, value):
@@ -255,7 +259,17 @@ class OnnxGraph:
         return None if cut is None else cut[2] - cut[1]
 
     def value_dtype(self, value):
-        return value.dtype.numpy().name if isinstance(value, ir.Value) and value.dtype is not None else None
+        """numpy name of ``value``'s element type: recorded, else a Cast's target, else its pass-through input's."""
+        while isinstance(value, ir.Value):
+            if value.dtype is not None:
+                return value.dtype.numpy().name
+            node = value.producer()
+            if _default(node, "Cast"):
+                return ir.DataType(node.attributes["to"].value).numpy().name
+            if not _default(node, "Identity", "Relu", "Mul", "Div", "Add", "MatMul", "Gemm", "Slice", "Concat"):
+                return None
+            value = node.inputs[0]
+        return None
 
     def leading_shape(self, value):
         shape = value.shape if isinstance(value, ir.Value) else None

@@ -380,7 +380,7 @@ class FxGraph:
         return Gemm(value, name, self.peel(x, casts=False), self._nd_output(value), weight, bias, shape, transposed, index, x)
 
     def gemm_readers(self, value):
-        source = self.peel(value, casts=False)
+        source = self.peel(value)
         readers = []
         for node in self.graph.nodes:
             if op_name(node) in GEMM_OPS:
@@ -388,7 +388,7 @@ class FxGraph:
                     gemm = self.gemm(node)
                 except Reject:
                     continue
-                if gemm is not None and gemm.x is source:
+                if gemm is not None and self.peel(gemm.x) is source:
                     readers.append(gemm)
         return readers
 
