@@ -258,3 +258,16 @@ class ReadBeforeHost(torch.nn.Module):
 def test_a_read_before_its_host_is_widened_exactly(decompose):
     detection = _fx_rewrite(ReadBeforeHost(), (torch.randn(2, 5, D), torch.randn(2, 5, D)), decompose=decompose)
     assert len(detection.widened) == 2 and not detection.rejections
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge", "strip"])
+def test_a_lane_scaled_between_a_and_b_is_widened_with_the_scale(strategy):
+    """``y = x @ W + (s * (t @ A)) @ B``: formerly only LoRA's misleading reason was reported."""
+    g = Lanes()
+    host = g.gb.op("MatMul", [g.t, g.const("host.W", [D, D])], "host")
+    z = g.gb.op("MatMul", [g.t, g.const("A", [D, R])], "A")
+    z = g.gb.op("Mul", [z, g.gb.initializer("between", np.array(0.5, F32))], "between")
+    delta = g.gb.op("MatMul", [z, g.const("B", [R, D])], "B")
+    out = g.gb.op("Add", [g.gb.op("MatMul", [g.x, g.const("reader.W", [D, D])], "reader"), delta], "read_add")
+    _, detection = _onnx_rewrite(g.model(host=host, out=out), strategy)
+    assert not detection.rejections and [r.scale for s in detection.widened for r in s.reads] == [0.5]

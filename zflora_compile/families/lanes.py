@@ -43,13 +43,14 @@ def _family_of(text: str) -> str:
 
 
 def match_lowrank(view: GraphView, value) -> tuple[Gemm, float, list, object]:
-    """``s * (z @ B)`` ending at ``value``: (B's GEMM, s, chain nodes, z up to casts)."""
+    """``s * ((s' * z) @ B)`` ending at ``value``: (B's GEMM, s * s', chain nodes, z up to casts)."""
     reached, scale, nodes = view.walk_back(value)
     b = view.gemm(reached)
     if b is None or b.bias is not None or not view.is_constant(b.weight):
         raise NotACandidate
     nodes.append(b.node)
-    return b, scale, nodes, view.peel(b.operand)
+    z, between, more = view.walk_back(b.operand)
+    return b, scale * between, nodes + more, z
 
 
 def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Read:
