@@ -271,3 +271,14 @@ def test_a_lane_scaled_between_a_and_b_is_widened_with_the_scale(strategy):
     out = g.gb.op("Add", [g.gb.op("MatMul", [g.x, g.const("reader.W", [D, D])], "reader"), delta], "read_add")
     _, detection = _onnx_rewrite(g.model(host=host, out=out), strategy)
     assert not detection.rejections and [r.scale for s in detection.widened for r in s.reads] == [0.5]
+
+
+def test_readers_sharing_a_cast_of_the_lanes_are_all_widened():
+    """FBA's gate and up read one ``Cast(z)`` (PEFT-style adapter dtype cast, a no-op here)."""
+    g = Lanes()
+    host = g.gb.op("MatMul", [g.t, g.const("host.W", [D, D])], "host")
+    z = g.gb.op("Cast", [g.gb.op("MatMul", [g.t, g.const("A", [D, R])], "A")], "z_cast", to=ir.DataType.FLOAT)
+    gate = g.read(g.gb.op("MatMul", [g.x, g.const("gate.W", [D, D])], "gate"), z, "gate")
+    up = g.read(g.gb.op("MatMul", [g.x, g.const("up.W", [D, D])], "up"), z, "up")
+    _, detection = _onnx_rewrite(g.model(host=host, gate=gate, up=up))
+    assert not detection.rejections and sorted(s.nodes[0] for s in detection.widened) == ["gate", "host", "up"]

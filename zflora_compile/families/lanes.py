@@ -43,14 +43,16 @@ def _family_of(text: str) -> str:
 
 
 def match_lowrank(view: GraphView, value) -> tuple[Gemm, float, list, object]:
-    """``s * ((s' * z) @ B)`` ending at ``value``: (B's GEMM, s * s', chain nodes, z up to casts)."""
+    """``s * ((s' * z) @ B)`` ending at ``value``: (B's GEMM, s * s', the nodes from B to the add, z
+    up to casts). What sits between z and B may be shared by the lanes' readers (a cast of z): it
+    stays as it is, computed from z, which the fused graph still provides."""
     reached, scale, nodes = view.walk_back(value)
     b = view.gemm(reached)
     if b is None or b.bias is not None or not view.is_constant(b.weight):
         raise NotACandidate
     nodes.append(b.node)
-    z, between, more = view.walk_back(b.operand)
-    return b, scale * between, nodes + more, z
+    z, between, _ = view.walk_back(b.operand)
+    return b, scale * between, nodes, z
 
 
 def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Read:
