@@ -282,3 +282,110 @@ def test_readers_sharing_a_cast_of_the_lanes_are_all_widened():
     up = g.read(g.gb.op("MatMul", [g.x, g.const("up.W", [D, D])], "up"), z, "up")
     _, detection = _onnx_rewrite(g.model(host=host, gate=gate, up=up))
     assert not detection.rejections and sorted(s.nodes[0] for s in detection.widened) == ["gate", "host", "up"]
+
+
+# ---------------------------------------------------------------- a second hunt, on the fixes
+
+
+def _linear(i, o, std=None):
+    layer = torch.nn.Linear(i, o, bias=False)
+    if std:
+        torch.nn.init.normal_(layer.weight, std=std)
+    return layer
+
+
+class LossyRoundTrip(torch.nn.Module):
+    """A reads ``t`` rounded through bf16; the only projection reading ``t`` reads it unrounded."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.host, self.reader = _linear(D, R), _linear(R, D, 0.5), _linear(D, D), _linear(D, D)
+
+    def forward(self, t, x):
+        return self.reader(x) + 2.0 * self.b(self.a(t.bfloat16().float())), self.host(t)
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_a_host_never_reads_a_lossy_cast_of_what_a_reads(decompose):
+    detection = _fx_rewrite(LossyRoundTrip(), (torch.randn(2, 5, D) * 4, torch.randn(2, 5, D)), decompose=decompose)
+    assert not detection.widened and len(detection.rejections) == 1
+
+
+def test_onnx_host_never_reads_a_lossy_cast_of_what_a_reads():
+    g = Lanes()
+    rounded = g.gb.op("Cast", [g.gb.op("Cast", [g.t], "to16", to=ir.DataType.FLOAT16)], "to32", to=ir.DataType.FLOAT)
+    host = g.gb.op("MatMul", [g.t, g.const("host.W", [D, D])], "host")
+    z = g.gb.op("MatMul", [rounded, g.const("A", [D, R])], "A")
+    out = g.read(g.gb.op("MatMul", [g.x, g.const("reader.W", [D, D])], "reader"), z)
+    _, detection = _onnx_rewrite(g.model(host=host, out=out))
+    assert not detection.widened and len(detection.rejections) == 1
+
+
+class RankRaisingScale(torch.nn.Module):
+    """``(t @ A) * c @ B`` with ``c`` of shape [1, 1, 1] on 2-D activations: it broadcasts to 3-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.host, self.reader = _linear(D, R), _linear(R, D, 0.5), _linear(D, D), _linear(D, D)
+        self.register_buffer("c", torch.full((1, 1, 1), 2.0))
+
+    def forward(self, t, x):
+        return self.reader(x) + self.b(self.a(t) * self.c), self.host(t)
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_fx_constant_that_raises_the_rank_is_no_scale(decompose):
+    detection = _fx_rewrite(RankRaisingScale(), (torch.randn(5, D), torch.randn(5, D)), decompose=decompose)
+    assert not detection.widened and not detection.sites
+
+
+class HostAndZfloraWrite(torch.nn.Module):
+    """``Wh`` would host FFA lanes (it reads t like A) and is a zFLoRA exit ``cat([Wh(t), Az(t)])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.bz, self.wh, self.az = _linear(D, D), _linear(R, D, 0.5), _linear(D, D), _linear(D, R, 0.5)
+        self.a, self.b, self.wr = _linear(D, R), _linear(R, D, 0.5), _linear(D, D)
+
+    def forward(self, a, t, x):
+        q = self.wq(a[..., :D]) + 2.0 * self.bz(a[..., D:])
+        return q, torch.cat([self.wh(t), self.az(t)], -1), self.wr(x) + 1.5 * self.b(self.a(t))
+
+
+class ReaderAndZfloraCut(torch.nn.Module):
+    """``Wo`` reads FFA lanes and cuts the zFLoRA stream's base lanes."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.bz, self.wh, self.a, self.b, self.wo = _linear(D, D), _linear(R, D, 0.5), _linear(D, D), _linear(D, R), _linear(R, D, 0.5), _linear(D, D)
+
+    def forward(self, a, t):
+        q = self.wq(a[..., :D]) + 2.0 * self.bz(a[..., D:])
+        return q, self.wh(t), self.wo(a[..., :D]) + 1.5 * self.b(self.a(t))
+
+
+@pytest.mark.parametrize("module", [HostAndZfloraWrite, ReaderAndZfloraCut])
+def test_one_projection_never_carries_ffa_and_zflora_lanes(module):
+    args = (torch.randn(2, 5, D + R), torch.randn(2, 5, D), torch.randn(2, 5, D))
+    detection = _fx_rewrite(module(), args[: 3 if module is HostAndZfloraWrite else 2])
+    assert any("cannot also carry" in r.reason for r in detection.rejections)
+
+
+class AlternativeHost(torch.nn.Module):
+    """P (the first projection reading t) cannot host z without a cycle; P2 (reading t too) can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.wq, self.wr = _linear(D, R), _linear(R, D, 0.5), _linear(D, D), _linear(D, D)
+        self.a2, self.b2, self.wp, self.wp2 = _linear(D, R), _linear(R, D, 0.5), _linear(D, D), _linear(D, D)
+
+    def forward(self, t, x):
+        q = self.wq(x) + 2.0 * self.b(self.a(t))
+        u = torch.relu(q)
+        p = self.wp(t) + 2.0 * self.b2(self.a2(u))
+        return q, self.wr(u), p, self.wp2(t)
+
+
+def test_the_next_host_is_tried_when_the_first_would_make_a_cycle():
+    detection = _fx_rewrite(AlternativeHost(), (torch.randn(2, 5, D), torch.randn(2, 5, D)), decompose=False)
+    assert not detection.rejections and len(detection.widened) == 4

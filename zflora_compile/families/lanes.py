@@ -100,12 +100,12 @@ def detect(view: GraphView, found) -> None:
     hosted = []
     for group in lanes.values():
         try:
-            host = _host(view, group, writers, order, found)
+            hosts = _hosts(view, group, writers, order, found)
         except Reject as reject:
             _reject_group(view, group, str(reject), found)
             continue
-        if host is not None:
-            hosted.append((group, host))
+        if hosts:
+            hosted.append((group, hosts))
     for group, host in _without_cycles(view, hosted, found):
         _widen(view, group, host, found.widened)
         found.claim(*(read.add for read in group))
@@ -129,21 +129,25 @@ def _reject_group(view: GraphView, group: list[_Read], reason: str, found) -> No
 
 
 def _without_cycles(view: GraphView, hosted: list, found) -> list:
-    """The hosted lane groups whose widening keeps the graph acyclic. Widened, a reader depends on
-    its lanes' host; a group whose host is reachable from one of its readers (through the graph
-    and the other groups' new dependencies) would make the host depend on its own output."""
-    kept = list(hosted)
+    """(group, host) for the lane groups whose widening keeps the graph acyclic. Widened, a reader
+    depends on its lanes' host; a host reachable from one of its group's readers (through the graph
+    and the other groups' new dependencies) would depend on its own output: the next candidate
+    host is tried, and a group with none left is refused."""
+    kept = [(group, list(hosts)) for group, hosts in hosted]
     while True:
         extra: dict[int, list] = {}
-        for group, host in kept:
+        for group, hosts in kept:
             for read in group:
-                extra.setdefault(id(host.node), []).append(read.projection.node)
+                extra.setdefault(id(hosts[0].node), []).append(read.projection.node)
                 extra.setdefault(id(group[0].a.node), []).append(read.projection.node)
-        bad = next(((g, h, r) for g, h in kept for r in g if _reaches(view, r.projection.node, h.node, extra)), None)
+        bad = next(((g, hs, r) for g, hs in kept for r in g if _reaches(view, r.projection.node, hs[0].node, extra)), None)
         if bad is None:
-            return kept
-        group, host, read = bad
-        kept = [(g, h) for g, h in kept if g is not group]
+            return [(group, hosts[0]) for group, hosts in kept]
+        group, hosts, read = bad
+        host = hosts.pop(0)
+        if hosts:
+            continue
+        kept = [(g, hs) for g, hs in kept if g is not group]
         _reject_group(view, group, (
             f"projection '{view.name(host.node)}' cannot carry the lanes of A '{view.name(group[0].a.node)}': it depends on "
             f"the output of their reader '{view.name(read.projection.node)}', so the widened graph would have a cycle"
@@ -163,8 +167,9 @@ def _reaches(view: GraphView, start, target, extra: dict) -> bool:
     return False
 
 
-def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, found) -> Gemm | None:
-    """The projection that carries A's columns, after the checks every read of the lanes needs."""
+def _hosts(view: GraphView, group: list[_Read], writers: set[int], order: dict, found) -> list[Gemm]:
+    """The projections that could carry A's columns, in graph order, after the checks every read of
+    the lanes needs (none: the reads are reported)."""
     a = group[0].a
     t = a.x
     in_a, rank = matrix_shape(view, a, "A")
@@ -185,21 +190,22 @@ def _host(view: GraphView, group: list[_Read], writers: set[int], order: dict, f
                 f"a constant weight reading '{view.value_name(t)}' to carry A's columns (input of A '{view.name(a.node)}'), and no base "
                 f"projection with a constant weight reads '{view.value_name(t)}'"
             )))
-        return None
-    host = min(hosts, key=lambda g: order[id(g.node)])
-    check_rank(rank, host.shape, view.name(a.node), found.max_rank_ratio)
+        return []
+    hosts.sort(key=lambda g: order[id(g.node)])
+    check_rank(rank, hosts[0].shape, view.name(a.node), found.max_rank_ratio)
     for read in group:
         rank_b, out_b = matrix_shape(view, read.b, "B")
         in_w, out_w = read.projection.shape
         if (rank_b, out_b) != (rank, out_w):
             raise Reject(f"shapes do not line up at '{view.name(read.add)}': W [{in_w}, {out_w}], A [{in_a}, {rank}], B [{rank_b}, {out_b}]")
         check_rank(rank, (in_w, out_w), view.name(read.add), found.max_rank_ratio)
-    return host
+    return hosts
 
 
 def _unfit_host(view: GraphView, gemm: Gemm, a: Gemm) -> str | None:
     """Why ``gemm`` cannot carry A's columns, or None."""
-    if view.dtype(gemm.weight) != view.dtype(a.weight) or view.value_dtype(gemm.x) != view.value_dtype(a.x):
+    reads, a_reads = view.value_dtype(gemm.x), view.value_dtype(a.x)
+    if view.dtype(gemm.weight) != view.dtype(a.weight) or (reads and a_reads and reads != a_reads):
         return f"projection '{view.name(gemm.node)}' is {view.dtype(gemm.weight)} reading {view.value_dtype(gemm.x)}, A is {view.dtype(a.weight)} reading {view.value_dtype(a.x)}"
     return widening_problem(view, gemm)
 

@@ -93,6 +93,14 @@ class WidenedSites:
         site.family = merged_family(site.family, family)
         return site
 
+    def conflict(self, node, family: str) -> str | None:
+        """Why ``node`` cannot also carry ``family``'s lanes: a projection either reads and writes
+        the zFLoRA stream or FFA/FBA lanes, not both (one input and one output layout each)."""
+        site = self.by_node.get(id(node))
+        if site is None or ("zflora" in site.family) == ("zflora" in family):
+            return None
+        return f"projection '{self.view.name(node)}' already carries {site.family} lanes; it cannot also carry {family} lanes"
+
     def add_read(self, site: WidenedSite, add, base_value, b: Gemm, scale: float, lane: str, rank: int, *, z=None, stream=None) -> None:
         """``add = base_value + scale * (lanes @ B)`` is a read of the site's projection."""
         view = self.view

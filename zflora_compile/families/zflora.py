@@ -56,6 +56,9 @@ def _match_read(view: GraphView, add, base_value, lowrank_value, found):
     gemm = projection.gemm
     check_complementary(view, gemm.x, stream, start, projection=view.name(gemm.node), lanes=view.value_name(z), add=view.name(add))
     check_read(view, add, base_value, projection, nodes, found.claimed)
+    conflict = found.widened.conflict(projection.node, NAME)
+    if conflict:
+        raise Reject(conflict)
     rank, out_b = matrix_shape(view, b, "B")
     in_w, out_w = projection.shape
     if out_b != out_w or view.last_dim(stream) != in_w + rank:
@@ -108,7 +111,7 @@ def _cut(view: GraphView, gemm, ranks: set[int], widened: WidenedSites) -> None:
     rank = (view.last_dim(stream) or 0) - end
     if start != 0 or end != gemm.shape[0] or rank not in ranks:
         return
-    problem = widening_problem(view, gemm)
+    problem = widening_problem(view, gemm) or widened.conflict(gemm.node, NAME)
     if problem:
         raise Reject(problem)
     site = widened.projection(gemm, NAME)
@@ -156,7 +159,7 @@ def _write(view: GraphView, node, ranks: set[int], widened: WidenedSites, found)
                 raise Reject(f"the lanes concatenated at '{view.name(node)}' are not a GEMM of the same input as projection '{view.name(gemm.node)}'")
             single_use(view, lane_value, node, "lane GEMM output")
         single_use(view, base_value, node, "base projection output")
-        problem = widening_problem(view, gemm)
+        problem = widening_problem(view, gemm) or widened.conflict(gemm.node, NAME)
         if problem:
             raise Reject(problem)
         site = widened.projection(gemm, NAME)

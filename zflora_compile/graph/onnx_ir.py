@@ -29,6 +29,11 @@ _ACTIVATIONS = {
     "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "ThresholdedRelu",
 }
 _PREFIX = "zflora"
+#: ops whose output has their first input's element type
+_SAME_TYPE = (
+    "Identity", "Relu", "Neg", "Mul", "Div", "Add", "Sub", "MatMul", "Gemm", "Slice", "Concat", "Reshape",
+    "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Gather", "Split", "Pad",
+)
 
 
 def _default(node: ir.Node | None, *ops: str) -> bool:
@@ -185,14 +190,26 @@ class OnnxGraph:
                 shape = (stored[1], stored[0]) if transposed else (stored[0], stored[1])
         return Gemm(node, node.op_type, x, node.outputs[0], weight, bias, shape, transposed, 1, x)
 
+    def _lossless_source(self, value):
+        """Up through Cast/Identity while every step keeps ``value``'s dtype."""
+        dtype = self.value_dtype(value)
+        node = value.producer()
+        while _default(node, *_PASS_THROUGH) and dtype is not None and self.value_dtype(node.inputs[0]) == dtype:
+            value = node.inputs[0]
+            node = value.producer()
+        return value
+
     def gemm_readers(self, value):
-        """The GEMMs reading ``value`` up to casts (the source itself, or a Cast/Identity of it)."""
-        readers, frontier = [], [self.peel(value)]
+        """The GEMMs reading ``value`` up to casts that keep its dtype (a no-op Cast, an Identity)."""
+        source = self._lossless_source(value)
+        dtype = self.value_dtype(source)
+        readers, frontier = [], [source]
         while frontier:
             current = frontier.pop(0)
             for user, index in current.uses():
                 if index == 0 and _default(user, *_PASS_THROUGH):
-                    frontier.append(user.outputs[0])
+                    if dtype is not None and self.value_dtype(user.outputs[0]) == dtype:
+                        frontier.append(user.outputs[0])
                 elif index == 0 and _default(user, *GEMM_OPS):
                     try:
                         readers.append(self.gemm(user.outputs[0]))
@@ -259,14 +276,15 @@ class OnnxGraph:
         return None if cut is None else cut[2] - cut[1]
 
     def value_dtype(self, value):
-        """numpy name of ``value``'s element type: recorded, else a Cast's target, else its pass-through input's."""
+        """numpy name of ``value``'s element type: recorded, else a Cast's target, else its input's
+        through ops whose output has their input's type."""
         while isinstance(value, ir.Value):
             if value.dtype is not None:
                 return value.dtype.numpy().name
             node = value.producer()
             if _default(node, "Cast"):
                 return ir.DataType(node.attributes["to"].value).numpy().name
-            if not _default(node, "Identity", "Relu", "Mul", "Div", "Add", "MatMul", "Gemm", "Slice", "Concat"):
+            if not _default(node, *_SAME_TYPE):
                 return None
             value = node.inputs[0]
         return None

@@ -312,6 +312,8 @@ class FxGraph:
         for data, factor in orders:
             if not isinstance(data, Node) or self.constants.is_constant(data):
                 continue
+            if isinstance(factor, Node) and self.is_constant(factor) and len(self.constant_shape(factor)) > max(1, self.rank(data) or 0):
+                continue  # a "scale" of higher rank than the data broadcasts it up: not a scale
             value = self._scalar(factor)
             if value is None:
                 continue
@@ -379,8 +381,18 @@ class FxGraph:
                 shape = (stored[1], stored[0]) if transposed else (stored[0], stored[1])
         return Gemm(value, name, self.peel(x, casts=False), self._nd_output(value), weight, bias, shape, transposed, index, x)
 
+    def _lossless_source(self, value):
+        """Up through identities, flattening views and casts, while every step keeps the dtype."""
+        dtype = self.value_dtype(value)
+        while isinstance(value, Node) and (op_name(value) in _IDENTITY or _is_cast(value) or _flattens(value)):
+            if dtype is None or self.value_dtype(value.args[0]) != dtype:
+                break
+            value = value.args[0]
+        return value
+
     def gemm_readers(self, value):
-        source = self.peel(value)
+        """The GEMMs reading ``value`` up to views and casts that keep its dtype."""
+        source = self._lossless_source(value)
         readers = []
         for node in self.graph.nodes:
             if op_name(node) in GEMM_OPS:
@@ -388,7 +400,7 @@ class FxGraph:
                     gemm = self.gemm(node)
                 except Reject:
                     continue
-                if gemm is not None and self.peel(gemm.x) is source:
+                if gemm is not None and self._lossless_source(gemm.x) is source:
                     readers.append(gemm)
         return readers
 
