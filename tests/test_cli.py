@@ -145,9 +145,9 @@ def test_existing_output_dir_needs_force(capsys, tmp_path):
 
 
 def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, monkeypatch):
-    from zflora_compile import planner
+    from zflora_compile.families import lora
 
-    monkeypatch.setattr(planner, "_scaled_b_fp32", lambda site: site.lora_b().astype("float32") * 1.5 * site.scale)
+    monkeypatch.setattr(lora, "scaled_b_fp32", lambda site: site.lora_b().astype("float32") * 1.5 * site.scale)
     out_dir = tmp_path / "out"
     code, out, err = run(capsys, EXAMPLE, "-o", out_dir, "--json")
     assert code == 1
