@@ -35,8 +35,8 @@ class _Labelled:
 
 
 @dataclasses.dataclass
-class AdapterSite(_Labelled):
-    """One adapted projection: ``y = x @ W (+ bias) + scale * ((x @ A) @ B)``."""
+class _Site(_Labelled):
+    """What every kind of site has: where it is, its base weight ``W [in, out]`` and its nodes."""
 
     site_id: str
     family: str
@@ -45,36 +45,42 @@ class AdapterSite(_Labelled):
     output_name: str
     in_features: int
     out_features: int
-    rank: int
-    scale: float
     dtype: str  # numpy name of the base weight's element type
-    has_bias: bool
     nodes: list[str]
     weight: ArrayGetter = dataclasses.field(repr=False)
-    lora_a: ArrayGetter = dataclasses.field(repr=False)
-    lora_b: ArrayGetter = dataclasses.field(repr=False)
-    bias: ArrayGetter | None = dataclasses.field(default=None, repr=False)
-    group: str = ""
-    binding: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-    def to_json(self) -> dict:
+    def _json(self, **specific) -> dict:
         return {
             "id": self.site_id,
             "family": self.family,
             "label": self.label,
             "layer": self.layer,
             "projection": self.projection,
-            "group": self.group,
             "input": self.input_name,
             "output": self.output_name,
             "in_features": self.in_features,
             "out_features": self.out_features,
-            "rank": self.rank,
-            "scale": self.scale,
             "dtype": self.dtype,
-            "bias": self.has_bias,
+            **specific,
             "nodes": list(self.nodes),
         }
+
+
+@dataclasses.dataclass
+class AdapterSite(_Site):
+    """One adapted projection: ``y = x @ W (+ bias) + scale * ((x @ A) @ B)``."""
+
+    rank: int = 0
+    scale: float = 1.0
+    has_bias: bool = False
+    lora_a: ArrayGetter = dataclasses.field(default=None, repr=False)
+    lora_b: ArrayGetter = dataclasses.field(default=None, repr=False)
+    bias: ArrayGetter | None = dataclasses.field(default=None, repr=False)
+    group: str = ""
+    binding: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return self._json(group=self.group, rank=self.rank, scale=self.scale, bias=self.has_bias)
 
 
 @dataclasses.dataclass
@@ -169,23 +175,13 @@ class LaneWrite:
 
 
 @dataclasses.dataclass
-class WidenedSite(_Labelled):
+class WidenedSite(_Site):
     """One base projection (or embedding table) that FFA / FBA / FFBA / zFLoRA widen.
 
     Fused, it reads ``[x ; lanes_in]`` and writes ``[y ; lanes_out]`` through one weight
     ``[[W, A_1 .. A_k], [s_1 B_1, 0], ..]``: the adapter costs no GEMM of its own.
     """
 
-    site_id: str
-    family: str
-    label: str
-    input_name: str
-    output_name: str
-    in_features: int
-    out_features: int
-    dtype: str
-    nodes: list[str]
-    weight: ArrayGetter = dataclasses.field(repr=False)
     reads: list[LaneRead] = dataclasses.field(default_factory=list)
     writes: list[LaneWrite] = dataclasses.field(default_factory=list)
     kind: str = "projection"  # or "embedding" (a Gather of a [vocab, d] table)
@@ -201,22 +197,7 @@ class WidenedSite(_Labelled):
         return self.in_features + sum(r.rank for r in self.reads), self.out_features + sum(w.rank for w in self.writes)
 
     def to_json(self) -> dict:
-        return {
-            "id": self.site_id,
-            "family": self.family,
-            "kind": self.kind,
-            "label": self.label,
-            "layer": self.layer,
-            "projection": self.projection,
-            "input": self.input_name,
-            "output": self.output_name,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "dtype": self.dtype,
-            "reads": [r.to_json() for r in self.reads],
-            "writes": [w.to_json() for w in self.writes],
-            "nodes": list(self.nodes),
-        }
+        return self._json(kind=self.kind, reads=[r.to_json() for r in self.reads], writes=[w.to_json() for w in self.writes])
 
 
 @dataclasses.dataclass
