@@ -11,8 +11,9 @@ import onnx_ir as ir
 from zflora_compile.build import compile_file, default_output_dir
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 from zflora_compile.model_io import load_model, to_ir
-from zflora_compile.options import CompileOptions
+from zflora_compile.options import CompileOptions, check_max_rank_ratio
 from zflora_compile.pipeline import compile_model, detect, is_fx_model
+from zflora_compile.verify import check_finite_weights
 
 
 def detect_adapters(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
@@ -24,6 +25,7 @@ def detect_adapters(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) ->
     :class:`~zflora_compile.graph.records.WidenedSite`, one per widened projection);
     ``result.rejections`` lists what looked like an adapter but was left alone, with the reason.
     """
+    check_max_rank_ratio(max_rank_ratio)
     if is_fx_model(model):
         from zflora_compile.fx_program import detect_fx
 
@@ -65,5 +67,7 @@ def fuse_adapters(
         return out / "model.onnx"
     if is_fx_model(model):
         return compile_model(model, options)[0]
-    compiled, _ = compile_model(model.clone() if isinstance(model, ir.Model) else to_ir(model), options)
+    working = model.clone() if isinstance(model, ir.Model) else to_ir(model)
+    check_finite_weights(detect(working, max_rank_ratio), strategy, working)
+    compiled, _ = compile_model(working, options)
     return ir.to_proto(compiled) if isinstance(model, onnx.ModelProto) else compiled

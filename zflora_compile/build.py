@@ -6,27 +6,33 @@ temporary sibling directory that is renamed into place at the end.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import json
+import errno
+import fcntl
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
-from zflora_compile.errors import InputError, LatencyGateError, VerificationError, ZcompileError
+from zflora_compile.errors import EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError, first_line
 from zflora_compile.gate import Variant, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
 from zflora_compile.options import CompileOptions
-from zflora_compile.pipeline import compile_model, compile_onnx
+from zflora_compile.pipeline import CHECKER_PASSED, compile_model, compile_onnx, detect
 from zflora_compile.progress import TimedSteps
-from zflora_compile.report import InputInfo, Report, file_digest
+from zflora_compile.report import InputInfo, Report, file_digest, report_text
 from zflora_compile.targets import Shape, Target, get_target
 from zflora_compile.targets.check import check_artifact
-from zflora_compile.verify import token_vocab
+from zflora_compile.verify import check_finite_weights, token_vocab
 
 MODEL_NAME = "model.onnx"
+LOCK_NAME = ".zcompile.lock"
 
 
 def default_output_dir(model_path: Path, strategy: str) -> Path:
@@ -43,47 +49,108 @@ def compile_file(
 ) -> dict:
     """Compile ``input_path`` into ``output_dir`` (``model.onnx``, the target's artifact, ``report.json``).
 
-    Returns the report (JSON). Raises :class:`ZcompileError` subclasses for bad input or a
-    missing target runtime (exit 2), failed verification and a failed latency gate (exit 1), with
-    the report attached as ``error.report``. A failed gate still writes the complete output
-    directory (its report says ``latency_gate_failed``); every other failure writes nothing.
+    Returns the report (JSON). Raises :class:`ZcompileError` subclasses for bad input, a refusing
+    environment (full disk, read-only filesystem: :class:`EnvironmentProblem`) or a missing target
+    runtime (exit 2), failed verification and a failed latency gate (exit 1), with the report
+    attached as ``error.report``; any other exception (a bug, an :class:`Interrupted`) carries the
+    report too. A failed gate still writes the complete output directory (its report says
+    ``latency_gate_failed``); every other failure writes nothing and leaves nothing behind.
+
+    The output directory is claimed exclusively for the whole run (a lock file inside it, held
+    with ``flock``), so two runs on one directory cannot both write it; a symlinked output
+    directory is written through (the link stays, its target is replaced).
     """
     options = options or CompileOptions()
     input_path, output_dir = Path(input_path), Path(output_dir)
     report = Report(options.to_json(), InputInfo(path=str(input_path)))
     steps = TimedSteps(progress, report.timings_s)
+    claim: _OutputClaim | None = None
+    staging: Path | None = None
+    where = [output_dir, "checking the output directory"]  # the path and step an OSError is blamed on
     try:
-        _check_output_dir(output_dir, input_path, options.force)
         target = get_target(options.target, options.target_options)
         if "onnx" not in target.accepts:
             raise InputError(f"target '{target.name}' does not build from an ONNX file")
+        destination = _destination(output_dir)
+        _check_output_dir(destination, input_path, options.force, shown=output_dir)
+        claim = _OutputClaim(destination, options.force, shown=output_dir)
+        claim.acquire()
+        where[:] = [input_path, "reading the model"]
         with steps.step("load"):
             model = load_model(input_path)
             source = resolve_model_path(input_path)
             report.input.sha256 = file_digest(source)
             report.input.external_data = has_external_data(model)
         vocab = token_vocab(model)
-        model = compile_onnx(report, model, options, steps, source=source if source.suffix == ".onnx" else None)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+        onnx_source = source if source.suffix == ".onnx" else None
+        if onnx_source is not None:
+            report.input.checker = input_checker(onnx_source)
+        check_finite_weights(detect(model, options.max_rank_ratio), options.strategy, model)
+        where[:] = [Path(tempfile.gettempdir()), "compiling in the temporary directory"]
         try:
-            shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
-            report.succeed()
-            if options.check_latency:
-                _latency_gate(report, staging, input_path, target, shapes, options, vocab, steps)
-            report.output.dir = str(output_dir)
-            report.stop_clock()
-            (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=False) + "\n")
-            _move_into_place(staging, output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            model = compile_onnx(report, model, options, steps, source=onnx_source)
+        except VerificationError as error:
+            if report.input.checker != CHECKER_PASSED and str(error).startswith("rewritten model fails onnx.checker"):
+                raise InputError(f"{source}: the input model itself fails onnx.checker ({report.input.checker}); the rewrite is not to blame") from None
+            raise
+        where[:] = [destination.parent, "writing the output"]
+        staging = _make_staging(destination)
+        where[:] = [staging, "writing the output"]
+        shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
+        report.succeed()
+        if options.check_latency:
+            where[:] = [Path(tempfile.gettempdir()), "building the latency gate's variants"]
+            _latency_gate(report, staging, input_path, target, shapes, options, vocab, steps)
+        where[:] = [staging, "writing the output"]
+        report.output.dir = str(output_dir)
+        report.stop_clock()
+        (staging / "report.json").write_text(report_text(report.to_json()))
+        where[:] = [destination, "moving the output into place"]
+        claim.commit(staging)
+        staging = None
         if report.status == "latency_gate_failed":
             raise LatencyGateError(report.message)
         return report.to_json()
     except ZcompileError as error:
+        if isinstance(error, EnvironmentProblem) and staging is not None:
+            error = EnvironmentProblem(_shown(str(error), staging, output_dir))
         report.fail(error)
         error.report = report.to_json()
+        raise error from None
+    except OSError as error:
+        problem = EnvironmentProblem.from_os_error(error, where[0], where[1])
+        if staging is not None:
+            problem = EnvironmentProblem(_shown(str(problem), staging, output_dir))
+        report.fail(problem)
+        problem.report = report.to_json()
+        raise problem from None
+    except BaseException as error:  # a bug (exit 3) or an interruption: the report goes with it
+        report.fail_other(error)
+        try:
+            error.report = report.to_json()
+        except Exception:  # noqa: BLE001 - some exception types take no attributes
+            pass
         raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if claim is not None:
+            claim.release()
+
+
+def _shown(message: str, staging: Path, output_dir: Path) -> str:
+    """A message about the hidden staging directory, naming the output directory instead."""
+    return message.replace(str(staging), str(output_dir))
+
+
+def input_checker(path: Path) -> str:
+    """``onnx.checker`` on the input file: :data:`CHECKER_PASSED`, or why it fails (the input's own
+    fault: a failure of the rewritten model is then not blamed on the rewrite)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return f"fails onnx.checker: {first_line(error)}"
+    return CHECKER_PASSED
 
 
 def _write_and_build(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps, target: Target, vocab) -> list[Shape]:
@@ -139,21 +206,157 @@ def _write_variant(model: ir.Model, directory: Path) -> Variant:
     return Variant(directory, directory / MODEL_NAME)
 
 
-def _check_output_dir(output_dir: Path, input_path: Path, force: bool) -> None:
-    if output_dir.resolve() == input_path.resolve().parent:
-        raise InputError(f"{output_dir}: output directory is the input's own directory; choose another")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"{output_dir}: exists and is not a directory")
-    if output_dir.exists() and any(output_dir.iterdir()) and not force:
-        raise InputError(f"{output_dir}: output directory exists and is not empty (use --force to replace it)")
+def _destination(output_dir: Path) -> Path:
+    """Where the output really goes: a symlinked ``-o`` (or one under a symlinked directory) is
+    written through, so the link stays and its target is replaced."""
+    return Path(os.path.realpath(output_dir))
 
 
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Swap the finished staging directory in (the old one, if any, is removed only after)."""
-    old = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, old)
-    os.replace(staging, output_dir)
-    if old is not None:
+def _contains(directory: Path, path: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _check_output_dir(destination: Path, input_path: Path, force: bool, *, shown: Path | None = None) -> None:
+    """Refuse an output directory that holds the input (or is above it), one that is not a
+    directory, and a non-empty one without ``force``."""
+    shown = shown or destination
+    real_input = Path(os.path.realpath(input_path))
+    if _contains(destination, real_input):
+        raise InputError(f"{shown}: output directory contains the input {input_path} (it would be replaced); choose another")
+    if destination.exists() and not destination.is_dir():
+        raise InputError(f"{shown}: exists and is not a directory")
+    if destination.is_dir() and _lock_held(destination / LOCK_NAME):
+        raise InputError(f"{shown}: another zcompile run is writing this output directory")
+    if destination.is_dir() and _entries(destination) and not force:
+        raise InputError(f"{shown}: output directory exists and is not empty (use --force to replace it)")
+
+
+def _entries(directory: Path) -> list[str]:
+    """The directory's entries, less a lock file no run holds any more (a killed run's)."""
+    return [name for name in os.listdir(directory) if not (name == LOCK_NAME and not _lock_held(directory / name))]
+
+
+def _lock_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _make_parents(path: Path) -> None:
+    """``path``'s missing parents; a regular file in the way is ENOTDIR (naming that file)."""
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _make_staging(destination: Path) -> Path:
+    """A fresh hidden sibling of the output directory, with the permissions the umask gives."""
+    _make_parents(destination)
+    for _ in range(100):
+        staging = destination.parent / f".{destination.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.mkdir(staging, 0o777)
+        except FileExistsError:
+            continue
+        return staging
+    raise FileExistsError(errno.EEXIST, "cannot create a unique staging directory", str(destination.parent))
+
+
+class _OutputClaim:
+    """Exclusive ownership of the output directory for one run.
+
+    ``acquire`` creates the directory when it is missing and takes an ``flock`` on a lock file
+    inside it (released by the kernel if the process dies); a second run finds the lock held and
+    fails with exit 2. ``commit`` swaps the finished staging directory in atomically
+    (``renameat2(RENAME_EXCHANGE)`` where the kernel has it), ``release`` removes the lock and a
+    directory this run created but did not fill.
+    """
+
+    def __init__(self, destination: Path, force: bool, *, shown: Path):
+        self.destination, self.force, self.shown = destination, force, shown
+        self.fd: int | None = None
+        self.created = False
+        self.committed = False
+
+    def _busy(self) -> InputError:
+        return InputError(f"{self.shown}: another zcompile run is writing this output directory")
+
+    def acquire(self) -> None:
+        _make_parents(self.destination)
+        try:
+            os.mkdir(self.destination, 0o777)
+            self.created = True
+        except FileExistsError:
+            if not self.destination.is_dir():
+                raise InputError(f"{self.shown}: exists and is not a directory") from None
+        lock = self.destination / LOCK_NAME
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # the lock file was replaced meanwhile
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            self.created = False
+            raise self._busy() from None
+        self.fd = fd
+        if _entries(self.destination) != [LOCK_NAME] and not self.force:  # filled since the first look
+            self.release()
+            raise InputError(f"{self.shown}: output directory exists and is not empty (use --force to replace it)")
+
+    def commit(self, staging: Path) -> None:
+        """Swap ``staging`` in; the old directory (with the lock file) is removed after."""
+        if _exchange(staging, self.destination):
+            old = staging
+        else:  # no atomic exchange here: rename the old one aside, then the new one in
+            old = self.destination.with_name(f".{self.destination.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(self.destination, old)
+            os.replace(staging, self.destination)
+        self.committed = True
         shutil.rmtree(old, ignore_errors=True)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if not self.committed:
+            lock = self.destination / LOCK_NAME
+            try:
+                if os.stat(lock).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(lock)
+            except OSError:
+                pass
+            if self.created:
+                try:
+                    os.rmdir(self.destination)
+                except OSError:
+                    pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two directories (Linux ``renameat2``); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -5,36 +5,34 @@
                        [--check-latency [--max-overhead PCT]]
 
 Exit codes: 0 success (also when no adapter site is found), 1 verification or latency gate
-failed, 2 unusable input or missing dependency (e.g. TensorRT), 3 internal error (a bug).
-Subcommands share argument groups, in the manner of Polygraphy.
+failed, 2 unusable input, bad arguments, a refusing environment (full disk, read-only
+filesystem) or missing dependency (e.g. TensorRT), 3 internal error (a bug), 128 + N on signal
+N (130 SIGINT, 143 SIGTERM, 129 SIGHUP; temporary files are removed first).
+Subcommands share argument groups, in the manner of Polygraphy. Heavy modules (ONNX Runtime,
+onnx-ir, the compiler) are imported only after the arguments are parsed: ``--version`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
+import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from zflora_compile._version import __version__
-from zflora_compile.build import compile_file, default_output_dir
-from zflora_compile.errors import ZcompileError, first_line
-from zflora_compile.gate import LatencyOptions
-from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
-from zflora_compile.options import CompileOptions
-from zflora_compile.planner import STRATEGIES
-from zflora_compile.progress import NullProgress, RichProgress
-from zflora_compile.report import InputInfo, Report
-from zflora_compile.targets import TARGETS
-from zflora_compile.targets.base import or_list
-from zflora_compile.verify import TOLERANCES
 
 SUBCOMMANDS = ("compile", "inspect")
 EXIT_INTERNAL = 3
+
+
+#: flags that take no value: ``zcompile -q MODEL ...`` is still short for ``zcompile compile -q MODEL ...``
+_BARE_FLAGS = {"-q", "--quiet", "--json", "--debug", "--force", "--no-verify", "--check-latency", "--refit"}
 
 
 def _output_args() -> argparse.ArgumentParser:
@@ -48,6 +46,8 @@ def _output_args() -> argparse.ArgumentParser:
 
 
 def _model_args() -> argparse.ArgumentParser:
+    from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
+
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("model")
     group.add_argument("model", type=Path, help="ONNX model (.onnx; external data beside it)")
@@ -61,6 +61,9 @@ def _model_args() -> argparse.ArgumentParser:
 
 
 def _compile_args() -> argparse.ArgumentParser:
+    from zflora_compile.planner import STRATEGIES
+    from zflora_compile.verify import TOLERANCES
+
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("compile")
     group.add_argument("-o", "--output", type=Path, help="output directory (default: <model stem>_<strategy> beside the model)")
@@ -87,6 +90,9 @@ def _compile_args() -> argparse.ArgumentParser:
 
 def _target_args(parent: argparse.ArgumentParser) -> None:
     """``--target`` and ``--precision``, then each registered target's own group of flags."""
+    from zflora_compile.targets import TARGETS
+    from zflora_compile.targets.base import or_list
+
     group = parent.add_argument_group("target")
     group.add_argument("--target", choices=sorted(TARGETS), default="ort", help="; ".join(f"{name}: {cls.summary}" for name, cls in TARGETS.items()))
     precisions = sorted({p for cls in TARGETS.values() for p in cls.precisions})
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zcompile",
         description="Find adapter (LoRA) subgraphs in an ONNX LLM, fuse / merge / strip them exactly, verify, and write the model.",
-        epilog="Exit codes: 0 ok, 1 verification failed, 2 bad input or missing dependency, 3 internal error.",
+        epilog="Exit codes: 0 ok, 1 verification or latency gate failed, 2 bad input, bad arguments, environment (disk full, read-only) or missing dependency, 3 internal error, 128+N on signal N.",
     )
     parser.add_argument("--version", action="version", version=f"zcompile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +124,9 @@ def _lanes(site: dict) -> str:
     return " ".join(parts)
 
 
-def _sites_table(sites: list[dict], title: str) -> Table:
+def _sites_table(sites: list[dict], title: str):
+    from rich.table import Table
+
     table = Table(title=title)
     for column in ("site", "layer", "projection", "family", "rank", "scale", "group", "in→out", "bias"):
         table.add_column(column)
@@ -138,19 +146,22 @@ def _sites_table(sites: list[dict], title: str) -> Table:
     return table
 
 
-def _print_rejections(console: Console, rejected: list[dict]) -> None:
+def _print_rejections(console, rejected: list[dict]) -> None:
     for r in rejected:
         console.print(f"[yellow]left unfused[/yellow] {r['node']}: {r['reason']}")
 
 
-def _run_inspect(args, console: Console) -> int:
+def _run_inspect(args, console) -> int:
     from zflora_compile.api import detect_adapters
+    from zflora_compile.report import report_text
 
     detection = detect_adapters(args.model, max_rank_ratio=args.max_rank_ratio)
     sites = [s.to_json() for s in detection.all_sites]
     rejected = [r.to_json() for r in detection.rejections]
+    listing = {"model": str(args.model), "status": "ok", "exit_code": 0, "sites": sites, "rejected": rejected}
+    _save_report(args, listing)
     if args.json:
-        print(json.dumps({"model": str(args.model), "sites": sites, "rejected": rejected}, indent=2))
+        print(report_text(listing), end="")
         return 0
     if not args.quiet:
         if sites:
@@ -161,21 +172,31 @@ def _run_inspect(args, console: Console) -> int:
     return 0
 
 
-def _run_compile(args, console: Console, err_console: Console) -> int:
+def _run_compile(args, console, err_console) -> int:
+    from zflora_compile.build import compile_file, default_output_dir
+    from zflora_compile.progress import NullProgress, RichProgress
+    from zflora_compile.report import report_text
+
     output = args.output or default_output_dir(args.model, args.strategy)
     options = _compile_options(args)
     show = not (args.quiet or args.json) and err_console.is_terminal
     report = compile_file(args.model, output, options, progress=RichProgress(err_console) if show else NullProgress())
     _save_report(args, report)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(report_text(report), end="")
     elif not args.quiet:
         _print_summary(console, report)
     return 0
 
 
 def _compile_options(args) -> CompileOptions:
-    """The options the flags ask for; bad ones fail here, before the compile, with an error report."""
+    """The options the flags ask for; bad ones fail here, before the model is read, with an error report."""
+    from zflora_compile.errors import ZcompileError
+    from zflora_compile.gate import LatencyOptions
+    from zflora_compile.options import CompileOptions
+    from zflora_compile.report import InputInfo, Report
+    from zflora_compile.targets import TARGETS
+
     try:
         return CompileOptions(
             strategy=args.strategy,
@@ -205,7 +226,7 @@ def _compile_options(args) -> CompileOptions:
         raise
 
 
-def _print_summary(console: Console, report: dict) -> None:
+def _print_summary(console, report: dict) -> None:
     if report.get("sites"):
         console.print(_sites_table(report["sites"], f"{len(report['sites'])} adapter site(s)"))
     _print_rejections(console, report.get("rejected", []))
@@ -224,7 +245,9 @@ def _print_summary(console: Console, report: dict) -> None:
     console.print(f"{report['message']}; wrote {report['output']['dir']}")
 
 
-def _latency_table(latency: dict) -> Table:
+def _latency_table(latency: dict):
+    from rich.table import Table
+
     emulated = " (HTP emulator: not NPU latency)" if latency.get("emulated") else ""
     table = Table(title=f"latency on {latency['target']}{emulated}: medians of interleaved runs")
     for column in ("phase", "variant", "median ms", "min ms", "max ms", "x base"):
@@ -239,39 +262,186 @@ def _latency_table(latency: dict) -> Table:
 
 
 def _save_report(args, report: dict | None) -> None:
-    if getattr(args, "report", None) is not None and report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    """``--report PATH``: the report written there (strict JSON), replaced atomically."""
+    path = getattr(args, "report", None)
+    if path is None or report is None:
+        return
+    from zflora_compile.report import report_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(report_text(report))
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def _check_report_path(args) -> None:
+    """``--report`` must be writable before any work is done (its directory is created if missing)."""
+    from zflora_compile.errors import InputError
+
+    path = getattr(args, "report", None)
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"--report {path}: is a directory")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise InputError(f"--report {path}: {parent} is not a directory (ENOTDIR)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"--report {path}: permission denied (EACCES)")
+
+
+def _normalize(argv: list[str]) -> list[str]:
+    """``zcompile [flags] MODEL ...`` is short for ``zcompile compile [flags] MODEL ...``."""
+    if not argv or argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help", "--version"):
+        return argv
+    for index, token in enumerate(argv):
+        if token in SUBCOMMANDS and all(t in _BARE_FLAGS for t in argv[:index]):
+            return [token, *argv[:index], *argv[index + 1 :]]  # zcompile -q inspect MODEL
+        if token not in _BARE_FLAGS:
+            break
+    return ["compile", *argv]
+
+
+class _Signals:
+    """SIGTERM and SIGHUP (and SIGINT) raise :class:`Interrupted`, once: every ``finally`` and
+    ``with`` block on the way out removes its staging directory and temporary files, as SIGINT
+    always did; a second signal during that cleanup is ignored."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __enter__(self):
+        self.saved = {}
+        if threading_is_main():
+            for name in self.NAMES:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self.saved[number] = signal.signal(number, self._raise)
+        return self
+
+    def _raise(self, signum, frame):
+        from zflora_compile.errors import Interrupted
+
+        for number in self.saved:
+            signal.signal(number, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for number, handler in self.saved.items():
+            signal.signal(number, handler)
+        return False
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool):
+    """Library log output (onnx-ir's shape-inference tracebacks, numpy warnings) is silenced;
+    ``--debug`` shows it."""
+    root = logging.getLogger()
+    saved_level, saved_capture = root.level, logging.raiseExceptions
+    handler = logging.NullHandler()
+    with warnings.catch_warnings():
+        if debug:
+            logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        else:
+            warnings.simplefilter("ignore")
+            root.addHandler(handler)
+            root.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(saved_level)
+            logging.raiseExceptions = saved_capture
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
-        argv.insert(0, "compile")
+    argv = _normalize(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["--version"]:
+        print(f"zcompile {__version__}")
+        return 0
     args = build_parser().parse_args(argv)
+    from zflora_compile import progress
+
+    saved, progress.SHOW_LIBRARY_OUTPUT = progress.SHOW_LIBRARY_OUTPUT, args.debug
+    try:
+        with _Signals(), _quiet_libraries(args.debug):
+            return _main(args)
+    finally:
+        progress.SHOW_LIBRARY_OUTPUT = saved
+
+
+def _error_line(message: str) -> None:
+    print(f"zcompile: error: {message}", file=sys.stderr)
+
+
+def _main(args) -> int:
+    from rich.console import Console
+
+    from zflora_compile.errors import EnvironmentProblem, Interrupted, ZcompileError, first_line
+
     console = Console(highlight=False)
     err_console = Console(stderr=True, highlight=False)
+    report = None
+    report_usable = False
     try:
-        if args.command == "inspect":
-            return _run_inspect(args, console)
-        return _run_compile(args, console, err_console)
-    except ZcompileError as error:
-        report = getattr(error, "report", None)
-        _save_report(args, report)
-        if args.json and report is not None:
-            print(json.dumps(report, indent=2))
-        elif report is not None and report.get("latency") and not args.quiet:
-            console.print(_latency_table(report["latency"]))
-        print(f"zcompile: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("zcompile: interrupted", file=sys.stderr)
+        try:
+            _check_report_path(args)
+            report_usable = True
+            if args.command == "inspect":
+                return _run_inspect(args, console)
+            return _run_compile(args, console, err_console)
+        except ZcompileError as error:
+            report = getattr(error, "report", None)
+            if args.json and report is not None:
+                from zflora_compile.report import report_text
+
+                print(report_text(report), end="")
+            elif report is not None and report.get("latency") and not args.quiet:
+                console.print(_latency_table(report["latency"]))
+            _error_line(str(error))
+            code = error.exit_code
+        except (KeyboardInterrupt, Interrupted) as error:
+            report = getattr(error, "report", None)
+            code = getattr(error, "exit_code", 130)
+            print(f"zcompile: {error if str(error) else 'interrupted (SIGINT)'}", file=sys.stderr)
+        except OSError as error:
+            report = getattr(error, "report", None)
+            _error_line(str(EnvironmentProblem.from_os_error(error)))
+            code = 2
+        except Exception as error:  # noqa: BLE001 - a bug: one line, traceback with --debug
+            report = getattr(error, "report", None)
+            if args.debug:
+                traceback.print_exc()
+            print(f"zcompile: internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for a traceback)", file=sys.stderr)
+            code = EXIT_INTERNAL
+        if report is None and getattr(args, "report", None) is not None:
+            report = _bare_report(args, code)
+        try:
+            if report_usable:
+                _save_report(args, report)
+        except OSError as error:
+            _error_line(f"{EnvironmentProblem.from_os_error(error, args.report, 'writing --report')}")
+        return code
+    except (KeyboardInterrupt, Interrupted):  # a signal while reporting a failure
         return 130
-    except Exception as error:  # noqa: BLE001 - a bug: one line, traceback with --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"zcompile: internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for a traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+
+def _bare_report(args, code: int) -> dict:
+    """The report of a run that failed before the compile started (bad arguments, inspect)."""
+    from zflora_compile.report import InputInfo, Report
+
+    report = Report({"command": args.command}, InputInfo(path=str(args.model)))
+    report.exit_code, report.message = code, "failed before the compile started"
+    return report.to_json()
 
 
 if __name__ == "__main__":

@@ -58,3 +58,36 @@ class LatencyGateError(ZcompileError):
     """The fused model's latency overhead over the base model exceeds ``--max-overhead``."""
 
     exit_code = 1
+
+
+class EnvironmentProblem(ZcompileError):
+    """The machine refused: a full disk, a read-only filesystem, a path under a regular file,
+    a permission (exit 2, like any unusable input). The message names the path and the errno."""
+
+    exit_code = 2
+
+    @classmethod
+    def from_os_error(cls, error: OSError, path=None, doing: str = "") -> "EnvironmentProblem":
+        import errno as errno_names
+
+        where = error.filename if error.filename is not None else path
+        name = errno_names.errorcode.get(error.errno, str(error.errno)) if error.errno else "no errno"
+        reason = error.strerror or first_line(error)
+        what = f" while {doing}" if doing else ""
+        return cls(f"{where}: {reason} ({name}){what}" if where is not None else f"{reason} ({name}){what}")
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP: raised by zcompile's signal handlers so every ``finally`` and
+    ``with`` block on the way out removes its temporary files (exit 128 + the signal number)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        super().__init__(f"interrupted ({name})")

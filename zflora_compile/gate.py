@@ -12,6 +12,7 @@ fails (exit 1) when any phase's overhead exceeds ``max_overhead_pct``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +38,25 @@ class LatencyOptions:
     prefill_rounds: int = 10
     warmup: int = 3
     phases: tuple[str, ...] = ("decode", "prefill")
+
+    def __post_init__(self):
+        from zflora_compile.errors import InputError
+
+        def whole(flag: str, value, least: int) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InputError(f"{flag} must be an integer >= {least}, got {value}")
+
+        if not (isinstance(self.max_overhead_pct, (int, float)) and math.isfinite(self.max_overhead_pct)):
+            raise InputError(f"--max-overhead must be a finite number, got {self.max_overhead_pct}")
+        whole("--prefill", self.prefill, 1)
+        whole("--past", self.past, 0)
+        whole("--rounds", self.decode_rounds, 1)
+        whole("--prefill-rounds", self.prefill_rounds, 1)
+        whole("--warmup", self.warmup, 0)
+        self.phases = tuple(self.phases)
+        unknown = [p for p in self.phases if p not in ("decode", "prefill")]
+        if not self.phases or unknown:
+            raise InputError(f"--phases must name decode and/or prefill, got {' '.join(map(str, self.phases)) or 'nothing'}")
 
 
 def phase_shapes(model_path: Path, options: LatencyOptions) -> list[Shape]:

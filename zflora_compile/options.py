@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from zflora_compile.errors import InputError
@@ -32,6 +33,14 @@ class CompileOptions:
     check_latency: bool = False
 
     def __post_init__(self):
+        check_max_rank_ratio(self.max_rank_ratio)
+        for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InputError(f"{flag} must be a finite number >= 0, got {value}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be an integer >= 0, got {self.seed}")
+        if not isinstance(self.latency, LatencyOptions):
+            raise InputError(f"latency takes LatencyOptions, not {type(self.latency).__name__}")
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
         options_type = target_class(self.target).Options
@@ -43,3 +52,9 @@ class CompileOptions:
     def to_json(self) -> dict:
         """The options as JSON values (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def check_max_rank_ratio(value) -> None:
+    """``--max-rank-ratio``: a fraction in (0, 1] (a rank is at most that share of min(in, out))."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+        raise InputError(f"--max-rank-ratio must be in (0, 1], got {value}")

@@ -11,6 +11,39 @@ import time
 from typing import Callable, Iterator
 
 
+#: whether native libraries' own console output (QNN's log lines) reaches stderr: ``--debug``
+SHOW_LIBRARY_OUTPUT = False
+
+
+@contextlib.contextmanager
+def library_output() -> Iterator[None]:
+    """Native libraries print to file descriptors 1 and 2 directly: inside this block both go to
+    /dev/null (stdout stays clean for ``--json``, stderr keeps one line per error); with
+    ``--debug`` (:data:`SHOW_LIBRARY_OUTPUT`) their output goes to stderr."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        if SHOW_LIBRARY_OUTPUT:
+            os.dup2(2, 1)
+        else:
+            sink = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(sink, 1)
+            os.dup2(sink, 2)
+            os.close(sink)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 class NullProgress:
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

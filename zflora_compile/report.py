@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,15 @@ class InputInfo:
     external_data: bool | None = None
     opset: int | None = None
     graph: GraphStats | None = None
+    #: onnx.checker on the input file: "onnx.checker... passed" or "fails onnx.checker: ..."
+    checker: str | None = None
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"path": self.path, "ir": self.ir}
         if self.sha256 is not None:
             out["sha256"] = self.sha256
+        if self.checker is not None:
+            out["checker"] = self.checker
         if self.external_data is not None:
             out["external_data"] = self.external_data
         if self.graph is not None:
@@ -141,6 +147,19 @@ class Report:
         self.message = str(error)
         self.stop_clock()
 
+    def fail_other(self, error: BaseException) -> None:
+        """Record an interruption (exit 128 + signal) or an internal error (exit 3, a bug)."""
+        from zflora_compile.errors import Interrupted, first_line
+
+        if isinstance(error, Interrupted):
+            self.exit_code, self.message = error.exit_code, f"{error}: nothing was written"
+        elif isinstance(error, KeyboardInterrupt):
+            self.exit_code, self.message = 130, "interrupted (SIGINT): nothing was written"
+        else:
+            self.exit_code, self.message = 3, f"internal error: {type(error).__name__}: {first_line(error)}"
+        self.status = "error"
+        self.stop_clock()
+
     def stop_clock(self) -> None:
         self.timings_s["total"] = round(time.perf_counter() - self.started, 4)
 
@@ -165,3 +184,23 @@ class Report:
         if self.timings_s:
             out["timings_s"] = dict(self.timings_s)
         return out
+
+
+def strict(value):
+    """``value`` with every non-finite float written as a string ("NaN", "Infinity", "-Infinity"),
+    so the document is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # a numpy scalar
+        return strict(value.item())
+    return value
+
+
+def report_text(report: dict) -> str:
+    """The report as strict JSON text (``allow_nan=False``; non-finite numbers as strings), one
+    trailing newline: what ``report.json``, ``--report`` and ``--json`` hold."""
+    return json.dumps(strict(report), indent=2, allow_nan=False) + "\n"

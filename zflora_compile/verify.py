@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from zflora_compile.errors import InputError, first_line
+from zflora_compile.graph.records import numpy_dtype
 
 # (atol, rtol) by output element type. fp32: the rewrite only reassociates sums.
 TOLERANCES = {
@@ -134,7 +135,7 @@ def make_feeds(inputs, vocab: int | None, *, seq: int | None, past: int, seed: i
         shape = [d if isinstance(d, int) else symbols.get(d, 1) for d in _dims(info.shape)]
         if roles[info.name] == "past" and len(shape) >= 3 and not isinstance(_dims(info.shape)[-2], int):
             shape[-2] = past
-        feeds[info.name] = _fill(roles[info.name], shape, dtype, rng, vocab, past)
+        feeds[info.name] = np.asarray(_fill(roles[info.name], shape, dtype, rng, vocab, past), dtype=dtype)  # rank 0: an array, not a numpy scalar
     return feeds
 
 
@@ -185,6 +186,108 @@ def _fill(role: str, shape: list[int], dtype, rng: np.random.Generator, vocab: i
     return np.zeros(shape, dtype=dtype)
 
 
+def _as_float32(array) -> np.ndarray:
+    return np.asarray(array).astype(np.float32, copy=False)
+
+
+def _non_finite(array: np.ndarray) -> str | None:
+    """"NaN", "Inf" or None: what an array holds that is not a finite number."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return None
+    if np.isnan(array).any():
+        return "NaN"
+    if np.isinf(array).any():
+        return "Inf"
+    return None
+
+
+def _non_finite_tensor(model, site) -> str | None:
+    """The name of a non-finite constant read by the site's nodes (or one step before them)."""
+    if model is None:
+        return None
+    nodes = {n.name: n for n in model.graph}
+    seen = set()
+    frontier = [v for name in site.nodes if name in nodes for v in nodes[name].inputs if v is not None]
+    for _ in range(4):
+        following = []
+        for value in frontier:
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if value.const_value is not None:
+                try:
+                    array = np.asarray(value.const_value.numpy())
+                except Exception:  # noqa: BLE001 - an unreadable constant is not this check's business
+                    continue
+                if array.dtype.kind == "V" or array.dtype.name == "bfloat16":
+                    array = _as_float32(array)
+                with np.errstate(all="ignore"):
+                    if _non_finite(array):
+                        return value.name
+            elif value.producer() is not None:
+                following.extend(v for v in value.producer().inputs if v is not None)
+        frontier = following
+    return None
+
+
+def check_finite_weights(detection, strategy: str, model=None) -> None:
+    """Refuse (``InputError``, exit 2, naming the site and tensor) non-finite weights the plan
+    touches: every site's W, A, B and bias, and the weights the rewrite computes in the site's
+    dtype (``s·B`` for ``fuse``, ``W + s·A@B`` for ``merge``; fp16 can overflow to inf).
+    ``model`` (an ``onnx_ir.Model``), when given, lets the message name the initializer.
+
+    Runs before verification: NaN or Inf weights otherwise surface as a meaningless
+    "max abs diff nan" (or 0, NaN on both sides).
+    """
+    def refuse(site, tensor: str, what: str, computed: bool = False) -> None:
+        if computed:
+            how = f"{tensor} computed in {site.dtype} ({strategy}) overflows to {what}"
+        else:
+            name = _non_finite_tensor(model, site)
+            how = f"{tensor}{f' (tensor {name!r})' if name else ''} holds {what}"
+        raise InputError(f"site {site.site_id} ({site.label}): {how}; non-finite adapter weights cannot be compiled")
+
+    def checked(site, tensor: str, getter):
+        if getter is None:
+            return None
+        with np.errstate(all="ignore"):
+            array = np.asarray(getter())
+            what = _non_finite(_as_float32(array) if array.dtype.kind == "V" or array.dtype.name == "bfloat16" else array)
+        if what:
+            refuse(site, tensor, what)
+        return array
+
+    def computed(site, tensor: str, value: np.ndarray, dtype) -> None:
+        with np.errstate(all="ignore"):
+            what = _non_finite(_as_float32(value.astype(dtype)))
+        if what:
+            refuse(site, tensor, what, computed=True)
+
+    for site in detection.sites:
+        dtype = numpy_dtype(site.dtype)
+        weight = checked(site, "W", site.weight)
+        checked(site, "bias", site.bias)
+        a = checked(site, "A", site.lora_a)
+        b = checked(site, "B", site.lora_b)
+        if strategy == "fuse" and b is not None:
+            with np.errstate(all="ignore"):
+                computed(site, "s·B", np.float32(site.scale) * _as_float32(b), dtype)
+        elif strategy == "merge" and a is not None and b is not None:
+            with np.errstate(all="ignore"):
+                merged = _as_float32(weight) + np.float32(site.scale) * (_as_float32(a) @ _as_float32(b))
+            computed(site, "W + s·A@B", merged, dtype)
+    for site in detection.widened:
+        dtype = numpy_dtype(site.dtype)
+        checked(site, "W", site.weight)
+        for write in site.writes:
+            checked(site, f"A (lane {write.lane})", write.lora_a)
+        for read in site.reads:
+            b = checked(site, f"B (lane {read.lane})", read.lora_b)
+            if b is not None and strategy in ("fuse", "merge"):
+                with np.errstate(all="ignore"):
+                    computed(site, f"s·B (lane {read.lane})", np.float32(read.scale) * _as_float32(b), dtype)
+
+
 def session(path: str | os.PathLike) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -202,15 +305,21 @@ def compare(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: flo
         return {"passed": False, "reason": f"shape {list(candidate.shape)} != {list(reference.shape)}"}
     ref = reference.astype(np.float64)
     got = candidate.astype(np.float64)
-    diff = np.abs(got - ref)
-    both_nan = np.isnan(ref) & np.isnan(got)
-    diff = np.where(both_nan, 0.0, diff)
-    bound = atol + rtol * np.abs(ref)
-    passed = bool(np.all(diff <= bound))
+    with np.errstate(all="ignore"):
+        diff = np.abs(got - ref)
+        same = (np.isnan(ref) & np.isnan(got)) | (np.isinf(ref) & (got == ref))
+        diff = np.where(same, 0.0, diff)
+        bound = atol + rtol * np.abs(ref)
+        passed = bool(np.all(diff <= bound))
+    outcome = {}
+    mismatched = ~same & ~(np.isfinite(ref) & np.isfinite(got))
+    if mismatched.any():
+        outcome["reason"] = f"{int(mismatched.sum())} value(s) non-finite in one model and not the other"
     return {
+        **outcome,
         "passed": passed,
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "max_abs_reference": float(np.nanmax(np.abs(ref))) if ref.size else 0.0,
+        "max_abs_reference": float(np.nanmax(np.abs(ref))) if ref.size and not np.isnan(ref).all() else 0.0,
         "atol": atol,
         "rtol": rtol,
         "dtype": reference.dtype.name,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from zflora_compile.errors import InputError, VerificationError, first_line
+from zflora_compile.errors import EnvironmentProblem, InputError, VerificationError, first_line
 from zflora_compile.targets.base import Loaded, Shape, Target, check_precision
 
 OPTIMIZED_NAME = "model.optimized.onnx"
@@ -91,6 +91,8 @@ class OrtTarget(Target):
         try:
             session = ort.InferenceSession(str(model_path), options, providers=self._providers())
         except Exception as error:  # noqa: BLE001
+            if self._loads_without_saving(model_path):  # the model is fine: writing the artifact failed
+                raise EnvironmentProblem(f"{optimized}: ONNX Runtime could not write the optimized model ({_disk_state(out_dir)}): {first_line(error)}") from None
             raise VerificationError(f"{model_path}: ONNX Runtime cannot load the model: {first_line(error)}") from None
         artifacts = sorted(p.name for p in out_dir.iterdir() if p.name.startswith(OPTIMIZED_NAME))
         return {
@@ -101,8 +103,32 @@ class OrtTarget(Target):
             "artifacts": artifacts,
         }
 
+    def _loads_without_saving(self, model_path: Path) -> bool:
+        options = self._session_options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        try:
+            ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
     def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
         artifact = out_dir / OPTIMIZED_NAME
         session = ort.InferenceSession(str(artifact if artifact.exists() else model_path), self._session_options(), providers=self._providers())
         names = [o.name for o in session.get_outputs()]
         return Loaded(run=lambda feeds: session.run(names, feeds), output_names=names, description=f"{session.get_providers()[0]} ({artifact.name})")
+
+
+def _disk_state(directory: Path) -> str:
+    """Why a write into ``directory`` may have failed, as far as the filesystem tells."""
+    import os
+
+    try:
+        stats = os.statvfs(directory)
+    except OSError as error:
+        return f"{error.strerror}"
+    if stats.f_flag & getattr(os, "ST_RDONLY", 1):
+        return "read-only file system (EROFS)"
+    if stats.f_bavail * stats.f_frsize < 1 << 20:
+        return "No space left on device (ENOSPC)"
+    return "write failed"

@@ -26,28 +26,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from zflora_compile.errors import TargetError, first_line
+from zflora_compile.errors import InputError, TargetError, first_line
 from zflora_compile.model_io import load_model, save_model
+from zflora_compile.progress import library_output
 from zflora_compile.targets.prepare_static import prepare_static
 from zflora_compile.targets.base import Loaded, Shape, Target, check_precision
 from zflora_compile.verify import input_specs, symbol_values
 
 EP_NAME = "QNNExecutionProvider"
 _registered = False
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """The QNN libraries print to file descriptor 1; keep stdout clean for ``--json``."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _register():
@@ -57,7 +44,7 @@ def _register():
     import onnxruntime_qnn
 
     if not _registered:
-        with _stdout_to_stderr():
+        with library_output():
             ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
         _registered = True
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
@@ -84,6 +71,9 @@ class QnnOptions:
 
     def __post_init__(self):
         check_precision("qnn", self.precision, PRECISIONS)
+        for flag, value in (("--soc-model", self.soc_model), ("--htp-arch", self.htp_arch)):
+            if not str(value).isdigit():
+                raise InputError(f"{flag} must be a number (e.g. {QnnOptions.__dataclass_fields__[flag[2:].replace('-', '_')].default}), got '{value}'")
 
 
 class QnnTarget(Target):
@@ -139,7 +129,7 @@ class QnnTarget(Target):
         specs = input_specs(model_path)
         for shape in shapes:
             ctx_name, bin_name = artifact_names(shape)
-            with tempfile.TemporaryDirectory(prefix="zflora-qnn-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=".zflora-qnn-", dir=out_dir) as tmp:
                 tmp = Path(tmp)
                 model = load_model(model_path)
                 fired = prepare_static(model, symbol_values(specs, seq=shape.seq, past=shape.past))
@@ -155,7 +145,7 @@ class QnnTarget(Target):
                 options.add_session_config_entry("ep.context_file_path", str(tmp / ctx_name))
                 options.add_provider_for_devices(devices, self._provider_options(trace_dir))
                 try:
-                    with _stdout_to_stderr():
+                    with library_output():
                         ort.InferenceSession(str(prepared), sess_options=options)
                 except Exception as error:  # noqa: BLE001
                     raise TargetError(_build_failure(model_path, shape, error, trace_dir)) from None
@@ -188,7 +178,7 @@ class QnnTarget(Target):
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         options.add_provider_for_devices(devices, {"backend_type": "htp"})
         try:
-            with _stdout_to_stderr():
+            with library_output():
                 session = ort.InferenceSession(str(out_dir / ctx_name), sess_options=options)
         except Exception as error:  # noqa: BLE001
             raise TargetError(f"{out_dir / ctx_name}: QNN cannot load the context binary: {first_line(error)}") from None

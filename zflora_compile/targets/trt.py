@@ -42,7 +42,7 @@ class TrtOptions:
         for flag, value in (("--trt-seq", self.seq_range), ("--trt-past", self.past_range)):
             if len(value) != 3 or not 0 <= value[0] <= value[1] <= value[2]:
                 raise InputError(f"{flag}: expected 0 <= MIN <= OPT <= MAX, got {value}")
-        if self.workspace_gib <= 0:
+        if not self.workspace_gib > 0 or self.workspace_gib == float("inf"):
             raise InputError(f"--workspace-gib must be positive, got {self.workspace_gib:g}")
 
 
