@@ -389,3 +389,129 @@ class AlternativeHost(torch.nn.Module):
 def test_the_next_host_is_tried_when_the_first_would_make_a_cycle():
     detection = _fx_rewrite(AlternativeHost(), (torch.randn(2, 5, D), torch.randn(2, 5, D)), decompose=False)
     assert not detection.rejections and len(detection.widened) == 4
+
+
+# ---------------------------------------------------------------- found by the differential fuzzer
+# (tests/fuzz_graphs.py, benchmarks/fuzz.py): each case is a small graph built here by hand.
+
+
+def _proto_model(nodes, inputs, outputs, inits):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [S, w]) for n, w in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(a.astype(F32), n) for n, a in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    proto = ir.to_proto(ir.from_proto(model))
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return ir.from_proto(proto)
+
+
+def _weights(seed=0, **shapes):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape) / np.sqrt(shape[0]) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+@pytest.mark.parametrize("through", ["int32", "float16"])
+def test_a_chain_reading_a_lossy_round_trip_of_x_is_not_lora_on_x(through, strategy):
+    """``x @ W + (Cast(Cast(x, T), float) @ A) @ B``: the chain reads x rounded; merged into W it
+    would read x itself. A cast through an integer type or to a lower precision is no pass-through."""
+    from onnx import TensorProto, helper
+
+    to = {"int32": TensorProto.INT32, "float16": TensorProto.FLOAT16}[through]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["p"], name="base"),
+        helper.make_node("Cast", ["x"], ["xi"], name="down", to=to),
+        helper.make_node("Cast", ["xi"], ["xf"], name="up", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["xf", "A"], ["z"], name="lora_A"),
+        helper.make_node("MatMul", ["z", "B"], ["c"], name="lora_B"),
+        helper.make_node("Add", ["p", "c"], ["y"], name="add"),
+    ]
+    model = _proto_model(nodes, [("x", D)], ["y"], _weights(W=(D, D), A=(D, R), B=(R, D)))
+    model.graph.inputs[0].const_value = None
+    # x with fractional parts, so the int32 round trip changes it
+    _, detection = _onnx_rewrite(model, strategy)
+    assert not detection.sites and not detection.widened
+    assert "not a pass-through" in detection.rejections[0].reason
+
+
+def test_strip_never_takes_an_adapters_b_for_a_base_projection():
+    """``x @ W + (C1 + C2)``: the lane detector took C1's B GEMM for a base projection reading C2's
+    lanes (hosted by W) and strip dropped C2 only, keeping C1."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["p"], name="base"),
+        helper.make_node("MatMul", ["x", "A1"], ["z1"], name="a1"),
+        helper.make_node("MatMul", ["z1", "B1"], ["c1"], name="b1"),
+        helper.make_node("MatMul", ["x", "A2"], ["z2"], name="a2"),
+        helper.make_node("MatMul", ["z2", "B2"], ["c2"], name="b2"),
+        helper.make_node("Add", ["c1", "c2"], ["c"], name="inner"),
+        helper.make_node("Add", ["p", "c"], ["y"], name="outer"),
+    ]
+    model = _proto_model(nodes, [("x", D)], ["y"], _weights(W=(D, D), A1=(D, R), B1=(R, D), A2=(D, R), B2=(R, D)))
+    copy, detection = _onnx_rewrite(model, "strip")
+    assert not detection.sites and not detection.widened
+    assert any("an adapter, not a base projection" in r.reason for r in detection.rejections)
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge", "strip"])
+def test_a_lane_host_reading_a_lora_output_sees_the_rewritten_lora(strategy):
+    """``y = x @ W1 + C`` (LoRA) is read by the lane host ``y @ W2`` and lane writer ``y @ A``: the
+    host's rewrite held the old ``y`` (a stale value) and revived the LoRA chain after merge had put
+    it into W1 (the adapter applied twice), or kept the unfused chain after fuse."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["p"], name="base"),
+        helper.make_node("MatMul", ["x", "LA"], ["lz"], name="lora_a"),
+        helper.make_node("MatMul", ["lz", "LB"], ["lc"], name="lora_b"),
+        helper.make_node("Add", ["p", "lc"], ["y"], name="lora_add"),
+        helper.make_node("MatMul", ["y", "W2"], ["h"], name="host"),
+        helper.make_node("MatMul", ["y", "A"], ["z"], name="lanes_a"),
+        helper.make_node("MatMul", ["u", "W3"], ["q"], name="reader"),
+        helper.make_node("MatMul", ["z", "B"], ["zb"], name="lanes_b"),
+        helper.make_node("Add", ["q", "zb"], ["r"], name="read_add"),
+    ]
+    weights = _weights(W1=(D, D), LA=(D, R), LB=(R, D), W2=(D, D), A=(D, R), W3=(D, D), B=(R, D))
+    model = _proto_model(nodes, [("x", D), ("u", D)], ["h", "r"], weights)
+    copy, detection = _onnx_rewrite(model, strategy)
+    assert len(detection.sites) == 1 and len(detection.widened) == 2
+    if strategy != "strip":
+        ops = [n.op_type for n in copy.graph]
+        assert ops.count("MatMul") <= 5, ops  # the LoRA chain is gone, not revived beside its rewrite
+    else:
+        rng = np.random.default_rng(0)
+        feeds = {"x": rng.standard_normal((S, D)).astype(F32), "u": rng.standard_normal((S, D)).astype(F32)}
+        x, u = feeds["x"], feeds["u"]
+        y = x @ weights["W1"].astype(F32)
+        want = [y @ weights["W2"].astype(F32), u @ weights["W3"].astype(F32)]
+        for got, ref in zip(_run(copy, feeds), want):
+            np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+class LaneHostReadsLora(torch.nn.Module):
+    """The FX twin of the case above."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.la, self.lb = _linear(D, D), _linear(D, R), _linear(R, D)
+        self.w2, self.a, self.w3, self.b = _linear(D, D), _linear(D, R), _linear(D, D), _linear(R, D)
+
+    def forward(self, x, u):
+        y = self.w1(x) + self.lb(self.la(x))
+        return self.w2(y), self.w3(u) + self.b(self.a(y))
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_fx_lane_host_reading_a_lora_output_sees_the_rewritten_lora(strategy):
+    detection = _fx_rewrite(LaneHostReadsLora(), (torch.randn(S, D), torch.randn(S, D)), strategy)
+    assert len(detection.sites) == 1 and len(detection.widened) == 2

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from zflora_compile.families.widening import WidenedSites, check_read, widening_problem
-from zflora_compile.graph.protocol import Gemm, GraphView, NotACandidate, Projection, Reject, check_rank, either_order, match_projection, matrix_shape
+from zflora_compile.graph.protocol import Gemm, GraphView, NotACandidate, Projection, Reject, check_casts, check_rank, either_order, match_projection, matrix_shape
 from zflora_compile.graph.records import LaneWrite, Rejection
 
 NAME = "ffa/fba"
@@ -55,7 +55,24 @@ def match_lowrank(view: GraphView, value) -> tuple[Gemm, float, list, object]:
     return b, scale * between, nodes, z
 
 
-def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Read:
+def _lowrank_b(view: GraphView, projection: Projection, max_rank_ratio: float):
+    """The GEMM computing ``projection``'s input when that projection is the B of a bottleneck pair
+    ``(t @ A) @ W`` (narrower in the middle: an adapter's own GEMM, never a base projection; whatever
+    the rank limit, which only decides whether an adapter is fused), else None."""
+    value = projection.gemm.x
+    for _ in range(3):  # through casts and constant scales of any shape
+        node = view.producer(value)
+        if node is None or view.gemm(value) is not None or view.data_input(node) is None:
+            break
+        value = view.data_input(node)
+    inner = view.gemm(value)
+    if inner is None or inner.shape is None or projection.shape is None or not view.is_constant(inner.weight):
+        return None
+    rank = projection.shape[0]
+    return inner if inner.shape[1] == rank and rank < min(inner.shape[0], projection.shape[1]) else None
+
+
+def _match_read(view: GraphView, add, base_value, lowrank_value, claimed, max_rank_ratio: float) -> _Read:
     b, scale, nodes, z = match_lowrank(view, lowrank_value)
     a = view.gemm(z)
     if view.last_axis_slice(z) is not None or a is None or not view.is_constant(a.weight):
@@ -68,8 +85,15 @@ def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Re
         raise NotACandidate
     if a.bias is not None:
         raise Reject(f"low-rank GEMM '{view.name(a.node)}' has a bias")
+    inner = _lowrank_b(view, projection, max_rank_ratio)
+    if inner is not None:
+        raise Reject(
+            f"the lanes of A '{view.name(a.node)}' are added to '{view.name(projection.node)}', the B of the low-rank pair "
+            f"'{view.name(inner.node)}' -> '{view.name(projection.node)}' (an adapter, not a base projection)"
+        )
     if _changes_dtype(view, b.operand, z):
         raise Reject(f"a Cast sits between the lanes of A '{view.name(a.node)}' and B '{view.name(b.node)}': the widened GEMM would read the lanes in another dtype")
+    check_casts(view, lowrank_value, b.out, view.dtype(projection.gemm.weight), "the low-rank output")
     x = projection.gemm.x
     lanes_dtype, x_dtype = view.value_dtype(a.out), view.value_dtype(x)
     if lanes_dtype and x_dtype and lanes_dtype != x_dtype:
@@ -87,7 +111,7 @@ def detect(view: GraphView, found) -> None:
     for add, operands in view.adds():
         if found.claimed(add):
             continue
-        read, reason = either_order(lambda base, low, add=add: _match_read(view, add, base, low, found.claimed), operands)
+        read, reason = either_order(lambda base, low, add=add: _match_read(view, add, base, low, found.claimed, found.max_rank_ratio), operands)
         if read is not None:
             reads.append(read)
         elif reason:

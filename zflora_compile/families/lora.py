@@ -38,6 +38,7 @@ from zflora_compile.graph.protocol import (
     NotACandidate,
     Reject,
     bias_problem,
+    check_casts,
     check_path,
     either_order,
     match_projection,
@@ -95,7 +96,10 @@ def _match_chain(view: GraphView, value) -> _Chain:
     for gemm, role in ((a, "A"), (b, "B")):
         if not view.is_constant(gemm.weight):
             raise Reject(f"low-rank {role} '{view.value_name(gemm.weight)}' of '{view.name(gemm.node)}' is not constant ({produced_by(view, gemm.weight)})")
-    return _Chain(a, b, scale_after * scale_between, view.peel(a.x), nodes)
+    source = view.peel(a.x)
+    check_casts(view, a.x, source, view.dtype(a.weight), "the input of A")
+    check_casts(view, b.operand, a.out, view.dtype(b.weight), "the lanes between A and B")
+    return _Chain(a, b, scale_after * scale_between, source, nodes)
 
 
 def _match_site(view: GraphView, add, base_value, chain: _Chain, max_rank_ratio: float, index: int) -> AdapterSite:
@@ -106,6 +110,8 @@ def _match_site(view: GraphView, add, base_value, chain: _Chain, max_rank_ratio:
             f"low-rank chain reads '{view.value_name(chain.source)}' but the projection '{view.name(gemm.node)}' "
             f"it is added to reads '{view.value_name(view.peel(gemm.x))}'"
         )
+    check_casts(view, gemm.x, view.peel(gemm.x), view.dtype(gemm.weight), "the input of the base projection")
+    check_casts(view, view.output(chain.nodes[0]) if chain.nodes else chain.b.out, chain.b.out, view.dtype(gemm.weight), "the low-rank output")
     check_path(view, base_value, gemm.node, add, "base projection output")
     for i, node in enumerate(chain.nodes):  # collected walking back: nodes[i] feeds nodes[i - 1], nodes[0] the add
         single_use(view, view.output(node), chain.nodes[i - 1] if i else add, "low-rank intermediate")

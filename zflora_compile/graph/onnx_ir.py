@@ -56,6 +56,7 @@ class OnnxGraph:
         self.graph = model.graph
         self._anchor: ir.Node | None = None
         self._taken: set[str] | None = None
+        self._redirected: dict[int, ir.Value] = {}  # id(old) -> new, for handles a plan still holds
 
     # ------------------------------------------------------------------ counts
     def op_counts(self) -> dict[str, int]:
@@ -398,25 +399,35 @@ class OnnxGraph:
         self.graph.register_initializer(value)
         return value
 
+    def resolve(self, value):
+        """What ``value`` now is: a plan's handles may name values an earlier rewrite redirected
+        (a LoRA add a lane host reads); reading the old one would revive the replaced subgraph."""
+        seen = 0
+        while isinstance(value, ir.Value) and id(value) in self._redirected and seen < 10_000:
+            value, seen = self._redirected[id(value)], seen + 1
+        return value
+
     def project(self, x, array, like=None, bias=None, name: str = "weight"):
         """``x @ array (+ bias)`` as a ``MatMul`` (and an ``Add``) reading new initializers."""
+        x = self.resolve(x)
         out = self._node("MatMul", [x, self.constant(name, array)], "MatMul").outputs[0]
         return out if bias is None else self.add(out, self.constant(f"{name}_bias", bias))
 
     def add(self, a, b):
-        return self._node("Add", [a, b], "Add").outputs[0]
+        return self._node("Add", [self.resolve(a), self.resolve(b)], "Add").outputs[0]
 
     def split_last(self, value, sizes):
+        value = self.resolve(value)
         if len(sizes) == 1:
             return [value]
         split = self.constant("split_sizes", np.asarray(sizes, dtype=np.int64))
         return list(self._node("Split", [value, split], "Split", num_outputs=len(sizes), axis=-1).outputs)
 
     def concat_last(self, values):
-        return self._node("Concat", list(values), "Concat", axis=-1).outputs[0]
+        return self._node("Concat", [self.resolve(v) for v in values], "Concat", axis=-1).outputs[0]
 
     def gather(self, table, ids):
-        return self._node("Gather", [table, ids], "Gather", axis=0).outputs[0]
+        return self._node("Gather", [self.resolve(table), self.resolve(ids)], "Gather", axis=0).outputs[0]
 
     def replace_weight(self, gemm: Gemm, array, name: str = "weight") -> None:
         """The GEMM reads ``array`` (``[in, out]``; stored transposed for ``Gemm(transB=1)``)."""
@@ -426,6 +437,10 @@ class OnnxGraph:
 
     def redirect(self, old, new) -> None:
         """Every use of ``old`` (graph outputs included, which keep their names) reads ``new``."""
+        new = self.resolve(new)
+        if new is old:
+            return
+        self._redirected[id(old)] = new
         was_output_name = old.name if old.is_graph_output() else None
         if new.type is None:
             new.type = old.type

@@ -217,6 +217,40 @@ def bias_problem(view: GraphView, bias: Value, out: int, x: Value) -> str | None
     return None
 
 
+_FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+
+
+def lossy_cast(view: GraphView, top: Value, bottom: Value, into: str | None) -> Node | None:
+    """The first cast on the pass-through path from ``top`` up to ``bottom`` that changes values
+    (through an integer type, or to a lower precision), else None. A float cast into ``into`` (the
+    dtype of the GEMM that reads the path: a chain computed in another precision) is allowed; a
+    cast whose dtypes are unknown is not."""
+    value, seen = top, 0
+    while value is not None and value is not bottom and seen < 10_000:
+        producer = view.producer(value)
+        source = view.data_input(producer) if producer is not None else None
+        if source is None:
+            return None
+        have, want = view.value_dtype(source), view.value_dtype(value)
+        if have != want:
+            widening = have in _FLOAT_BITS and want in _FLOAT_BITS and _FLOAT_BITS[have] < _FLOAT_BITS[want]
+            into_chain = have in _FLOAT_BITS and want in _FLOAT_BITS and want == into
+            if have is None or want is None or not (widening or into_chain):
+                return producer
+        value, seen = source, seen + 1
+    return None
+
+
+def check_casts(view: GraphView, top: Value, bottom: Value, into: str | None, what: str) -> None:
+    """Reject when a cast between ``bottom`` and ``top`` changes values (see :func:`lossy_cast`)."""
+    cast = lossy_cast(view, top, bottom, into)
+    if cast is not None:
+        raise Reject(
+            f"'{view.name(cast)}' casts {what} from {view.value_dtype(view.data_input(cast))} to "
+            f"{view.value_dtype(view.output(cast))}: a cast through an integer type or to a lower precision is not a pass-through"
+        )
+
+
 def produced_by(view: GraphView, value: Value) -> str:
     producer = view.producer(value)
     return f"produced by node '{view.name(producer)}'" if producer is not None else "a graph input"

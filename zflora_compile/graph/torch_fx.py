@@ -222,6 +222,7 @@ class FxGraph:
         self.add_constant = add_constant
         self._like: Node | None = None
         self._stem = "zflora"
+        self._redirected: dict[int, Node] = {}  # id(old) -> new, for handles a plan still holds
 
     def gemm_count(self) -> int:
         return sum(1 for node in self.graph.nodes if op_name(node) in GEMM_OPS)
@@ -546,10 +547,19 @@ class FxGraph:
     def constant(self, name: str, array) -> Node:
         return self.add_constant(f"{self._stem}_{name}", to_torch(array))
 
+    def resolve(self, value):
+        """What ``value`` now is: a plan's handles may name nodes an earlier rewrite redirected
+        (a LoRA add a lane host reads); reading the old one would revive the replaced subgraph."""
+        seen = 0
+        while isinstance(value, Node) and id(value) in self._redirected and seen < 10_000:
+            value, seen = self._redirected[id(value)], seen + 1
+        return value
+
     def project(self, x, array, like: Gemm | None = None, bias=None, name: str = "weight"):
         """``x @ array (+ bias)``: ``aten.linear`` where ``like`` is one, else ``mm`` between views (ops
         that exist before and after ``run_decompositions``; a decomposed GEMM's own 2-D view of
         ``x`` is reused)."""
+        x = self.resolve(x)
         bias = None if bias is None else self.constant(f"{name}_bias", bias)
         if like is not None and like.kind == "linear":
             weight = self.add_constant(f"{self._stem}_{name}", to_torch(array).t().contiguous())
@@ -574,9 +584,10 @@ class FxGraph:
         return out
 
     def add(self, a, b):
-        return self._call(aten.add.Tensor, (a, b))
+        return self._call(aten.add.Tensor, (self.resolve(a), self.resolve(b)))
 
     def split_last(self, value, sizes):
+        value = self.resolve(value)
         if len(sizes) == 1:
             return [value]
         parts, offset = [], 0
@@ -586,10 +597,10 @@ class FxGraph:
         return parts
 
     def concat_last(self, values):
-        return self._call(aten.cat.default, (list(values), -1))
+        return self._call(aten.cat.default, ([self.resolve(v) for v in values], -1))
 
     def gather(self, table, ids):
-        return self._call(aten.embedding.default, (table, ids))
+        return self._call(aten.embedding.default, (self.resolve(table), self.resolve(ids)))
 
     def replace_weight(self, gemm: Gemm, array, name: str = "weight") -> None:
         """The GEMM reads ``array`` (``[in, out]``; stored ``[out, in]`` for ``linear``)."""
@@ -605,6 +616,9 @@ class FxGraph:
 
     def redirect(self, old, new) -> None:
         """Every use of ``old`` reads ``new`` (cast to ``old``'s dtype when they differ)."""
+        new = self.resolve(new)
+        if new is old:
+            return
         want, have = tensor_meta(old), tensor_meta(new)
         if want is not None and have is not None and want.dtype != have.dtype:
             with self.graph.inserting_before(old):
@@ -612,6 +626,7 @@ class FxGraph:
                 new = self._call(aten._to_copy.default, (new,), {"dtype": want.dtype})
                 self._like = saved
         old.replace_all_uses_with(new)
+        self._redirected[id(old)] = new
 
     def cleanup(self) -> None:
         """Remove dead nodes, including metadata assertions that only check dead values."""
