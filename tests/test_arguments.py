@@ -73,7 +73,7 @@ def test_bad_max_rank_ratio_for_inspect(capsys, unreadable_model):
     "make",
     [
         lambda: CompileOptions(seed=-1),
-        lambda: CompileOptions(atol=-1.0),
+        lambda: CompileOptions(atol=float("nan")),
         lambda: CompileOptions(max_rank_ratio=-1),
         lambda: LatencyOptions(decode_rounds=0),
         lambda: LatencyOptions(past=-5),

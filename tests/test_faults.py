@@ -328,8 +328,8 @@ def test_internal_error_writes_the_report(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "compile_onnx", broken)
     report = tmp_path / "r.json"
-    code, _, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--report", report)
-    assert code == 3
+    code, out, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--report", report, "--json")
+    assert code == 3 and strict_json(out)["exit_code"] == 3
     assert one_error_line(err).startswith("zcompile: internal error: RuntimeError: injected bug")
     document = strict_json(report.read_text())
     assert document["exit_code"] == 3 and "injected bug" in document["message"]

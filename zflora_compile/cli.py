@@ -191,13 +191,16 @@ def _run_compile(args, console, err_console) -> int:
 
 def _compile_options(args) -> CompileOptions:
     """The options the flags ask for; bad ones fail here, before the model is read, with an error report."""
-    from zflora_compile.errors import ZcompileError
+    from zflora_compile.errors import InputError, ZcompileError
     from zflora_compile.gate import LatencyOptions
     from zflora_compile.options import CompileOptions
     from zflora_compile.report import InputInfo, Report
     from zflora_compile.targets import TARGETS
 
     try:
+        for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+            if value is not None and not value >= 0:
+                raise InputError(f"{flag} must be a finite number >= 0, got {value}")
         return CompileOptions(
             strategy=args.strategy,
             target=args.target,
@@ -392,6 +395,7 @@ def _main(args) -> int:
     err_console = Console(stderr=True, highlight=False)
     report = None
     report_usable = False
+    error_seen: list = [None]
     try:
         try:
             _check_report_path(args)
@@ -400,6 +404,7 @@ def _main(args) -> int:
                 return _run_inspect(args, console)
             return _run_compile(args, console, err_console)
         except ZcompileError as error:
+            error_seen[0] = error
             report = getattr(error, "report", None)
             if args.json and report is not None:
                 from zflora_compile.report import report_text
@@ -423,6 +428,10 @@ def _main(args) -> int:
                 traceback.print_exc()
             print(f"zcompile: internal error: {type(error).__name__}: {first_line(error)} (rerun with --debug for a traceback)", file=sys.stderr)
             code = EXIT_INTERNAL
+        if code not in (0,) and args.json and report is not None and not isinstance(error_seen[0], ZcompileError):
+            from zflora_compile.report import report_text
+
+            print(report_text(report), end="")  # an internal error or an interruption: --json still gets the report
         if report is None and getattr(args, "report", None) is not None:
             report = _bare_report(args, code)
         try:
