@@ -515,3 +515,34 @@ class LaneHostReadsLora(torch.nn.Module):
 def test_fx_lane_host_reading_a_lora_output_sees_the_rewritten_lora(strategy):
     detection = _fx_rewrite(LaneHostReadsLora(), (torch.randn(S, D), torch.randn(S, D)), strategy)
     assert len(detection.sites) == 1 and len(detection.widened) == 2
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_lanes_and_a_reader_of_another_rank_are_refused_without_recorded_shapes(strategy):
+    """z = t @ A with t [2, S, D]; the reader reads x = t * ones[1, 1, 1, 1], of rank 4, with no
+    intermediate shape recorded: widened, Concat(x, z) joined ranks 4 and 3 (an invalid model the
+    checker caught). The pipeline infers shapes before detection; the read is refused."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from zflora_compile.options import CompileOptions
+    from zflora_compile.pipeline import compile_model
+
+    w = _weights(W=(D, D), A=(D, R), W2=(D, D), B=(R, D))
+    nodes = [
+        helper.make_node("MatMul", ["t", "W"], ["h"], name="host"),
+        helper.make_node("MatMul", ["t", "A"], ["z"], name="lanes_a"),
+        helper.make_node("Mul", ["t", "ones"], ["x"], name="raise_rank"),
+        helper.make_node("MatMul", ["x", "W2"], ["q"], name="reader"),
+        helper.make_node("MatMul", ["z", "B"], ["zb"], name="lanes_b"),
+        helper.make_node("Add", ["q", "zb"], ["r"], name="read_add"),
+    ]
+    inits = [numpy_helper.from_array(a.astype(F32), n) for n, a in w.items()] + [numpy_helper.from_array(np.ones((1, 1, 1, 1), F32), "ones")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, S, D])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "r")], inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 9
+    _, report = compile_model(ir.from_proto(proto), CompileOptions(strategy=strategy, verify=True))
+    assert not report.detection.widened
+    assert any("leading axes" in r.reason for r in report.detection.rejections)

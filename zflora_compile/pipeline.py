@@ -41,7 +41,11 @@ def is_fx_model(model) -> bool:
 
 
 def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
-    """Every adapter site in an ONNX model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes."""
+    """Every adapter site in an ONNX model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes.
+
+    ONNX shape inference runs first: a graph without recorded intermediate shapes would otherwise
+    hide leading axes that differ between a lane and its reader (a Concat of tensors of two ranks)."""
+    infer_shapes(model)
     return families.detect(OnnxGraph(model), max_rank_ratio=max_rank_ratio)
 
 

@@ -221,23 +221,30 @@ _FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
 
 
 def lossy_cast(view: GraphView, top: Value, bottom: Value, into: str | None) -> Node | None:
-    """The first cast on the pass-through path from ``top`` up to ``bottom`` that changes values
-    (through an integer type, or to a lower precision), else None. A float cast into ``into`` (the
-    dtype of the GEMM that reads the path: a chain computed in another precision) is allowed; a
-    cast whose dtypes are unknown is not."""
-    value, seen = top, 0
+    """The first node on the pass-through path from ``top`` up to ``bottom`` that loses information
+    (a value held in an integer type, or in a float narrower than both ends), or a ``top`` narrower
+    than ``bottom`` unless it is ``into`` (the dtype of the GEMM reading the path: a chain computed
+    in another precision), else None. Unknown dtypes are no evidence either way."""
+    reader, path, value, seen = view.value_dtype(top), [], top, 0
     while value is not None and value is not bottom and seen < 10_000:
         producer = view.producer(value)
         source = view.data_input(producer) if producer is not None else None
         if source is None:
-            return None
-        have, want = view.value_dtype(source), view.value_dtype(value)
-        if have != want:
-            widening = have in _FLOAT_BITS and want in _FLOAT_BITS and _FLOAT_BITS[have] < _FLOAT_BITS[want]
-            into_chain = have in _FLOAT_BITS and want in _FLOAT_BITS and want == into
-            if have is None or want is None or not (widening or into_chain):
-                return producer
+            break
+        path.append((producer, source))
         value, seen = source, seen + 1
+    if not path:
+        return None
+    if reader is not None and reader not in _FLOAT_BITS:
+        return path[0][0]
+    low = view.value_dtype(path[-1][1])
+    ends = [_FLOAT_BITS[d] for d in (reader, low) if d in _FLOAT_BITS]
+    for producer, source in path[:-1]:  # values strictly between top and bottom
+        held = view.value_dtype(source)
+        if held is not None and (held not in _FLOAT_BITS or (ends and _FLOAT_BITS[held] < min(ends))):
+            return view.producer(source)
+    if reader in _FLOAT_BITS and low in _FLOAT_BITS and _FLOAT_BITS[reader] < _FLOAT_BITS[low] and reader != into:
+        return path[0][0]
     return None
 
 
@@ -246,8 +253,8 @@ def check_casts(view: GraphView, top: Value, bottom: Value, into: str | None, wh
     cast = lossy_cast(view, top, bottom, into)
     if cast is not None:
         raise Reject(
-            f"'{view.name(cast)}' casts {what} from {view.value_dtype(view.data_input(cast))} to "
-            f"{view.value_dtype(view.output(cast))}: a cast through an integer type or to a lower precision is not a pass-through"
+            f"'{view.name(cast)}' holds {what} as {view.value_dtype(view.output(cast))}: a cast through an integer type "
+            "or to a lower precision is not a pass-through"
         )
 
 
