@@ -15,8 +15,10 @@ import stat
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -48,13 +50,20 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+SCHEMA = json.loads(resources.files("zflora_compile").joinpath("report_schema.json").read_text())
+
+
 def strict_json(text: str):
-    """``json.loads`` that refuses NaN / Infinity (what a strict parser does)."""
+    """``json.loads`` that refuses NaN / Infinity (what a strict parser does); a compile report
+    (one with a ``schema_version``) must also satisfy the shipped schema."""
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    return json.loads(text, parse_constant=refuse)
+    document = json.loads(text, parse_constant=refuse)
+    if isinstance(document, dict) and "schema_version" in document:
+        jsonschema.validate(document, SCHEMA)
+    return document
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
