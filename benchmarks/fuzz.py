@@ -1,6 +1,6 @@
 """Differential fuzzer: seeded random ONNX graphs through ``compile_model``, judged in ONNX Runtime.
 
-    python benchmarks/fuzz.py --n 5000 [--seed0 S] [--out results.json] [--rank0]
+    python benchmarks/fuzz.py --n 5000 [--seed0 S] [--out results.json] [--no-rank0] [--fast]
 
 Prints the class counts (exact / unchanged / refused / caught / crash / wrong) in total and per
 strategy, and the seeds of every crash, wrong output and verification catch; saves the JSON to
@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fuzz.json")
     parser.add_argument("--strategies", default=",".join(fuzz_graphs.STRATEGIES))
-    parser.add_argument("--rank0", action="store_true", help="also draw rank-0 float graph inputs (verify.py cannot run them)")
+    parser.add_argument("--no-rank0", action="store_true", help="draw no rank-0 float graph inputs")
     parser.add_argument("--fast", action="store_true", help="run verify=True only where the raw rewrite is wrong")
     args = parser.parse_args(argv)
-    fuzz_graphs.RANK0_INPUTS = args.rank0
+    fuzz_graphs.RANK0_INPUTS = not args.no_rank0
     strategies = tuple(args.strategies.split(","))
     start = time.perf_counter()
     total, per = collections.Counter(), {s: collections.Counter() for s in strategies}
