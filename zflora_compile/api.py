@@ -13,7 +13,6 @@ from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 from zflora_compile.model_io import load_model, to_ir
 from zflora_compile.options import CompileOptions, check_max_rank_ratio
 from zflora_compile.pipeline import compile_model, detect, is_fx_model
-from zflora_compile.verify import check_finite_weights
 
 
 def detect_adapters(model, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
@@ -68,6 +67,5 @@ def fuse_adapters(
     if is_fx_model(model):
         return compile_model(model, options)[0]
     working = model.clone() if isinstance(model, ir.Model) else to_ir(model)
-    check_finite_weights(detect(working, max_rank_ratio), strategy, working)
     compiled, _ = compile_model(working, options)
     return ir.to_proto(compiled) if isinstance(model, onnx.ModelProto) else compiled

@@ -17,19 +17,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 
-from zflora_compile.errors import EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError, first_line
+from zflora_compile.errors import EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.gate import Variant, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
 from zflora_compile.options import CompileOptions
-from zflora_compile.pipeline import CHECKER_PASSED, compile_model, compile_onnx, detect
+from zflora_compile.pipeline import compile_model, compile_onnx
 from zflora_compile.progress import TimedSteps
 from zflora_compile.report import InputInfo, Report, file_digest, report_text
 from zflora_compile.targets import Shape, Target, get_target
 from zflora_compile.targets.check import check_artifact
-from zflora_compile.verify import check_finite_weights, token_vocab
+from zflora_compile.verify import token_vocab
 
 MODEL_NAME = "model.onnx"
 LOCK_NAME = ".zcompile.lock"
@@ -83,16 +82,8 @@ def compile_file(
             report.input.external_data = has_external_data(model)
         vocab = token_vocab(model)
         onnx_source = source if source.suffix == ".onnx" else None
-        if onnx_source is not None:
-            report.input.checker = input_checker(onnx_source)
-        check_finite_weights(detect(model, options.max_rank_ratio), options.strategy, model)
         where[:] = [Path(tempfile.gettempdir()), "compiling in the temporary directory"]
-        try:
-            model = compile_onnx(report, model, options, steps, source=onnx_source)
-        except VerificationError as error:
-            if report.input.checker != CHECKER_PASSED and str(error).startswith("rewritten model fails onnx.checker"):
-                raise InputError(f"{source}: the input model itself fails onnx.checker ({report.input.checker}); the rewrite is not to blame") from None
-            raise
+        model = compile_onnx(report, model, options, steps, source=onnx_source)
         where[:] = [destination.parent, "writing the output"]
         staging = _make_staging(destination)
         where[:] = [staging, "writing the output"]
@@ -141,16 +132,6 @@ def compile_file(
 def _shown(message: str, staging: Path, output_dir: Path) -> str:
     """A message about the hidden staging directory, naming the output directory instead."""
     return message.replace(str(staging), str(output_dir))
-
-
-def input_checker(path: Path) -> str:
-    """``onnx.checker`` on the input file: :data:`CHECKER_PASSED`, or why it fails (the input's own
-    fault: a failure of the rewritten model is then not blamed on the rewrite)."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        return f"fails onnx.checker: {first_line(error)}"
-    return CHECKER_PASSED
 
 
 def _write_and_build(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps, target: Target, vocab) -> list[Shape]:

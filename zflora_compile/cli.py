@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,8 +23,12 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zflora_compile._version import __version__
+
+if TYPE_CHECKING:  # imported lazily at run time: --version stays fast
+    from zflora_compile.options import CompileOptions
 
 SUBCOMMANDS = ("compile", "inspect")
 EXIT_INTERNAL = 3

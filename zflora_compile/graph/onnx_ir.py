@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import collections
 import contextlib
-import re
 
 import numpy as np
 import onnx_ir as ir

@@ -16,13 +16,10 @@ tolerances. Timings taken on the emulator are NOT NPU latencies: they measure an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import platform
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
