@@ -440,3 +440,21 @@ def test_non_finite_weights_are_refused_by_every_entry_point(tmp_path):
     program = torch.export.export(Lora().eval(), (torch.randn(2, 3, 8),))
     with pytest.raises(InputError, match="Inf"):
         fuse_adapters(program, "merge")
+
+
+def test_a_float64_output_of_float32_weights_is_judged_at_float32_tolerance():
+    """``Cast(y, double)`` of an fp32 LoRA projection: merge reassociates fp32 sums, which fp64's
+    1e-8 tolerance would call a mismatch (a false alarm the differential fuzzer found)."""
+    import onnx_ir as ir
+
+    from zflora_compile import fuse_adapters
+
+    graph = lora_projection_graph([Proj(rank=4, scale=3.0, out=64)], in_features=64, seed=5)
+    model = graph.model
+    out = model.graph.outputs[0]
+    cast = ir.node("Cast", [out], attributes={"to": ir.DataType.DOUBLE}, name="to_double")
+    model.graph.append(cast)
+    cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = "y64", ir.DataType.DOUBLE, out.shape
+    model.graph.outputs[0] = cast.outputs[0]
+    for strategy in ("fuse", "merge"):
+        fuse_adapters(ir.to_proto(model), strategy=strategy)
