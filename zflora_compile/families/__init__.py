@@ -30,7 +30,7 @@ class Found:
     sites: list = dataclasses.field(default_factory=list)
     rejections: dict = dataclasses.field(default_factory=dict)  # node name -> Rejection
     claimed_ids: set = dataclasses.field(default_factory=set)
-    widened: widening.WidenedSites = None
+    widened: widening.WidenedSites = dataclasses.field(init=False)
 
     def __post_init__(self):
         self.widened = widening.WidenedSites(self.view)

@@ -55,7 +55,7 @@ def match_lowrank(view: GraphView, value) -> tuple[Gemm, float, list, object]:
     return b, scale * between, nodes, z
 
 
-def _lowrank_b(view: GraphView, projection: Projection, max_rank_ratio: float):
+def _lowrank_b(view: GraphView, projection: Projection):
     """The GEMM computing ``projection``'s input when that projection is the B of a bottleneck pair
     ``(t @ A) @ W`` (narrower in the middle: an adapter's own GEMM, never a base projection; whatever
     the rank limit, which only decides whether an adapter is fused), else None."""
@@ -72,7 +72,7 @@ def _lowrank_b(view: GraphView, projection: Projection, max_rank_ratio: float):
     return inner if inner.shape[1] == rank and rank < min(inner.shape[0], projection.shape[1]) else None
 
 
-def _match_read(view: GraphView, add, base_value, lowrank_value, claimed, max_rank_ratio: float) -> _Read:
+def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Read:
     b, scale, nodes, z = match_lowrank(view, lowrank_value)
     a = view.gemm(z)
     if view.last_axis_slice(z) is not None or a is None or not view.is_constant(a.weight):
@@ -85,7 +85,7 @@ def _match_read(view: GraphView, add, base_value, lowrank_value, claimed, max_ra
         raise NotACandidate
     if a.bias is not None:
         raise Reject(f"low-rank GEMM '{view.name(a.node)}' has a bias")
-    inner = _lowrank_b(view, projection, max_rank_ratio)
+    inner = _lowrank_b(view, projection)
     if inner is not None:
         raise Reject(
             f"the lanes of A '{view.name(a.node)}' are added to '{view.name(projection.node)}', the B of the low-rank pair "
@@ -111,7 +111,7 @@ def detect(view: GraphView, found) -> None:
     for add, operands in view.adds():
         if found.claimed(add):
             continue
-        read, reason = either_order(lambda base, low, add=add: _match_read(view, add, base, low, found.claimed, found.max_rank_ratio), operands)
+        read, reason = either_order(lambda base, low, add=add: _match_read(view, add, base, low, found.claimed), operands)
         if read is not None:
             reads.append(read)
         elif reason:
@@ -119,7 +119,7 @@ def detect(view: GraphView, found) -> None:
     lanes: dict[int, list[_Read]] = {}
     for read in reads:
         lanes.setdefault(id(read.a.node), []).append(read)
-    writers = {key for key in lanes}
+    writers = set(lanes)
     order = view.order()
     hosted = []
     for group in lanes.values():
