@@ -18,7 +18,7 @@ import onnx
 try:
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
+    from peft import BdLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, get_peft_model
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "zflora_compile.zoo needs the torch extra: pip install torch==2.13.0 transformers peft"
@@ -28,8 +28,10 @@ __all__ = [
     "ALL_TARGETS",
     "ARCHS",
     "EXPORTERS",
+    "PEFT_VARIANTS",
     "build_base_model",
     "build_lora_model",
+    "build_peft_variant",
     "export_onnx",
     "export_program",
     "tiny_config",
@@ -187,6 +189,84 @@ def build_lora_model(
             if name.endswith((".lora_A", ".lora_B")):
                 module.to(adapter_dtype)
     return model.eval()
+
+
+PEFT_VARIANTS = ("dora", "bdlora", "lokr", "loha", "vera", "ia3", "embedding", "two_loras")
+
+_ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Multiplicative adapter parameters (ones-like at init): perturbed as p * (1 + 0.1 N(0, 1)).
+_SCALE_PARAMS = ("lora_magnitude_vector", "ia3_l", "vera_lambda_d")
+# Zero-init "B-like" factors: N(0, 0.05^2).  Everything else: N(0, 1/fan_in).
+_SMALL_PARAMS = ("lora_B", "lora_embedding_B", "vera_lambda_b")
+
+
+def _variant_configs(kind: str, arch: str, r: int) -> list:
+    """(adapter name, PEFT config) pairs for one ``PEFT_VARIANTS`` kind."""
+    targets = list(ALL_TARGETS[arch])
+    lora = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none")
+    if kind == "dora":
+        return [("default", LoraConfig(target_modules=targets, use_dora=True, **lora))]
+    if kind == "bdlora":
+        # BdLoraConfig's guideline: column-sharded q/k/v/gate/up -> block-diagonal B; row-sharded o/down -> A.
+        bd = BdLoraConfig(
+            target_modules_bd_a=["o_proj", "down_proj"],
+            target_modules_bd_b=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+            nblocks=2,
+        )
+        return [("default", LoraConfig(target_modules=targets, use_bdlora=bd, **lora))]
+    if kind == "lokr":
+        return [("default", LoKrConfig(r=r, alpha=2 * r, target_modules=targets, init_weights=False))]
+    if kind == "loha":
+        return [("default", LoHaConfig(r=r, alpha=2 * r, target_modules=targets, init_weights=False))]
+    if kind == "vera":  # one shared A/B pair: targets must share a shape (k/v differ from q under GQA)
+        return [("default", VeraConfig(r=r, target_modules=["q_proj", "o_proj"], vera_dropout=0.0))]
+    if kind == "ia3":
+        return [("default", IA3Config(target_modules=_ATTN_MLP, feedforward_modules=["down_proj"]))]
+    if kind == "embedding":
+        return [("default", LoraConfig(target_modules=["embed_tokens", "q_proj"], **lora))]
+    if kind == "two_loras":
+        return [(name, LoraConfig(target_modules=["q_proj", "v_proj"], **lora)) for name in ("a", "b")]
+    raise ValueError(f"unknown PEFT variant {kind!r}; expected one of {PEFT_VARIANTS}")
+
+
+def _randomize_adapter(model, seed: int) -> None:
+    """Seeded non-trivial values for every adapter parameter (PEFT zero-inits B and friends)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if not param.requires_grad:  # base weights are frozen by get_peft_model
+                continue
+            if any(key in name for key in _SCALE_PARAMS):
+                param.mul_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif any(f".{key}." in name or name.endswith(f".{key}") for key in _SMALL_PARAMS):
+                param.normal_(0.0, _LORA_B_STD, generator=gen)
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
+
+
+def build_peft_variant(kind: str, arch: str = "llama", *, r: int = 4, seed: int = 0, dtype=torch.float32, **config_kwargs):
+    """Wrap ``build_base_model(arch, seed=seed)`` in a non-LoRA-classic PEFT adapter of ``kind``, eval mode.
+
+    ``kind`` is one of ``PEFT_VARIANTS``: DoRA and BD-LoRA (2 blocks) on every
+    projection, LoKr / LoHa / (IA)^3 on the attention and MLP projections, VeRA
+    on q_proj/o_proj, LoRA on ``embed_tokens`` + q_proj, or two LoRA adapters
+    ``a`` and ``b`` on q_proj/v_proj active together.  Every adapter parameter is
+    re-drawn from a generator seeded with ``seed`` (scale-like vectors, DoRA's
+    magnitude included, are multiplied by 1 + 0.1 N(0, 1)).
+    """
+    if arch not in ALL_TARGETS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    configs = _variant_configs(kind, arch, r)
+    base = _random_model(arch, seed, config_kwargs)
+    with _quiet(), _seeded(seed):
+        name, config = configs[0]
+        model = get_peft_model(base, config, adapter_name=name)
+        for name, config in configs[1:]:
+            model.add_adapter(name, config)
+        if len(configs) > 1:
+            model.base_model.set_adapter([name for name, _ in configs])
+    _randomize_adapter(model, seed)
+    return model.to(dtype).eval()
 
 
 class _ExportWrapper(torch.nn.Module):
