@@ -33,6 +33,15 @@ from zflora_compile.adapters.attach import (
     trainable_parameters,
 )
 from zflora_compile.adapters.config import FAMILIES, TARGETS, AdapterConfig, base_config_hash
+from zflora_compile.adapters.gaws import (
+    GAWS_KINDS,
+    GawsDLinear,
+    GawsLinear,
+    attach_gaws,
+    build_gaws_model,
+    gaws_parameters,
+    randomize_gaws,
+)
 from zflora_compile.adapters.serialization import (
     BaseModelMismatchError,
     load_adapters,
@@ -42,17 +51,24 @@ from zflora_compile.adapters.serialization import (
 
 __all__ = [
     "FAMILIES",
+    "GAWS_KINDS",
     "SUPPORTED_MODEL_TYPES",
     "TARGETS",
     "AdapterConfig",
     "BaseModelMismatchError",
+    "GawsDLinear",
+    "GawsLinear",
     "adapter_state_dict",
     "attach_adapters",
+    "attach_gaws",
     "base_config_hash",
+    "build_gaws_model",
     "count_parameters",
+    "gaws_parameters",
     "get_adapter_state",
     "load_adapters",
     "randomize_adapters",
+    "randomize_gaws",
     "read_adapter_config",
     "save_adapters",
     "trainable_parameters",
