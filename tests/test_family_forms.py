@@ -181,17 +181,19 @@ def test_zflora_fuse_reads_the_stream_whole_and_writes_it_directly():
 
 # ---------------------------------------------------------------- must not fire, idempotence
 
+#: near-misses and the strategies that must leave them exactly as they were (a linear one is still
+#: merged or stripped by the generic family; a nonlinear one makes strip refuse: test_rules_handbuilt)
 MUST_NOT_FIRE = {
-    "lora_relu_between": lambda: lora_projection_graph(projections=[Proj(between="Relu")]).model,
-    "lora_rank_not_small": lambda: lora_projection_graph(projections=[Proj(out=8, rank=6)]).model,
-    "lora_base_output_also_used": lambda: lora_projection_graph(projections=[Proj(base_extra_use=True)]).model,
+    "lora_relu_between": (lambda: lora_projection_graph(projections=[Proj(between="Relu")]).model, ("fuse", "merge")),
+    "lora_rank_not_small": (lambda: lora_projection_graph(projections=[Proj(out=8, rank=6)]).model, ("fuse",)),
+    "lora_base_output_also_used": (lambda: lora_projection_graph(projections=[Proj(base_extra_use=True)]).model, ("fuse", "merge")),
 }
 
 
-@pytest.mark.parametrize("case", sorted(MUST_NOT_FIRE))
-@pytest.mark.parametrize("strategy", ["fuse", "merge", "strip"])
+@pytest.mark.parametrize(("case", "strategy"), [(case, strategy) for case, (_, kept) in sorted(MUST_NOT_FIRE.items()) for strategy in kept])
 def test_must_not_fire_expected_is_before(case, strategy):
-    assert_same_graph(rewritten(MUST_NOT_FIRE[case](), strategy), MUST_NOT_FIRE[case]())
+    build, _ = MUST_NOT_FIRE[case]
+    assert_same_graph(rewritten(build(), strategy), build())
 
 
 IDEMPOTENT = {

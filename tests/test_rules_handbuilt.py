@@ -264,28 +264,69 @@ NEGATIVE = {
     "lowrank_intermediate_also_used": (dict(projections=[Proj(z_extra_use=True)]), ["low-rank intermediate", "also used"]),
     "base_output_also_used": (dict(projections=[Proj(base_extra_use=True)]), ["base projection output", "also used"]),
 }
+#: what the accounting makes of each LoRA near-miss once the LoRA family has rejected it:
+#: "unrecognized" (adapter-shaped structure left in the model: reported, and strip refuses),
+#: "linear" (a linear branch the generic family merges and strips), "linear-kept" (linear; merge
+#: keeps it, as its projection's output has another reader; strip strips it)
+ACCOUNTED = {
+    "relu_between_a_and_b": "unrecognized",
+    "tanh_between_a_and_b": "unrecognized",
+    "A_is_a_graph_input": "unrecognized",
+    "B_is_a_graph_input": "unrecognized",
+    "W_is_a_graph_input": "unrecognized",
+    "chain_reads_another_tensor": "unrecognized",
+    "chain_added_to_raw_input": "unrecognized",
+    "chain_added_to_raw_input_gemm": "unrecognized",
+    "rank_not_small": "linear",
+    "B_narrower_than_W": "unrecognized",
+    "lowrank_intermediate_also_used": "linear",
+    "base_output_also_used": "linear-kept",
+}
 
 
 @pytest.mark.parametrize("variant", NEGATIVE)
 def test_must_not_fire_detection(variant):
+    """The LoRA family rejects each near-miss with its reason; the accounting then says what it is."""
     kwargs, reason_parts = NEGATIVE[variant]
     detection = detect_adapters(lora_projection_graph(**kwargs).proto())
-    assert detection.sites == []
+    assert detection.sites == [] and detection.widened == []
     assert len(detection.rejections) == 1, detection.rejections
     reason = detection.rejections[0].reason
     for part in reason_parts:
         assert part in reason, f"{part!r} not in rejection reason {reason!r}"
+    outcome = ACCOUNTED[variant]
+    assert len(detection.linear) == outcome.startswith("linear")
+    assert len(detection.unrecognized) == (outcome == "unrecognized")
+    assert detection.accounting.branches_found == 1
+    assert detection.accounting.branches_recognised == outcome.startswith("linear")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("variant", NEGATIVE)
 def test_must_not_fire_leaves_graph_alone(variant, strategy):
+    """fuse never touches a near-miss; merge folds only a linear one; strip removes a linear one
+    and refuses (exit 2, nothing written) while an unrecognised one remains."""
     kwargs, _ = NEGATIVE[variant]
-    proto = lora_projection_graph(**kwargs).proto()
+    graph = lora_projection_graph(**kwargs)
+    proto = graph.proto()
+    outcome = ACCOUNTED[variant]
+    if strategy == "strip" and outcome == "unrecognized":
+        with pytest.raises(zflora_compile.errors.UnrecognizedAdapterError, match="strip cannot derive the base model") as error:
+            fuse_adapters(proto, strategy=strategy)
+        assert error.value.exit_code == 2
+        return
     out = fuse_adapters(proto, strategy=strategy)
-    assert gemm_count(out) == gemm_count(proto)
-    assert sorted(n.op_type for n in out.graph.node) == sorted(n.op_type for n in proto.graph.node)
-    assert_outputs_match(out, proto)
+    rewritten = (strategy == "merge" and outcome == "linear") or (strategy == "strip" and outcome.startswith("linear"))
+    if not rewritten:
+        assert gemm_count(out) == gemm_count(proto)
+        assert sorted(n.op_type for n in out.graph.node) == sorted(n.op_type for n in proto.graph.node)
+        assert_outputs_match(out, proto)
+    elif strategy == "merge":
+        # merged into W; x @ A stays where something else reads it
+        assert gemm_count(out) == {"rank_not_small": 1, "lowrank_intermediate_also_used": 2}[variant]
+        assert_outputs_match(out, proto)
+    else:  # strip: the base model, built independently (same weights, B = 0)
+        assert_outputs_match(out, lora_projection_graph(**kwargs, zero_b=True).proto())
 
 
 def test_div_with_constant_numerator_is_not_a_scale():

@@ -72,6 +72,11 @@ def _compile_args() -> argparse.ArgumentParser:
     group.add_argument("-o", "--output", type=Path, help="output directory (default: <model stem>_<strategy> beside the model)")
     group.add_argument("--strategy", choices=STRATEGIES, default="fuse", help="fuse (default): widened projections, adapters separable; merge: W + s*A@B; strip: base model")
     group.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    group.add_argument(
+        "--keep-scales",
+        action="store_true",
+        help="strip: keep constant per-column scales after projections as part of the base model (a LayerScale and an IA3 adapter look the same; without this flag strip refuses while there are any)",
+    )
     _target_args(parent)
     latency = parent.add_argument_group("latency gate")
     latency.add_argument("--check-latency", action="store_true", help="build base (strip), unfused and fused on the target, time them interleaved, fail (exit 1) above --max-overhead")
@@ -140,8 +145,8 @@ def _sites_table(sites: list[dict], title: str):
             "" if s["layer"] is None else str(s["layer"]),
             s["projection"] or s["label"],
             s["family"],
-            _lanes(s) if widened else str(s["rank"]),
-            "" if widened else f"{s['scale']:g}",
+            _lanes(s) if widened else (str(s["rank"]) if "rank" in s else f"dense ({s.get('branches', 1)} branch)"),
+            "" if widened or "scale" not in s else f"{s['scale']:g}",
             s.get("group", ""),
             f"{s['in_features']}→{s['out_features']}",
             "yes" if s.get("bias") else "",
@@ -154,14 +159,29 @@ def _print_rejections(console, rejected: list[dict]) -> None:
         console.print(f"[yellow]left unfused[/yellow] {r['node']}: {r['reason']}")
 
 
+def _print_unrecognized(console, unrecognized: list[dict]) -> None:
+    for u in unrecognized:
+        label = f" ({u['label']})" if u.get("label") else ""
+        console.print(f"[red]unrecognized {u['kind']}[/red] {u['node']}{label}: {u['reason']}")
+
+
 def _run_inspect(args, console) -> int:
     from zflora_compile.api import detect_adapters
-    from zflora_compile.report import report_text
+    from zflora_compile.report import accounting_line, report_text
 
     detection = detect_adapters(args.model, max_rank_ratio=args.max_rank_ratio)
     sites = [s.to_json() for s in detection.all_sites]
     rejected = [r.to_json() for r in detection.rejections]
-    listing = {"model": str(args.model), "status": "ok", "exit_code": 0, "sites": sites, "rejected": rejected}
+    unrecognized = [u.to_json() for u in detection.unrecognized]
+    listing = {
+        "model": str(args.model),
+        "status": "ok",
+        "exit_code": 0,
+        "sites": sites,
+        "rejected": rejected,
+        "unrecognized": unrecognized,
+        "accounting": detection.accounting.to_json(),
+    }
     _save_report(args, listing)
     if args.json:
         print(report_text(listing), end="")
@@ -172,6 +192,10 @@ def _run_inspect(args, console) -> int:
         else:
             console.print(f"no adapter sites found in {args.model}")
         _print_rejections(console, rejected)
+        _print_unrecognized(console, unrecognized)
+        tally = accounting_line(detection)
+        if tally:
+            console.print(tally)
     return 0
 
 
@@ -212,6 +236,7 @@ def _compile_options(args) -> CompileOptions:
             rtol=args.rtol,
             max_rank_ratio=args.max_rank_ratio,
             seed=args.seed,
+            keep_scales=args.keep_scales,
             force=args.force,
             target_options=TARGETS[args.target].options_from_args(args),
             latency=LatencyOptions(
@@ -236,6 +261,7 @@ def _print_summary(console, report: dict) -> None:
     if report.get("sites"):
         console.print(_sites_table(report["sites"], f"{len(report['sites'])} adapter site(s)"))
     _print_rejections(console, report.get("rejected", []))
+    _print_unrecognized(console, report.get("unrecognized", []))
     verification = report.get("verification", {})
     if verification.get("passed"):
         worst = verification["worst"]

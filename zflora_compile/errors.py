@@ -32,6 +32,11 @@ class PlanError(InputError):
     """The sites cannot be planned with the strategy asked for (exit 2, like any unusable input)."""
 
 
+class UnrecognizedAdapterError(InputError):
+    """``strip`` cannot derive the base model: an adapter-shaped structure no family recognises
+    (exit 2; nothing is written; the report lists every one with its reason)."""
+
+
 class DependencyError(ZcompileError):
     """An optional dependency the requested feature needs is not installed."""
 

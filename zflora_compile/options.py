@@ -26,6 +26,9 @@ class CompileOptions:
     rtol: float | None = None
     max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO
     seed: int = 0
+    #: strip: constant per-column scales after projections (LayerScale or IA3, indistinguishable) are
+    #: declared part of the base model and kept; without it strip refuses while there are any
+    keep_scales: bool = False
     force: bool = False
     target_options: Any = None
     #: shapes the target builds for (prefill, past) and, with check_latency, the gate's settings

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 import zflora_compile.families as families
-from zflora_compile.errors import VerificationError, ZcompileError, first_line
+from zflora_compile.errors import UnrecognizedAdapterError, VerificationError, ZcompileError, first_line
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
@@ -28,7 +28,7 @@ from zflora_compile.report import NO_VERIFY, GraphStats, InputInfo, OutputInfo, 
 from zflora_compile.verify import check_finite_weights, token_vocab, verification_failure_message, verify_models
 
 CHECKER_PASSED = "onnx.checker.check_model(full_check=True) passed"
-STRIP_REFERENCE = "the input model with every detected adapter's B set to zero"
+STRIP_REFERENCE = "the input model with every detected adapter's B set to zero (a generic linear branch: multiplied by zero)"
 
 
 def is_fx_model(model) -> bool:
@@ -47,6 +47,32 @@ def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> D
     hide leading axes that differ between a lane and its reader (a Concat of tensors of two ranks)."""
     infer_shapes(model)
     return families.detect(OnnxGraph(model), max_rank_ratio=max_rank_ratio)
+
+
+def refuse_unaccounted(detection: Detection, options: CompileOptions) -> None:
+    """``strip`` cannot derive the base model while an adapter-shaped structure is unrecognised
+    (per-column scales pass with ``keep_scales``): :class:`UnrecognizedAdapterError` (exit 2)."""
+    if options.strategy != "strip":
+        return
+    blocking = [u for u in detection.unrecognized if u.kind == "branch" or not options.keep_scales]
+    if not blocking:
+        return
+    first = blocking[0]
+    label = f" ({first.label})" if first.label else ""
+    hint = " (--keep-scales declares per-column scales part of the base model)" if all(u.kind == "scale" for u in blocking) else ""
+    raise UnrecognizedAdapterError(
+        f"strip cannot derive the base model: {len(blocking)} adapter-shaped {'structure' if len(blocking) == 1 else 'structures'} "
+        f"no family recognises; first, node '{first.node}'{label}: {first.reason}{hint}"
+    )
+
+
+def check_stripped(detection: Detection) -> None:
+    """The stripped model, detected afresh, carries no adapter: no site and no adapter-shaped branch
+    (a check that does not trust the detection strip was planned from)."""
+    left = detection.accounting.branches_found + len(detection.all_sites)
+    if left:
+        where = next((u.node for u in detection.unrecognized if u.kind == "branch"), None) or next((s.site_id for s in detection.all_sites), "")
+        raise VerificationError(f"the stripped model still carries {left} adapter-shaped branch(es) or site(s), e.g. '{where}'")
 
 
 def onnx_stats(model: ir.Model) -> GraphStats:
@@ -107,6 +133,7 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
         with steps.step("detect"):
             detection = detect(model, options.max_rank_ratio)
             report.detection, report.input.graph = detection, onnx_stats(model)
+            refuse_unaccounted(detection, options)
             check_finite_weights(detection, options.strategy, model)
         with steps.step("rewrite"):
             the_plan = plan(detection, options.strategy)
@@ -114,6 +141,8 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
                 families.rewrite(OnnxGraph(model), the_plan)
                 infer_shapes(model)
             report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
+            if options.strategy == "strip":
+                check_stripped(families.detect(OnnxGraph(model), max_rank_ratio=options.max_rank_ratio))
         rewritten = save_model(model, tmp / "model.onnx", external=True)[0]
         with steps.step("check"):
             report.output.checker = output_checker(rewritten, report.input.checker)
@@ -121,7 +150,7 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             report.verification = dict(NO_VERIFY)
             return model
         with steps.step("verify"):
-            reference, meaning = _onnx_reference(source, options, tmp)
+            reference, meaning = _onnx_reference(source, options, tmp, len(detection))
             result = verify_models(reference, rewritten, vocab, atol=options.atol, rtol=options.rtol, seed=options.seed)
             result["reference"] = meaning
             report.verification = result
@@ -153,12 +182,16 @@ def output_checker(path: Path, input_result: str) -> str:
     return CHECKER_PASSED
 
 
-def _onnx_reference(source: Path, options: CompileOptions, tmp: Path) -> tuple[Path, str]:
-    """What the rewritten model must equal: the input, or for ``strip`` the input with B = 0."""
+def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int) -> tuple[Path, str]:
+    """What the rewritten model must equal: the input, or for ``strip`` the input with B = 0
+    (detected afresh from the file: it must find the ``sites`` the compile found)."""
     if options.strategy != "strip":
         return source, "the input model"
     model = load_model(source)
-    families.disable_adapters(OnnxGraph(model), detect(model, options.max_rank_ratio))
+    again = detect(model, options.max_rank_ratio)
+    if len(again) != sites:
+        raise VerificationError(f"the strip reference, detected afresh from the saved input, has {len(again)} adapter site(s), the compile {sites}")
+    families.disable_adapters(OnnxGraph(model), again)
     path = tmp / "reference.onnx"
     save_model(model, path, external=True)
     return path, f"{STRIP_REFERENCE} (graph otherwise unchanged)"
@@ -175,6 +208,7 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
     with steps.step("detect"):
         detection = families.detect(FxGraph(program.gm, program.constants), max_rank_ratio=options.max_rank_ratio)
         report.detection, report.input.graph = detection, graph_stats(program.gm)
+        refuse_unaccounted(detection, options)
         check_finite_weights(detection, options.strategy)
     with steps.step("rewrite"):
         the_plan = plan(detection, options.strategy)
@@ -182,6 +216,9 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
             families.rewrite(FxGraph(program.gm, program.constants, program.add_constant), the_plan)
         result = program.finish()
         report.plan, report.output = the_plan, OutputInfo(graph_stats(result))
+        if options.strategy == "strip":
+            after = edit(result)
+            check_stripped(families.detect(FxGraph(after.gm, after.constants), max_rank_ratio=options.max_rank_ratio))
     if not options.verify:
         report.verification = dict(NO_VERIFY)
         return result

@@ -17,7 +17,7 @@ from zflora_compile.graph.records import Detection
 
 STRATEGIES = ("fuse", "merge", "strip")
 #: the plan JSON's sections, in order (each rewrite type names its own)
-SECTIONS = ("fused_groups", "merged_sites", "stripped_sites", "widened", "stripped_reads")
+SECTIONS = ("fused_groups", "merged_sites", "stripped_sites", "widened", "stripped_reads", "unfused_sites")
 
 __all__ = ["STRATEGIES", "Plan", "PlanError", "plan"]
 

@@ -18,7 +18,7 @@ from zflora_compile._version import __version__
 from zflora_compile.errors import LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.graph.records import Detection
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 NO_VERIFY = {"passed": None, "skipped": "--no-verify"}
 
 
@@ -92,6 +92,18 @@ def groups_json(detection: Detection) -> list[dict]:
     ]
 
 
+def accounting_line(detection: Detection) -> str:
+    """``adapter-shaped branches: 14 found, 14 recognised; per-column scales: 1 found, 0 recognised``
+    (empty when the graph has neither)."""
+    tally = detection.accounting
+    parts = []
+    if tally.branches_found:
+        parts.append(f"adapter-shaped branches: {tally.branches_found} found, {tally.branches_recognised} recognised")
+    if tally.scales_found:
+        parts.append(f"per-column scales: {tally.scales_found} found, {tally.scales_recognised} recognised")
+    return "; ".join(parts)
+
+
 def file_digest(*paths: Path) -> str:
     """sha256 of the files' bytes, in order."""
     digest = hashlib.sha256()
@@ -126,9 +138,11 @@ class Report:
 
     def summary(self) -> str:
         sites = len(self.detection.all_sites) if self.detection is not None else 0
+        tally = accounting_line(self.detection) if self.detection is not None else ""
         if not sites:
-            return "no adapter sites found; model " + ("written unchanged" if self.input.path else "unchanged")
-        return f"{sites} adapter site(s), strategy {self.plan.strategy}: GEMMs {self.input.graph.gemm_count} -> {self.output.graph.gemm_count}"
+            return "no adapter sites found; model " + ("written unchanged" if self.input.path else "unchanged") + (f" ({tally})" if tally else "")
+        text = f"{sites} adapter site(s), strategy {self.plan.strategy}: GEMMs {self.input.graph.gemm_count} -> {self.output.graph.gemm_count}"
+        return f"{text} ({tally})" if tally else text
 
     def record_gate(self, latency: dict, failure: str | None) -> None:
         """The latency gate's section; ``failure`` (a message) makes the compile fail with exit 1."""
@@ -176,6 +190,8 @@ class Report:
         if self.detection is not None:
             out["sites"] = [s.to_json() for s in self.detection.all_sites]
             out["rejected"] = [r.to_json() for r in self.detection.rejections]
+            out["unrecognized"] = [u.to_json() for u in self.detection.unrecognized]
+            out["accounting"] = self.detection.accounting.to_json()
             out["groups"] = groups_json(self.detection)
         if self.plan is not None:
             out["plan"] = self.plan.to_json()

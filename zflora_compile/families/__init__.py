@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from zflora_compile.families import lanes, lora, widening, zflora
-from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, AdapterSite, Detection, Rejection, WidenedSite
+from zflora_compile.families import lanes, linear, lora, widening, zflora
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Accounting, AdapterSite, Detection, LinearSite, Rejection, Unrecognized, WidenedSite
 
-#: detection order: LoRA first (it is the most specific about its own adds), then the lane families
-FAMILIES = (lora, lanes, zflora)
+#: detection order: LoRA first (it is the most specific about its own adds), then the lane families,
+#: then any linear branch no named family claimed (it also tallies what is accounted for)
+FAMILIES = (lora, lanes, zflora, linear)
 #: site record type -> the module with ``plan(sites, strategy)`` and ``disable(graph, site)``
-PLANNERS = {AdapterSite: lora, WidenedSite: widening}
+PLANNERS = {AdapterSite: lora, WidenedSite: widening, LinearSite: linear}
 
 
 @dataclasses.dataclass
@@ -30,16 +31,21 @@ class Found:
     sites: list = dataclasses.field(default_factory=list)
     rejections: dict = dataclasses.field(default_factory=dict)  # node name -> Rejection
     claimed_ids: set = dataclasses.field(default_factory=set)
+    linear: list = dataclasses.field(default_factory=list)
+    unrecognized: list = dataclasses.field(default_factory=list)
+    accounting: Accounting = dataclasses.field(default_factory=Accounting)
     widened: widening.WidenedSites = dataclasses.field(init=False)
 
     def __post_init__(self):
         self.widened = widening.WidenedSites(self.view)
 
-    def claim(self, *nodes) -> None:
-        """These nodes are accounted for: no later family looks at them, earlier rejections drop."""
+    def claim(self, *nodes, keep_rejections: bool = False) -> None:
+        """These nodes are accounted for: no later family looks at them, earlier rejections drop
+        (``keep_rejections``: they stay, saying why a more specific family left them)."""
         for node in nodes:
             self.claimed_ids.add(id(node))
-            self.rejections.pop(self.view.name(node), None)
+            if not keep_rejections:
+                self.rejections.pop(self.view.name(node), None)
 
     def claimed(self, node) -> bool:
         return id(node) in self.claimed_ids
@@ -54,7 +60,21 @@ def detect(graph, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detectio
     found = Found(graph, max_rank_ratio)
     for family in FAMILIES:
         family.detect(graph, found)
-    return Detection(found.sites, list(found.rejections.values()), found.widened.finish())
+    _left_rejected(graph, found)
+    return Detection(found.sites, list(found.rejections.values()), found.widened.finish(), found.linear, found.unrecognized, found.accounting)
+
+
+def _left_rejected(graph, found: Found) -> None:
+    """A rejection no family took back is adapter-shaped structure left in the model: it is
+    unrecognised too (and counted), so strip refuses while it remains."""
+    listed = {u.node for u in found.unrecognized}
+    names = {graph.name(node): node for node in graph.nodes()}
+    for rejection in found.rejections.values():
+        node = names.get(rejection.node)
+        if rejection.node in listed or (node is not None and found.claimed(node)):
+            continue
+        found.unrecognized.append(Unrecognized("branch", rejection.node, rejection.reason, rejection.label))
+        found.accounting.branches_found += 1
 
 
 def rewrite(graph, plan) -> None:

@@ -17,9 +17,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from zflora_compile.graph import onnx_eval
 from zflora_compile.graph.onnx_constants import constant_dtype, constant_getter, constant_shape, is_constant, scalar_value
 from zflora_compile.graph.protocol import Gemm, Reject, last_axis_bounds
-from zflora_compile.graph.records import LazyArray, clean_label
+from zflora_compile.graph.records import LazyArray, clean_label, numpy_dtype
 
 GEMM_OPS = ("MatMul", "Gemm")
 _PASS_THROUGH = {"Cast", "Identity"}
@@ -74,8 +75,19 @@ class OnnxGraph:
             if _default(node, "Add") and len(node.inputs) == 2:
                 yield node, list(node.inputs)
 
+    def muls(self):
+        for node in list(self.graph):
+            if _default(node, "Mul") and len(node.inputs) == 2:
+                yield node, list(node.inputs)
+
     def producer(self, value):
         return value.producer() if isinstance(value, ir.Value) else None
+
+    def inputs(self, node):
+        return [v for v in node.inputs if v is not None]
+
+    def op(self, node) -> str:
+        return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
     def output(self, node):
         return node.outputs[0]
@@ -297,6 +309,16 @@ class OnnxGraph:
         shape = value.shape if isinstance(value, ir.Value) else None
         return None if shape is None else len(shape)
 
+    def dims(self, value):
+        """``value``'s shape: ints where static, None where symbolic; None when unknown."""
+        shape = value.shape if isinstance(value, ir.Value) else None
+        return None if shape is None else [d if isinstance(d, int) else None for d in shape]
+
+    def evaluate(self, feeds, output):
+        """``output`` computed from ``feeds`` ((value, array) pairs) in ONNX Runtime, by the region
+        between them alone (:mod:`.onnx_eval`); raises ``RegionError``."""
+        return onnx_eval.evaluate(self.model, feeds, output)
+
     def shape_key(self, value):
         """ONNX shapes are advisory (exporters leave them stale or missing): not used for checks."""
         return None
@@ -414,6 +436,15 @@ class OnnxGraph:
 
     def add(self, a, b):
         return self._node("Add", [self.resolve(a), self.resolve(b)], "Add").outputs[0]
+
+    def scale(self, value, factor):
+        """``value * factor``: a float (a scalar of ``value``'s element type), or a per-column
+        vector (an array or LazyArray of the last axis' width) as a new initializer."""
+        value = self.resolve(value)
+        if isinstance(factor, (int, float)):
+            dtype = numpy_dtype(self.value_dtype(value) or "float32")
+            factor = np.asarray(factor, dtype=dtype)
+        return self._node("Mul", [value, self.constant("factor", factor)], "Mul").outputs[0]
 
     def split_last(self, value, sizes):
         value = self.resolve(value)

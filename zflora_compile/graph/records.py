@@ -84,6 +84,54 @@ class AdapterSite(_Site):
 
 
 @dataclasses.dataclass
+class LinearSite(_Site):
+    """Adapter branches added to one projection (or embedding table) that no named family claims,
+    each linear in the projection's input: ``y = x @ W (+ bias) + sum_i f_i(x)``, ``f_i(x) = x @ dW_i``.
+
+    ``delta``: ``sum_i dW_i`` ``[in, out]`` in fp32, measured on an identity probe (for an
+    embedding: every row of the table, ``ids = 0 .. vocab-1``); ``kind``: "projection" or "embedding".
+    """
+
+    kind: str = "projection"
+    branches: int = 1
+    delta: ArrayGetter = dataclasses.field(default=None, repr=False)
+    binding: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return self._json(kind=self.kind, branches=self.branches)
+
+
+@dataclasses.dataclass
+class Unrecognized:
+    """An adapter-shaped structure no family accounts for: an add joining a projection's output with
+    a branch computed from its input through constant-parameter ops (``kind`` "branch"), or a
+    constant per-column scale right after a projection (``kind`` "scale")."""
+
+    kind: str
+    node: str
+    reason: str
+    label: str = ""
+    nodes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "node": self.node, "label": self.label, "reason": self.reason, "nodes": list(self.nodes)}
+
+
+@dataclasses.dataclass
+class Accounting:
+    """How many adapter-shaped branches and per-column scales the graph has, and how many a family
+    recognised (the rest are :class:`Unrecognized`)."""
+
+    branches_found: int = 0
+    branches_recognised: int = 0
+    scales_found: int = 0
+    scales_recognised: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
 class Rejection:
     """A structure that looked like an adapter but was left as it was, and why."""
 
@@ -206,14 +254,19 @@ class Detection:
     rejections: list[Rejection]
     #: FFA / FBA / FFBA / zFLoRA: one record per widened projection (see families.widening)
     widened: list = dataclasses.field(default_factory=list)
+    #: adapter branches measured as dense updates (see families.linear)
+    linear: list = dataclasses.field(default_factory=list)
+    #: adapter-shaped structures no family accounts for (strip refuses while there are any)
+    unrecognized: list = dataclasses.field(default_factory=list)
+    accounting: Accounting = dataclasses.field(default_factory=Accounting)
 
     @property
     def all_sites(self) -> list:
-        return [*self.sites, *self.widened]
+        return [*self.sites, *self.widened, *self.linear]
 
     def __iter__(self):
-        """Every site: LoRA ``AdapterSite`` records, then ``WidenedSite`` records."""
+        """Every site: LoRA ``AdapterSite`` records, then ``WidenedSite``, then ``LinearSite`` records."""
         return iter(self.all_sites)
 
     def __len__(self) -> int:
-        return len(self.sites) + len(self.widened)
+        return len(self.all_sites)

@@ -232,9 +232,55 @@ class FxGraph:
         return iter(list(self.graph.nodes))
 
     def adds(self):
+        """``add`` and PEFT's in-place ``+=`` (``add_``), with alpha 1."""
         for node in list(self.graph.nodes):
-            if op_name(node) == "add" and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            if op_name(node) in ("add", "add_") and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
                 yield node, list(node.args)
+
+    def muls(self):
+        for node in list(self.graph.nodes):
+            if op_name(node) in ("mul", "mul_") and len(node.args) == 2:
+                yield node, list(node.args)
+
+    def inputs(self, node):
+        return list(node.all_input_nodes)
+
+    def op(self, node) -> str:
+        return op_name(node) or node.op
+
+    def dims(self, value):
+        """``value``'s shape from its fake tensor: ints where static, None where symbolic."""
+        val = tensor_meta(value)
+        return None if val is None else [d if isinstance(d, int) else None for d in val.shape]
+
+    def evaluate(self, feeds, output):
+        """``output`` computed from ``feeds`` ((node, array) pairs) by running the nodes between
+        them in eager PyTorch; raises ``RegionError``."""
+        from zflora_compile.graph.onnx_eval import RegionError
+
+        env = {id(node): to_torch(array) for node, array in feeds}
+        needed, stack = {}, [output]
+        while stack:
+            node = stack.pop()
+            if id(node) in env or id(node) in needed:
+                continue
+            if self.constants.is_constant(node):
+                env[id(node)] = self.constants.getter(node)()
+                continue
+            if node.op != "call_function":
+                raise RegionError(f"it reads {self.describe(node)}")
+            needed[id(node)] = node
+            stack.extend(node.all_input_nodes)
+        order = self.order()
+        try:
+            with torch.no_grad():
+                for node in sorted(needed.values(), key=lambda n: order[id(n)]):
+                    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[id(n)])
+                    env[id(node)] = node.target(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any op may refuse the probe's shape
+            raise RegionError(f"PyTorch cannot run it on its own: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+        result = env[id(output)]
+        return (result.float() if result.dtype == torch.bfloat16 else result).detach().cpu().numpy()
 
     def producer(self, value):
         return value if isinstance(value, Node) and value.op != "placeholder" else None
@@ -585,6 +631,11 @@ class FxGraph:
 
     def add(self, a, b):
         return self._call(aten.add.Tensor, (self.resolve(a), self.resolve(b)))
+
+    def scale(self, value, factor):
+        """``value * factor``: a float, or a per-column vector (array or LazyArray) as a new constant."""
+        factor = float(factor) if isinstance(factor, (int, float)) else self.constant("factor", factor)
+        return self._call(aten.mul.Tensor, (self.resolve(value), factor))
 
     def split_last(self, value, sizes):
         value = self.resolve(value)

@@ -1,0 +1,388 @@
+"""Any linear adapter branch: LoKr, LoHa, VeRA, or one nobody has named yet.
+
+Pattern: the adapter-shaped branches of :mod:`.branches` that no named family claimed. On one
+projection ``y = x @ W (+ bias) + f_1(x) + .. + f_k(x)``, where every ``f_i`` is computed from ``x``
+with constant parameters (it may read ``x @ W`` itself, as DoRA's ``(c - 1) * (x @ W)`` does).
+
+Check: each ``f_i`` is linear and token-wise, ``f_i(x) = x @ dW_i``. ``dW_i`` is measured by
+evaluating the branch alone on an identity probe (row ``j`` of ``I_in`` as token ``j``), then the
+claim is tested on a seeded random input: ``f_i(R) = R @ dW_i`` within fp32 tolerance (a
+nonlinearity, a constant term, or a reshape that mixes tokens or batch rows fails it). For an
+embedding ``E[ids] + f(ids)`` the probe is every id, ``dE = f(0 .. vocab-1)``, and the check is
+``f(ids) = dE[ids]`` on random ids.
+
+Plan (``dW = sum_i dW_i`` in fp32):
+
+- ``merge``: ``W' = W + dW`` (cast back to ``W``'s dtype; a bias is unchanged since ``f_i(0) = 0``);
+  the top add passes the projection through. Embedding: ``E' = E + dE`` in a new table.
+- ``strip``: the top add passes the projection through: the base model.
+- ``fuse``: a generic branch has no separable fused form; it stays as it is (reported in the plan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from zflora_compile.graph.branches import Branch, find_branches, find_scales
+from zflora_compile.graph.onnx_eval import RegionError
+from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, match_projection
+from zflora_compile.graph.records import AdapterSite, LazyArray, LinearSite, Unrecognized, numpy_dtype
+
+NAME = "linear"
+#: relative tolerance of the linearity check, by the dtype the branch computes in
+_LINEAR_RTOL = {"float64": 1e-6, "float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
+_PROBE_ROWS_MAX = 1 << 24  # elements of one probe run (64 MiB in fp32)
+
+
+class NotLinear(Exception):
+    """The branch is not a token-wise linear function of the projection's input (the reason)."""
+
+
+@dataclasses.dataclass
+class LinearBinding:
+    top: Branch  # the highest branch on the projection; its add's output is what the model reads
+    gemm: object  # the base GEMM (None for an embedding)
+    merge_problem: str | None = None  # why the weight cannot be replaced (strip still can)
+
+
+# ---------------------------------------------------------------- measuring dW
+
+
+def _probe_layout(dims: list | None, rows: int, what: str) -> tuple[list[int], int]:
+    """The leading shape of one probe run (symbolic axes: 1, the last one sized to hold ``rows``
+    tokens) and the number of runs."""
+    if dims is None or len(dims) < 1:
+        raise NotLinear(f"{what} has no recorded shape")
+    leading = list(dims[:-1]) if what != "ids" else list(dims)
+    symbolic = [i for i, d in enumerate(leading) if d is None]
+    fixed = math.prod(d for d in leading if d is not None)
+    if symbolic:
+        leading = [1 if d is None else d for d in leading]
+        leading[symbolic[-1]] = max(1, math.ceil(rows / max(fixed, 1)))
+        return leading, 1
+    if not leading:
+        leading = []
+    return leading, max(1, math.ceil(rows / max(fixed, 1)))
+
+
+def _random_layout(dims: list, what: str) -> list[int]:
+    leading = list(dims[:-1]) if what != "ids" else list(dims)
+    return [3 if d is None else d for d in leading]
+
+
+def _run_rows(view: GraphView, branch: Branch, inputs: np.ndarray, leading: list[int], width: int | None) -> np.ndarray:
+    """The branch on ``inputs`` (``[n, width]`` rows, or ``[n]`` ids), run by run, as ``[n, out]``."""
+    per_run = max(1, math.prod(leading))
+    outputs = []
+    for start in range(0, inputs.shape[0], per_run):
+        chunk = inputs[start : start + per_run]
+        if chunk.shape[0] < per_run:
+            pad = np.zeros((per_run - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        feed = chunk.reshape(*leading, width) if width is not None else chunk.reshape(leading)
+        try:
+            result = view.evaluate([(branch.anchor.x, feed)], branch.value)
+        except RegionError as error:
+            raise NotLinear(f"the branch cannot be evaluated alone: {error}") from None
+        result = np.asarray(result)
+        tokens = list(feed.shape[:-1]) if width is not None else list(feed.shape)
+        if list(result.shape[:-1]) != tokens:
+            raise NotLinear(f"the branch turns an input of shape {list(feed.shape)} into {list(result.shape)}: it does not keep one row per token")
+        outputs.append(result.reshape(per_run, -1).astype(np.float64))
+    return np.concatenate(outputs)[: inputs.shape[0]]
+
+
+_CASTS = {"Cast", "CastLike", "_to_copy", "to", "convert_element_type", "type_as"}
+_FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+
+
+def lossy_cast(view: GraphView, branch: Branch):
+    """The first cast in the branch that loses information: to an integer type, or to a float
+    narrower than both the branch's input and its output (merged into ``W``, the branch would read
+    ``x`` unrounded). None when every cast keeps the values."""
+    ends = [_FLOAT_BITS[d] for d in (view.value_dtype(branch.anchor.x), view.value_dtype(branch.value)) if d in _FLOAT_BITS]
+    floor = min(ends) if ends else 0
+    for node in branch.nodes:
+        inputs = view.inputs(node)
+        if view.op(node) not in _CASTS or not inputs:
+            continue
+        held, source = view.value_dtype(view.output(node)), view.value_dtype(inputs[0])
+        if source in _FLOAT_BITS and held is not None and (held not in _FLOAT_BITS or _FLOAT_BITS[held] < min(floor, _FLOAT_BITS[source])):
+            return node
+    return None
+
+
+def measure(view: GraphView, branch: Branch, in_features: int, out_features: int, seed: int = 0) -> np.ndarray:
+    """``dW`` ``[in, out]`` (fp32) of one branch, checked to be linear and token-wise; raises NotLinear."""
+    anchor = branch.anchor
+    cast = lossy_cast(view, branch)
+    if cast is not None:
+        raise NotLinear(f"'{view.name(cast)}' holds the branch's values as {view.value_dtype(view.output(cast))}: a cast to an integer type or a lower precision is not linear")
+    dims = view.dims(anchor.x)
+    embedding = anchor.kind == "embedding"
+    what = "ids" if embedding else "the projection's input"
+    dtype = view.value_dtype(anchor.x) or ("int64" if embedding else "float32")
+    if dtype == "bfloat16" and view.ir == "onnx":
+        raise NotLinear("a bfloat16 branch cannot be evaluated by ONNX Runtime on this CPU")
+    leading, _ = _probe_layout(dims, in_features, "ids" if embedding else "x")
+    rng = np.random.default_rng(seed)
+    width = None if embedding else in_features
+    if embedding:
+        probe = np.arange(in_features, dtype=numpy_dtype(dtype))
+    else:
+        probe = np.eye(in_features, dtype=np.float32).astype(numpy_dtype(dtype))
+    delta = _run_rows(view, branch, probe, leading, width)
+    if delta.shape != (in_features, out_features):
+        raise NotLinear(f"the branch gives {delta.shape[1]} columns per token, the projection {out_features}")
+    random_leading = _random_layout(dims, "ids" if embedding else "x")
+    count = max(1, math.prod(random_leading))
+    if embedding:
+        sample = rng.integers(0, in_features, size=count).astype(numpy_dtype(dtype))
+        expected = delta[sample.astype(np.int64)]
+    else:
+        sample = rng.standard_normal((count, in_features)).astype(numpy_dtype(dtype))
+        expected = sample.astype(np.float64) @ delta
+    got = _run_rows(view, branch, sample, random_leading, width)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    error = float(np.max(np.abs(got - expected))) if expected.size else 0.0
+    rtol = _LINEAR_RTOL.get(dtype, 1e-3)
+    if not math.isfinite(error) or error > rtol * max(scale, 1e-6) + 1e-6:
+        if embedding:
+            raise NotLinear(f"the branch is not a per-token table lookup (max deviation {error:.3g} from its table on random ids)")
+        raise NotLinear(
+            f"the branch is not linear token by token (max deviation {error:.3g} from its linear part on a random input, "
+            f"scale {scale:.3g}): a nonlinearity, a constant term, or a reshape that mixes tokens"
+        )
+    return delta.astype(np.float32)
+
+
+# ---------------------------------------------------------------- pattern and check
+
+
+def _mergeable(view: GraphView, top: Branch) -> str | None:
+    """Why the branches of ``top``'s stack cannot be folded into the weight (the projection's
+    output, or a sum below the top, is read by something else), or None."""
+    stack = top.stack
+    inside = {id(n) for b in stack for n in b.nodes}
+    readers = [(top.anchor.output, stack[0].add)] + [(view.output(b.add), above.add) for b, above in zip(stack, stack[1:])]
+    for value, consumer in readers:
+        if view.is_graph_output(value):
+            return f"'{view.value_name(value)}' is a graph output"
+        for user in view.users(value):
+            if user is not consumer and id(user) not in inside:
+                return f"'{view.value_name(value)}' is also read by node '{view.name(user)}'"
+    return None
+
+
+def _parallel_projection(view: GraphView, branch: Branch) -> bool:
+    """The branch is itself one full projection of the same input (``x @ W2``, as dynamo writes a
+    LoKr / LoHa update it folded): then the add is symmetric and only rank tells base from adapter."""
+    try:
+        other = match_projection(view, branch.value)
+    except (Reject, NotACandidate):
+        return False
+    return view.peel(other.gemm.x) is branch.anchor.x and len(branch.nodes) <= 2
+
+
+def _ambiguous(view: GraphView, stack: list, measured: dict, in_features: int, out_features: int, max_rank_ratio: float) -> None:
+    """Raise NotLinear for a branch that is one full projection of the same input with an update of
+    more than small rank: two dense projections summed (a base model's, or a full-rank adapter the
+    exporter folded) cannot be told apart, so neither is rewritten and strip refuses."""
+    limit = max_rank_ratio * min(in_features, out_features)
+    for branch in stack:
+        if branch.anchor.kind == "projection" and _parallel_projection(view, branch):
+            rank = int(np.linalg.matrix_rank(measured[id(branch)]))
+            if rank > limit:
+                other = view.producer(view.peel(branch.value, casts=False))
+                raise NotLinear(
+                    f"it adds two full projections of one input ('{view.name(branch.anchor.node)}' and '{view.name(other)}', "
+                    f"update rank {rank} > {limit:g}): a base model's own projections or a folded full-rank adapter; which one is the base cannot be told"
+                )
+
+
+def _site(view: GraphView, top: Branch, index: int, max_rank_ratio: float) -> LinearSite:
+    anchor = top.anchor
+    if anchor.kind == "projection":
+        gemm = anchor.projection.gemm
+        in_features, out_features = anchor.projection.shape
+        weight = view.weight(gemm)
+        dtype = view.dtype(gemm.weight)
+        label = view.label(gemm.node, gemm.weight)
+    else:
+        in_features, out_features = view.constant_shape(anchor.table)
+        weight = view.constant_array(anchor.table)
+        dtype = view.dtype(anchor.table)
+        gemm = None
+        label = view.label(anchor.node, anchor.table)
+    stack = top.stack
+    measured = {id(b): measure(view, b, in_features, out_features) for b in stack}  # not linear: reported, not planned
+    _ambiguous(view, stack, measured, in_features, out_features, max_rank_ratio)
+    del measured
+
+    def delta(stack=stack, i=in_features, o=out_features) -> np.ndarray:
+        return sum(measure(view, b, i, o) for b in stack)
+
+    names = [view.name(anchor.node)] + [view.name(n) for b in stack for n in (*b.nodes, b.add)]
+    return LinearSite(
+        site_id=f"linear{index}",
+        family=NAME,
+        label=label,
+        input_name=view.value_name(anchor.x),
+        output_name=view.value_name(view.output(top.add)),
+        in_features=in_features,
+        out_features=out_features,
+        dtype=dtype,
+        nodes=list(dict.fromkeys(names)),
+        weight=weight,
+        kind=anchor.kind,
+        branches=len(stack),
+        delta=delta,
+        binding=LinearBinding(top, gemm, _mergeable(view, top)),
+    )
+
+
+def _describe(view: GraphView, branch: Branch) -> str:
+    ops = [view.op(n) for n in branch.nodes]
+    shown = " -> ".join(ops[:8]) + (" ..." if len(ops) > 8 else "")
+    return f"branch {shown} added to '{view.name(branch.anchor.node)}'"
+
+
+def detect(view: GraphView, found) -> None:
+    """Measure every adapter-shaped branch no earlier family claimed; tally what is accounted for."""
+    branches = find_branches(view)
+    tops = {id(b.anchor.node): b for b in branches}  # graph order: the last on a projection is its top
+    lora_by_add = {id(s.binding.add): s for s in found.sites if isinstance(s, AdapterSite)}
+    recognised = 0
+    for top in tops.values():
+        stack = top.stack
+        unclaimed = [b for b in stack if not found.claimed(b.add)]
+        if not unclaimed:
+            recognised += len(stack)
+            continue
+        foreign = [b for b in stack if found.claimed(b.add) and id(b.add) not in lora_by_add]
+        reason = None
+        if foreign:
+            reason = f"it shares projection '{view.name(top.anchor.node)}' with another family's adapter"
+        else:
+            try:
+                site = _site(view, top, len(found.linear), found.max_rank_ratio)
+            except NotLinear as error:
+                reason = str(error)
+        if reason is not None:
+            recognised += len(stack) - len(unclaimed)
+            for branch in unclaimed:  # a family's own rejection of the add (if any) stays in the rejections
+                found.unrecognized.append(
+                    Unrecognized("branch", view.name(branch.add), f"{_describe(view, branch)}: {reason}", view.label(branch.anchor.node), [view.name(n) for n in branch.nodes])
+                )
+            continue
+        taken = [lora_by_add.pop(id(b.add)) for b in stack if id(b.add) in lora_by_add]  # summed with the others
+        found.sites[:] = [s for s in found.sites if not any(s is t for t in taken)]
+        found.linear.append(site)
+        found.claim(*(b.add for b in stack), keep_rejections=True)  # a family's reason says why it is not fused
+        recognised += len(stack)
+    found.accounting.branches_found += len(branches)
+    found.accounting.branches_recognised += recognised
+    inside = {id(n) for b in branches for n in b.nodes}
+    for scale in find_scales(view):
+        if id(scale.node) in inside or id(scale.anchor.node) in inside:
+            continue  # a vector inside an adapter branch (VeRA's d and b), accounted for with it
+        found.accounting.scales_found += 1
+        if found.claimed(scale.node):
+            found.accounting.scales_recognised += 1
+            continue
+        found.unrecognized.append(
+            Unrecognized(
+                "scale",
+                view.name(scale.node),
+                f"constant per-column scale of '{view.name(scale.anchor.node)}''s output: a base model's LayerScale or an "
+                "IA3-style adapter cannot be told apart; left as it is",
+                view.label(scale.anchor.node),
+                [view.name(scale.node)],
+            )
+        )
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass
+class MergeBranches:
+    """``W' = W + dW`` (an embedding: a new table ``E + dE``); the top add passes the projection through."""
+
+    section: ClassVar[str] = "merged_sites"
+    site: LinearSite
+    weight: LazyArray
+
+    def to_json(self) -> str:
+        return self.site.site_id
+
+    def emit(self, graph, state: dict) -> None:
+        binding = self.site.binding
+        anchor = binding.top.anchor
+        with graph.at(binding.top.add, self.site.label or self.site.site_id):
+            weight = self.weight.numpy()  # measured now: the branches are about to be bypassed
+            if binding.gemm is not None:
+                graph.replace_weight(binding.gemm, weight, name="merged_weight")
+                graph.redirect(graph.output(binding.top.add), anchor.output)
+            else:
+                graph.redirect(graph.output(binding.top.add), graph.gather(graph.constant("merged_table", weight), anchor.x))
+
+
+@dataclasses.dataclass
+class StripBranches:
+    """The top add passes the projection through: the base model."""
+
+    section: ClassVar[str] = "stripped_sites"
+    site: LinearSite
+
+    def to_json(self) -> str:
+        return self.site.site_id
+
+    def emit(self, graph, state: dict) -> None:
+        binding = self.site.binding
+        graph.redirect(graph.output(binding.top.add), binding.top.anchor.output)
+
+
+@dataclasses.dataclass
+class KeepBranches:
+    """No separable fused form: the branches stay as they are."""
+
+    section: ClassVar[str] = "unfused_sites"
+    site: LinearSite
+
+    reason: str = "a generic linear branch has no separable fused form; merge or strip it"
+
+    def to_json(self) -> dict:
+        return {"site": self.site.site_id, "reason": self.reason}
+
+    def emit(self, graph, state: dict) -> None:
+        return None
+
+
+def merged(site: LinearSite) -> np.ndarray:
+    dtype = numpy_dtype(site.dtype)
+    return (site.weight().astype(np.float32) + site.delta()).astype(dtype)
+
+
+def plan(sites: list[LinearSite], strategy: str) -> list:
+    if strategy == "strip":
+        return [StripBranches(site) for site in sites]
+    if strategy == "merge":
+        return [
+            KeepBranches(s, f"not merged: {s.binding.merge_problem}")
+            if s.binding.merge_problem
+            else MergeBranches(s, LazyArray((s.in_features, s.out_features), numpy_dtype(s.dtype), lambda s=s: merged(s)))
+            for s in sites
+        ]
+    return [KeepBranches(site) for site in sites]
+
+
+def disable(graph, site: LinearSite) -> None:
+    """Each branch multiplied by zero before its add, the graph otherwise unchanged (the strip reference)."""
+    for branch in site.binding.top.stack:
+        with graph.at(branch.add, f"{site.site_id}.zero_branch"):
+            graph.redirect(graph.output(branch.add), graph.add(branch.base, graph.scale(branch.value, 0.0)))

@@ -1,0 +1,183 @@
+"""Adapter-shaped structure, whatever family it belongs to: the compiler's safety net.
+
+- An **adapter-shaped branch** is an add joining a projection's output (a GEMM with a constant
+  2-D weight, with or without a bias; or an embedding ``Gather`` of a constant table) with a value
+  computed from that projection's input through constant-parameter ops only (at least one of them
+  a GEMM). A branch may read the projection's own output (DoRA's ``(c - 1) * (x @ W)``), and the
+  projection's output may already carry other branches (two adapters active at once: the lower
+  add is looked through).
+- An **adapter-shaped scale** is a multiply of a projection's output by a constant per-column
+  vector (``out`` entries, every other axis 1): DoRA's magnitude, IA3's output scale, or a base
+  model's LayerScale (a graph cannot tell those apart).
+
+Every one is either claimed by a family (recognised) or reported as
+:class:`~zflora_compile.graph.records.Unrecognized`; strip refuses while any remains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from zflora_compile.graph.protocol import GraphView, NotACandidate, Projection, Reject, match_projection
+
+#: a branch with more nodes than this is not an adapter (and the search stays linear in graph size)
+MAX_BRANCH_NODES = 256
+#: op names (ONNX and ATen) that multiply by a constant matrix: a branch needs one of these
+_GEMM_LIKE = {
+    "MatMul", "Gemm", "Einsum", "Conv", "com.microsoft::FusedMatMul", "com.microsoft::MatMulNBits",
+    "linear", "mm", "addmm", "matmul", "bmm", "einsum", "conv2d", "convolution",
+}
+
+
+@dataclasses.dataclass
+class Anchor:
+    """What a branch is added to: a projection (``x`` its input, up to casts and views) or an
+    embedding lookup (``x`` the ids)."""
+
+    kind: str  # "projection" | "embedding"
+    x: object
+    output: object  # the projection's output after its bias add / the Gather's output
+    node: object  # the GEMM / the Gather
+    projection: Projection | None = None
+    table: object = None
+
+
+@dataclasses.dataclass
+class Branch:
+    add: object
+    base: object  # the add's operand that carries the projection (possibly through lower branches)
+    value: object  # the branch's output (the add's other operand)
+    anchor: Anchor
+    nodes: list  # the branch's nodes, in graph order
+    below: "Branch | None" = None  # the branch already added to the same projection, if any
+
+    @property
+    def stack(self) -> list["Branch"]:
+        """This branch and every one below it on the same projection, bottom first."""
+        out, branch = [], self
+        while branch is not None:
+            out.append(branch)
+            branch = branch.below
+        return out[::-1]
+
+
+@dataclasses.dataclass
+class Scale:
+    node: object  # the multiply
+    anchor: Anchor
+    factor: object  # the constant vector
+
+
+def _anchor(view: GraphView, value, stacked: dict) -> tuple[Anchor, "Branch | None"] | None:
+    below = stacked.get(id(view.peel(value, casts=False)))
+    if below is not None:
+        return below.anchor, below
+    try:
+        projection = match_projection(view, value)
+    except (Reject, NotACandidate):
+        projection = None
+    if projection is not None:
+        gemm = projection.gemm
+        return Anchor("projection", view.peel(gemm.x), projection.output, gemm.node, projection=projection), None
+    found = view.embedding(view.peel(value, casts=False))
+    if found is not None and view.is_constant(found[0]) and len(view.constant_shape(found[0])) == 2:
+        table, ids, node = found
+        return Anchor("embedding", ids, view.output(node), node, table=table), None
+    return None
+
+
+class _Cone:
+    """The nodes computing a value from ``x`` and constants alone (None when it reads anything else)."""
+
+    def __init__(self, view: GraphView, order: dict):
+        self.view, self.order = view, order
+        self._constant: dict[int, bool] = {}
+
+    def constant_derived(self, value, depth: int = 0) -> bool:
+        """A constant, or computed from constants only (a weight-norm subgraph left unfolded)."""
+        view = self.view
+        if view.is_constant(value):
+            return True
+        key = id(value)
+        if key not in self._constant:
+            node = view.producer(value)
+            self._constant[key] = False
+            if node is not None and depth < 64:
+                inputs = view.inputs(node)
+                self._constant[key] = bool(inputs) and all(self.constant_derived(v, depth + 1) for v in inputs)
+        return self._constant[key]
+
+    def __call__(self, top, x) -> list | None:
+        view, order = self.view, self.order
+        x_producer = view.producer(x)
+        floor = order.get(id(x_producer), -1) if x_producer is not None else -1
+        nodes: dict[int, object] = {}
+        reads_x, stack = False, [top]
+        while stack:
+            value = stack.pop()
+            if value is x:
+                reads_x = True
+                continue
+            if self.constant_derived(value):
+                continue
+            node = view.producer(value)
+            if node is None or order.get(id(node), -1) <= floor:
+                return None  # a graph input, or something computed before x
+            if id(node) in nodes:
+                continue
+            nodes[id(node)] = node
+            if len(nodes) > MAX_BRANCH_NODES:
+                return None
+            stack.extend(view.inputs(node))
+        if not reads_x:
+            return None
+        return sorted(nodes.values(), key=lambda n: order[id(n)])
+
+
+def find_branches(view: GraphView) -> list[Branch]:
+    """Every adapter-shaped branch of ``view``, in graph order."""
+    order = view.order()
+    cone = _Cone(view, order)
+    branches: list[Branch] = []
+    stacked: dict[int, Branch] = {}  # id(add output) -> the branch that add joins
+    for add, operands in view.adds():
+        for base, other in (operands, operands[::-1]):
+            if cone.constant_derived(other) or cone.constant_derived(base):
+                continue
+            found = _anchor(view, base, stacked)
+            if found is None:
+                continue
+            anchor, below = found
+            nodes = cone(other, anchor.x)
+            if nodes is None or not any(view.op(n) in _GEMM_LIKE for n in nodes):
+                continue
+            branch = Branch(add, base, other, anchor, nodes, below)
+            branches.append(branch)
+            stacked[id(view.output(add))] = branch
+            break
+    return branches
+
+
+def _per_column(view: GraphView, factor, out: int) -> bool:
+    shape = tuple(view.constant_shape(factor))
+    return out > 1 and int(np.prod(shape)) == out and bool(shape) and shape[-1] == out
+
+
+def find_scales(view: GraphView) -> list[Scale]:
+    """Every multiply of a projection's output by a constant per-column vector."""
+    scales = []
+    for mul, operands in view.muls():
+        for data, factor in (operands, operands[::-1]):
+            if not view.is_constant(factor) or view.is_constant(data):
+                continue
+            try:
+                projection = match_projection(view, data)
+            except (Reject, NotACandidate):
+                continue
+            if _per_column(view, factor, projection.shape[1]):
+                gemm = projection.gemm
+                scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), projection.output, gemm.node, projection=projection), factor))
+                break
+    return scales
