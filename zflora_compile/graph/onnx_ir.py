@@ -1,10 +1,16 @@
 """The graph view and the emitter over onnx-ir (see :mod:`.protocol`).
 
-Vocabulary: GEMMs are ``MatMul`` and plain ``Gemm`` (``transA=0``, ``alpha=1``; ``transB=1`` means a
-``[out, in]`` weight; ``C`` is its bias); casts are ``Cast``/``Identity``; scales are ``Mul``/``Div``
-by a constant scalar; the last axis is cut by ``Slice``, joined by ``Concat``, extended by ``Pad``;
-embeddings are ``Gather(table, ids, axis=0)``. Constants are initializers or ``Constant`` nodes,
-behind layout ops (:mod:`.onnx_constants`), evaluated lazily. Only the default domain is matched.
+Vocabulary: GEMMs are ``MatMul``, plain ``Gemm`` (``transA=0``, ``alpha=1``; ``transB=1`` means a
+``[out, in]`` weight; ``C`` is its bias) and ONNX Runtime's ``com.microsoft::FusedMatMul``
+(``transA=0``, ``transBatchA=0``, ``transBatchB=0``; ``transB=1`` means a ``[out, in]`` weight), which
+its offline optimizer writes for ``alpha * (x @ W)``: the view reads it as ``x @ (alpha * W)``, so
+:meth:`OnnxGraph.weight` hands out ``alpha * W`` and :meth:`OnnxGraph.replace_weight` writes a plain
+weight and resets ``alpha`` to 1 (the scale is accounted for exactly once, in the weight); casts
+are ``Cast``/``Identity``; scales are ``Mul``/``Div`` by a constant scalar; the last axis is cut by
+``Slice``, joined by ``Concat``, extended by ``Pad``; embeddings are ``Gather(table, ids, axis=0)``.
+Constants are initializers or ``Constant`` nodes, behind layout ops (:mod:`.onnx_constants`),
+evaluated lazily. Only the default domain is matched, ``FusedMatMul`` (and a few activations) aside;
+new GEMMs are always plain ``MatMul``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from zflora_compile.graph.onnx_constants import constant_dtype, constant_getter,
 from zflora_compile.graph.protocol import Gemm, Reject, last_axis_bounds
 from zflora_compile.graph.records import LazyArray, clean_label, numpy_dtype
 
-GEMM_OPS = ("MatMul", "Gemm")
+GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")  # FusedMatMul in com.microsoft, the others in the default domain
+_MS = "com.microsoft"
+#: FusedMatMul attributes that make it something other than ``x @ W`` (or ``x @ W^T``) for a 2-D constant W
+_FUSED_LAYOUT = ("transA", "transBatchA", "transBatchB")
 _PASS_THROUGH = {"Cast", "Identity"}
 _ACTIVATIONS = {
     "Relu", "LeakyRelu", "PRelu", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf",
@@ -38,6 +47,20 @@ _SAME_TYPE = (
 
 def _default(node: ir.Node | None, *ops: str) -> bool:
     return node is not None and node.domain == "" and node.op_type in ops
+
+
+def _fused(node: ir.Node | None) -> bool:
+    return node is not None and node.domain == _MS and node.op_type == "FusedMatMul"
+
+
+def _is_gemm(node: ir.Node | None) -> bool:
+    return _default(node, "MatMul", "Gemm") or _fused(node)
+
+
+def _alpha(node: ir.Node) -> float:
+    """A FusedMatMul's ``alpha`` (1 for any other node)."""
+    attr = node.attributes.get("alpha") if _fused(node) else None
+    return 1.0 if attr is None else float(attr.value)
 
 
 def _int_list(value: ir.Value | None) -> list[int] | None:
@@ -63,8 +86,7 @@ class OnnxGraph:
         return dict(sorted(collections.Counter(n.op_type for n in self.graph.all_nodes()).items()))
 
     def gemm_count(self) -> int:
-        counts = self.op_counts()
-        return sum(counts.get(op, 0) for op in GEMM_OPS)
+        return sum(1 for node in self.graph.all_nodes() if _is_gemm(node))
 
     # ------------------------------------------------------------------ structure
     def nodes(self):
@@ -184,9 +206,17 @@ class OnnxGraph:
 
     def gemm(self, value):
         node = self.producer(value)
-        if not _default(node, *GEMM_OPS) or len(node.inputs) < 2:
+        if not _is_gemm(node) or len(node.inputs) < 2:
             return None
         x, weight, bias, transposed = node.inputs[0], node.inputs[1], None, False
+        if _fused(node):
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            layout = [k for k in _FUSED_LAYOUT if attrs.get(k, 0)]
+            if layout:
+                if weight is None or not is_constant(weight):
+                    return None  # an activation product (attention) in another layout: no projection
+                raise Reject(f"FusedMatMul node '{self.name(node)}' has {', '.join(f'{k}=1' for k in layout)}: not x @ W")
+            transposed = bool(attrs.get("transB", 0))
         if node.op_type == "Gemm":
             attrs = {k: a.value for k, a in node.attributes.items()}
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
@@ -222,7 +252,7 @@ class OnnxGraph:
                 if index == 0 and _default(user, *_PASS_THROUGH):
                     if dtype is not None and self.value_dtype(user.outputs[0]) == dtype:
                         frontier.append(user.outputs[0])
-                elif index == 0 and _default(user, *GEMM_OPS):
+                elif index == 0 and _is_gemm(user):
                     try:
                         readers.append(self.gemm(user.outputs[0]))
                     except Reject:
@@ -260,8 +290,20 @@ class OnnxGraph:
         return (lambda: np.ascontiguousarray(getter().T)) if transposed else getter
 
     def weight(self, gemm: Gemm):
-        """The GEMM's constant weight as an ``[in, out]`` array getter."""
-        return self.constant_array(gemm.weight, transposed=gemm.transposed)
+        """The GEMM's constant weight as an ``[in, out]`` array getter; a FusedMatMul's ``alpha`` (read
+        now, not when the getter runs: a rewrite resets it) is part of the weight, ``alpha * W``
+        computed in float64 and handed out in W's dtype (float32 where W is narrower)."""
+        getter = self.constant_array(gemm.weight, transposed=gemm.transposed)
+        alpha = _alpha(gemm.node)
+        if alpha == 1.0:
+            return getter
+
+        def scaled(getter=getter, alpha=alpha):
+            stored = getter()
+            dtype = stored.dtype if stored.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+            return (stored.astype(np.float64) * alpha).astype(dtype)
+
+        return scaled
 
     def constant_shape(self, value):
         return constant_shape(value)
@@ -296,7 +338,7 @@ class OnnxGraph:
             node = value.producer()
             if _default(node, "Cast"):
                 return ir.DataType(node.attributes["to"].value).numpy().name
-            if not _default(node, *_SAME_TYPE):
+            if not (_default(node, *_SAME_TYPE) or _fused(node)):
                 return None
             value = node.inputs[0]
         return None
@@ -460,10 +502,14 @@ class OnnxGraph:
         return self._node("Gather", [self.resolve(table), self.resolve(ids)], "Gather", axis=0).outputs[0]
 
     def replace_weight(self, gemm: Gemm, array, name: str = "weight") -> None:
-        """The GEMM reads ``array`` (``[in, out]``; stored transposed for ``Gemm(transB=1)``)."""
+        """The GEMM reads ``array`` (``[in, out]``; stored transposed for ``Gemm``/``FusedMatMul``
+        with ``transB=1``); ``array`` is the whole weight (:meth:`weight` included a FusedMatMul's
+        ``alpha``), so a FusedMatMul's ``alpha`` becomes 1."""
         if gemm.transposed:
             array = _transposed(array)
         gemm.node.replace_input_with(1, self.constant(name, array))
+        if _fused(gemm.node) and _alpha(gemm.node) != 1.0:
+            gemm.node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
 
     def redirect(self, old, new) -> None:
         """Every use of ``old`` (graph outputs included, which keep their names) reads ``new``."""
