@@ -23,6 +23,7 @@ from zflora_compile import families
 from zflora_compile.errors import PlanError
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.torch_fx import FxConstants, FxGraph
+from zflora_compile.pipeline import infer_shapes
 from zflora_compile.planner import STRATEGIES, plan
 
 try:
@@ -154,6 +155,7 @@ def _plans(detection) -> dict:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_both_front_ends_find_and_plan_the_same(case):
     model = CASES[case]()
+    infer_shapes(model)  # as the pipeline does before every ONNX detection
     gm = to_fx(model)
     onnx_found = families.detect(OnnxGraph(model))
     fx_found = families.detect(fx_view(gm))
@@ -173,6 +175,7 @@ def test_both_front_ends_find_and_plan_the_same(case):
 def test_fx_rewrite_of_every_case_is_exact(case, strategy):
     """The FX side of the parity is a working rewrite (the ONNX side is checked by the rule tests)."""
     model = CASES[case]()
+    infer_shapes(model)  # as the pipeline does before every ONNX detection
     gm = to_fx(model)
     original = copy.deepcopy(gm)
     # an fp16 chain on an fp32 base: the original rounds the chain to fp16, the rewrite keeps fp32

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from zflora_compile.families import lanes, linear, lora, widening, zflora
+from zflora_compile.families import dora, lanes, linear, lora, lowrank, widening, zflora
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Accounting, AdapterSite, Detection, LinearSite, Rejection, Unrecognized, WidenedSite
 
 #: detection order: LoRA first (it is the most specific about its own adds), then the lane families,
-#: then any linear branch no named family claimed (it also tallies what is accounted for)
-FAMILIES = (lora, lanes, zflora, linear)
+#: then DoRA, then factored linear branches (BD-LoRA, VeRA: densified to LoRA), then any linear
+#: branch no named family claimed (it also tallies what is accounted for)
+FAMILIES = (lora, lanes, zflora, dora, lowrank, linear)
 #: site record type -> the module with ``plan(sites, strategy)`` and ``disable(graph, site)``
 PLANNERS = {AdapterSite: lora, WidenedSite: widening, LinearSite: linear}
 

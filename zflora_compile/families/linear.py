@@ -22,24 +22,16 @@ Plan (``dW = sum_i dW_i`` in fp32):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import numpy as np
 
 from zflora_compile.graph.branches import Branch, find_branches, find_scales
-from zflora_compile.graph.onnx_eval import RegionError
+from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, match_projection
 from zflora_compile.graph.records import AdapterSite, LazyArray, LinearSite, Unrecognized, numpy_dtype
 
 NAME = "linear"
-#: relative tolerance of the linearity check, by the dtype the branch computes in
-_LINEAR_RTOL = {"float64": 1e-6, "float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
-_PROBE_ROWS_MAX = 1 << 24  # elements of one probe run (64 MiB in fp32)
-
-
-class NotLinear(Exception):
-    """The branch is not a token-wise linear function of the projection's input (the reason)."""
 
 
 @dataclasses.dataclass
@@ -52,112 +44,10 @@ class LinearBinding:
 # ---------------------------------------------------------------- measuring dW
 
 
-def _probe_layout(dims: list | None, rows: int, what: str) -> tuple[list[int], int]:
-    """The leading shape of one probe run (symbolic axes: 1, the last one sized to hold ``rows``
-    tokens) and the number of runs."""
-    if dims is None or len(dims) < 1:
-        raise NotLinear(f"{what} has no recorded shape")
-    leading = list(dims[:-1]) if what != "ids" else list(dims)
-    symbolic = [i for i, d in enumerate(leading) if d is None]
-    fixed = math.prod(d for d in leading if d is not None)
-    if symbolic:
-        leading = [1 if d is None else d for d in leading]
-        leading[symbolic[-1]] = max(1, math.ceil(rows / max(fixed, 1)))
-        return leading, 1
-    if not leading:
-        leading = []
-    return leading, max(1, math.ceil(rows / max(fixed, 1)))
-
-
-def _random_layout(dims: list, what: str) -> list[int]:
-    leading = list(dims[:-1]) if what != "ids" else list(dims)
-    return [3 if d is None else d for d in leading]
-
-
-def _run_rows(view: GraphView, branch: Branch, inputs: np.ndarray, leading: list[int], width: int | None) -> np.ndarray:
-    """The branch on ``inputs`` (``[n, width]`` rows, or ``[n]`` ids), run by run, as ``[n, out]``."""
-    per_run = max(1, math.prod(leading))
-    outputs = []
-    for start in range(0, inputs.shape[0], per_run):
-        chunk = inputs[start : start + per_run]
-        if chunk.shape[0] < per_run:
-            pad = np.zeros((per_run - chunk.shape[0], *chunk.shape[1:]), dtype=chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
-        feed = chunk.reshape(*leading, width) if width is not None else chunk.reshape(leading)
-        try:
-            result = view.evaluate([(branch.anchor.x, feed)], branch.value)
-        except RegionError as error:
-            raise NotLinear(f"the branch cannot be evaluated alone: {error}") from None
-        result = np.asarray(result)
-        tokens = list(feed.shape[:-1]) if width is not None else list(feed.shape)
-        if list(result.shape[:-1]) != tokens:
-            raise NotLinear(f"the branch turns an input of shape {list(feed.shape)} into {list(result.shape)}: it does not keep one row per token")
-        outputs.append(result.reshape(per_run, -1).astype(np.float64))
-    return np.concatenate(outputs)[: inputs.shape[0]]
-
-
-_CASTS = {"Cast", "CastLike", "_to_copy", "to", "convert_element_type", "type_as"}
-_FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
-
-
-def lossy_cast(view: GraphView, branch: Branch):
-    """The first cast in the branch that loses information: to an integer type, or to a float
-    narrower than both the branch's input and its output (merged into ``W``, the branch would read
-    ``x`` unrounded). None when every cast keeps the values."""
-    ends = [_FLOAT_BITS[d] for d in (view.value_dtype(branch.anchor.x), view.value_dtype(branch.value)) if d in _FLOAT_BITS]
-    floor = min(ends) if ends else 0
-    for node in branch.nodes:
-        inputs = view.inputs(node)
-        if view.op(node) not in _CASTS or not inputs:
-            continue
-        held, source = view.value_dtype(view.output(node)), view.value_dtype(inputs[0])
-        if source in _FLOAT_BITS and held is not None and (held not in _FLOAT_BITS or _FLOAT_BITS[held] < min(floor, _FLOAT_BITS[source])):
-            return node
-    return None
-
-
-def measure(view: GraphView, branch: Branch, in_features: int, out_features: int, seed: int = 0) -> np.ndarray:
+def measure(view: GraphView, branch: Branch, in_features: int, out_features: int) -> np.ndarray:
     """``dW`` ``[in, out]`` (fp32) of one branch, checked to be linear and token-wise; raises NotLinear."""
-    anchor = branch.anchor
-    cast = lossy_cast(view, branch)
-    if cast is not None:
-        raise NotLinear(f"'{view.name(cast)}' holds the branch's values as {view.value_dtype(view.output(cast))}: a cast to an integer type or a lower precision is not linear")
-    dims = view.dims(anchor.x)
-    embedding = anchor.kind == "embedding"
-    what = "ids" if embedding else "the projection's input"
-    dtype = view.value_dtype(anchor.x) or ("int64" if embedding else "float32")
-    if dtype == "bfloat16" and view.ir == "onnx":
-        raise NotLinear("a bfloat16 branch cannot be evaluated by ONNX Runtime on this CPU")
-    leading, _ = _probe_layout(dims, in_features, "ids" if embedding else "x")
-    rng = np.random.default_rng(seed)
-    width = None if embedding else in_features
-    if embedding:
-        probe = np.arange(in_features, dtype=numpy_dtype(dtype))
-    else:
-        probe = np.eye(in_features, dtype=np.float32).astype(numpy_dtype(dtype))
-    delta = _run_rows(view, branch, probe, leading, width)
-    if delta.shape != (in_features, out_features):
-        raise NotLinear(f"the branch gives {delta.shape[1]} columns per token, the projection {out_features}")
-    random_leading = _random_layout(dims, "ids" if embedding else "x")
-    count = max(1, math.prod(random_leading))
-    if embedding:
-        sample = rng.integers(0, in_features, size=count).astype(numpy_dtype(dtype))
-        expected = delta[sample.astype(np.int64)]
-    else:
-        sample = rng.standard_normal((count, in_features)).astype(numpy_dtype(dtype))
-        expected = sample.astype(np.float64) @ delta
-    got = _run_rows(view, branch, sample, random_leading, width)
-    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    error = float(np.max(np.abs(got - expected))) if expected.size else 0.0
-    rtol = _LINEAR_RTOL.get(dtype, 1e-3)
-    if not math.isfinite(error) or error > rtol * max(scale, 1e-6) + 1e-6:
-        if embedding:
-            raise NotLinear(f"the branch is not a per-token table lookup (max deviation {error:.3g} from its table on random ids)")
-        raise NotLinear(
-            f"the branch is not linear token by token (max deviation {error:.3g} from its linear part on a random input, "
-            f"scale {scale:.3g}): a nonlinearity, a constant term, or a reshape that mixes tokens"
-        )
-    return delta.astype(np.float32)
+    ids = branch.anchor.kind == "embedding"
+    return measure_map(view, branch.anchor.x, branch.value, branch.nodes, in_features, out_features, ids=ids)
 
 
 # ---------------------------------------------------------------- pattern and check

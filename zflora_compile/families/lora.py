@@ -58,12 +58,13 @@ class LoraBinding:
     add: object
     gemm: Gemm  # the base GEMM
     base_output: object  # the add's base operand (after its bias add): what strip and merge keep
-    b_gemm: Gemm  # the GEMM applying B (zeroed for the strip reference)
+    b_gemm: Gemm | None  # the GEMM applying B (zeroed for the strip reference)
     chain_nodes: list
+    branch: object = None  # the add's adapter operand, where B is no single GEMM (zeroed whole instead)
 
 
 @dataclasses.dataclass
-class _Chain:
+class Chain:
     a: Gemm
     b: Gemm
     scale: float
@@ -74,7 +75,7 @@ class _Chain:
 # ---------------------------------------------------------------- pattern and check
 
 
-def _match_chain(view: GraphView, value) -> _Chain:
+def match_chain(view: GraphView, value) -> Chain:
     """``s * ((x @ A) @ B)`` ending at ``value``; raises NotACandidate or Reject."""
     reached, scale_after, nodes = view.walk_back(value)
     b = view.gemm(reached)
@@ -99,10 +100,10 @@ def _match_chain(view: GraphView, value) -> _Chain:
     source = view.peel(a.x)
     check_casts(view, a.x, source, view.dtype(a.weight), "the input of A")
     check_casts(view, b.operand, a.out, view.dtype(b.weight), "the lanes between A and B")
-    return _Chain(a, b, scale_after * scale_between, source, nodes)
+    return Chain(a, b, scale_after * scale_between, source, nodes)
 
 
-def _match_site(view: GraphView, add, base_value, chain: _Chain, max_rank_ratio: float, index: int) -> AdapterSite:
+def _match_site(view: GraphView, add, base_value, chain: Chain, max_rank_ratio: float, index: int) -> AdapterSite:
     projection = match_projection(view, base_value)
     gemm, bias = projection.gemm, projection.bias
     if view.peel(gemm.x) is not chain.source:
@@ -162,7 +163,7 @@ def detect(view: GraphView, found) -> None:
     sites: list[AdapterSite] = []
     for add, operands in view.adds():
         def match(base, lowrank, add=add):
-            return _match_site(view, add, base, _match_chain(view, lowrank), found.max_rank_ratio, len(sites))
+            return _match_site(view, add, base, match_chain(view, lowrank), found.max_rank_ratio, len(sites))
 
         site, reason = either_order(match, operands)
         if site is not None:
@@ -188,9 +189,12 @@ def scaled_b_fp32(site: AdapterSite) -> np.ndarray:
 
 
 def merged_weight(site: AdapterSite, dtype: np.dtype) -> np.ndarray:
-    """``W + s * A @ B`` accumulated in fp32, cast to ``dtype``."""
+    """``W + s * A @ B`` (DoRA: times ``c`` per column) accumulated in fp32, cast to ``dtype``."""
     delta = site.lora_a().astype(np.float32) @ scaled_b_fp32(site)
-    return (site.weight().astype(np.float32) + delta).astype(dtype)
+    merged = site.weight().astype(np.float32) + delta
+    if site.column_scale is not None:
+        merged *= site.column_scale().astype(np.float32).reshape(1, -1)
+    return merged.astype(dtype)
 
 
 @dataclasses.dataclass
@@ -205,6 +209,7 @@ class FuseGroup:
     bias: LazyArray | None  # [D]
     out_splits: list[int]
     rank_total: int
+    column_scale: LazyArray | None = None  # [D]: DoRA's c (1 on plain LoRA columns)
 
     @property
     def base_width(self) -> int:
@@ -227,9 +232,14 @@ class FuseGroup:
         with graph.at(first.add, self.name):
             wide = graph.project(first.gemm.x, self.weight, like=first.gemm, name="fused_weight")
             base_lanes, rank_lanes = graph.split_last(wide, [self.base_width, self.rank_total])
-            if self.bias is not None:
-                base_lanes = graph.add(base_lanes, graph.constant("fused_bias", self.bias))
-            fused = graph.add(base_lanes, graph.project(rank_lanes, self.lowrank, name="lowrank_weight"))
+            if self.column_scale is not None:  # DoRA: c * (x @ W + lanes @ sB), then the bias
+                fused = graph.scale(graph.add(base_lanes, graph.project(rank_lanes, self.lowrank, name="lowrank_weight")), self.column_scale)
+                if self.bias is not None:
+                    fused = graph.add(fused, graph.constant("fused_bias", self.bias))
+            else:
+                if self.bias is not None:
+                    base_lanes = graph.add(base_lanes, graph.constant("fused_bias", self.bias))
+                fused = graph.add(base_lanes, graph.project(rank_lanes, self.lowrank, name="lowrank_weight"))
             for binding, output in zip(bindings, graph.split_last(fused, self.out_splits)):
                 graph.redirect(graph.output(binding.add), output)
 
@@ -300,7 +310,14 @@ def fuse_group(sites: list[AdapterSite], name: str) -> FuseGroup:
             return np.concatenate([(s.bias() if s.bias else np.zeros(s.out_features)).astype(dtype) for s in sites])
 
         bias = LazyArray((width,), dtype, bias_fn)
-    return FuseGroup(name, sites, LazyArray((sites[0].in_features, width + rank_total), dtype, weight), LazyArray((rank_total, width), dtype, lowrank), bias, outs, rank_total)
+    column_scale = None
+    if any(s.column_scale is not None for s in sites):
+
+        def column_scale_fn() -> np.ndarray:
+            return np.concatenate([(s.column_scale() if s.column_scale else np.ones(s.out_features)).reshape(-1).astype(dtype) for s in sites])
+
+        column_scale = LazyArray((width,), dtype, column_scale_fn)
+    return FuseGroup(name, sites, LazyArray((sites[0].in_features, width + rank_total), dtype, weight), LazyArray((rank_total, width), dtype, lowrank), bias, outs, rank_total, column_scale)
 
 
 def plan(sites: list[AdapterSite], strategy: str) -> list:
@@ -318,7 +335,13 @@ def plan(sites: list[AdapterSite], strategy: str) -> list:
 
 
 def disable(graph, site: AdapterSite) -> None:
-    """B replaced by zeros, the graph otherwise unchanged (the strip reference)."""
-    gemm = site.binding.b_gemm
+    """B replaced by zeros, the graph otherwise unchanged (the strip reference); a site whose B is no
+    single GEMM (densified, DoRA) has its whole branch multiplied by zero instead."""
+    binding = site.binding
+    if binding.branch is not None:
+        with graph.at(binding.add, f"{site.site_id}.zero_branch"):
+            graph.redirect(graph.output(binding.add), graph.add(binding.base_output, graph.scale(binding.branch, 0.0)))
+        return
+    gemm = binding.b_gemm
     with graph.at(site.binding.add, f"{site.site_id}.zero_b"):
         graph.replace_weight(gemm, np.zeros(gemm.shape, dtype=numpy_dtype(graph.dtype(gemm.weight))), name="zero_b")

@@ -88,6 +88,10 @@ def _anchor(view: GraphView, value, stacked: dict) -> tuple[Anchor, "Branch | No
     return None
 
 
+#: ops with no tensor input that compute a constant (torch.export writes DoRA's weight norm with ``eye``)
+_SOURCES = {"eye", "arange", "zeros", "ones", "full", "scalar_tensor", "Range"}
+
+
 class _Cone:
     """The nodes computing a value from ``x`` and constants alone (None when it reads anything else)."""
 
@@ -96,17 +100,21 @@ class _Cone:
         self._constant: dict[int, bool] = {}
 
     def constant_derived(self, value, depth: int = 0) -> bool:
-        """A constant, or computed from constants only (a weight-norm subgraph left unfolded)."""
+        """A constant, or computed from constants and sizes only (a weight-norm subgraph left
+        unfolded, a reshape target built from ``Shape``)."""
         view = self.view
-        if view.is_constant(value):
-            return True
+        if view.is_constant(value) or view.is_shape(value):
+            return True  # a constant, or sizes (never the values of what they measure)
         key = id(value)
         if key not in self._constant:
             node = view.producer(value)
             self._constant[key] = False
             if node is not None and depth < 64:
                 inputs = view.inputs(node)
-                self._constant[key] = bool(inputs) and all(self.constant_derived(v, depth + 1) for v in inputs)
+                if not inputs:
+                    self._constant[key] = view.op(node) in _SOURCES
+                else:
+                    self._constant[key] = all(self.constant_derived(v, depth + 1) for v in inputs)
         return self._constant[key]
 
     def __call__(self, top, x) -> list | None:
@@ -134,6 +142,17 @@ class _Cone:
         if not reads_x:
             return None
         return sorted(nodes.values(), key=lambda n: order[id(n)])
+
+
+def constant_derived(view: GraphView, value) -> bool:
+    """``value`` is a constant, or computed from constants only (DoRA's weight norm, a LoKr factor)."""
+    return _Cone(view, {}).constant_derived(value)
+
+
+def cone_between(view: GraphView, top, source, order: dict | None = None) -> list | None:
+    """The nodes computing ``top`` from ``source`` and constants alone, in graph order; None when
+    some path reaches anything else (a graph input, a value computed before ``source``)."""
+    return _Cone(view, order if order is not None else view.order())(top, source)
 
 
 def find_branches(view: GraphView) -> list[Branch]:

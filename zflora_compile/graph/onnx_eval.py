@@ -18,29 +18,50 @@ class RegionError(Exception):
     """The region cannot be evaluated on its own (it reads a graph input, or ONNX Runtime refused)."""
 
 
-def region_nodes(feeds: list[ir.Value], output: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
-    """The nodes between ``feeds`` and ``output`` (graph order) and the initializers they read."""
+def region_nodes(feeds: list[ir.Value], output: ir.Value) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+    """The nodes between ``feeds`` and ``output`` (graph order), the initializers they read, and the
+    graph inputs they read only through ``Shape`` / ``Size`` (their sizes, never their values)."""
     fed = {id(v) for v in feeds}
     nodes: dict[int, ir.Node] = {}
     constants: dict[int, ir.Value] = {}
-    stack = [output]
+    shaped: dict[int, ir.Value] = {}
+    stack = [(output, False)]
     while stack:
-        value = stack.pop()
+        value, for_shape = stack.pop()
         if value is None or id(value) in fed:
             continue
         node = value.producer()
         if node is None:
-            if value.const_value is None:
+            if value.const_value is not None:
+                constants[id(value)] = value
+            elif for_shape:
+                shaped[id(value)] = value
+            else:
                 raise RegionError(f"it reads graph input '{value.name}'")
-            constants[id(value)] = value
             continue
         if id(node) in nodes:
             continue
         nodes[id(node)] = node
-        stack.extend(node.inputs)
+        sizes_only = node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
+        stack.extend((v, sizes_only) for v in node.inputs)
     graph = output.graph
     order = {id(n): i for i, n in enumerate(graph)} if graph is not None else {}
-    return sorted(nodes.values(), key=lambda n: order.get(id(n), 0)), list(constants.values())
+    return sorted(nodes.values(), key=lambda n: order.get(id(n), 0)), list(constants.values()), list(shaped.values())
+
+
+def _stand_in(value: ir.Value, sizes: dict[str, int]) -> np.ndarray:
+    """Zeros shaped like graph input ``value``, its symbolic axes sized as the fed values' are."""
+    if value.shape is None or value.dtype is None:
+        raise RegionError(f"it reads the shape of graph input '{value.name}', which has no recorded shape")
+    dims = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif getattr(dim, "value", None) in sizes:
+            dims.append(sizes[dim.value])
+        else:
+            raise RegionError(f"it reads the shape of graph input '{value.name}', whose axis '{dim}' the fed values do not size")
+    return np.zeros(dims, dtype=value.dtype.numpy())
 
 
 def _value_info(value: ir.Value, *, dynamic: bool) -> onnx.ValueInfoProto:
@@ -55,7 +76,13 @@ def evaluate(model: ir.Model, feeds: list[tuple[ir.Value, np.ndarray]], output: 
     """``output`` computed from ``feeds`` (pairs of value and array) by the region between them."""
     import onnxruntime as ort
 
-    nodes, constants = region_nodes([v for v, _ in feeds], output)
+    nodes, constants, shaped = region_nodes([v for v, _ in feeds], output)
+    sizes = {}
+    for value, array in feeds:  # symbolic axes of what is fed, sized by the arrays
+        for dim, size in zip(value.shape or [], array.shape):
+            if not isinstance(dim, int) and getattr(dim, "value", None):
+                sizes[dim.value] = size
+    feeds = [*feeds, *((value, _stand_in(value, sizes)) for value in shaped)]
     initializers = []
     for value in constants:
         array = value.const_value.numpy()  # external data read here: the region is run from bytes

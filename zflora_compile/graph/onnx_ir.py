@@ -108,6 +108,17 @@ class OnnxGraph:
     def inputs(self, node):
         return [v for v in node.inputs if v is not None]
 
+    def is_shape(self, value) -> bool:
+        """A tensor's sizes, not its values: the output of ``Shape`` / ``Size``."""
+        return _default(self.producer(value), "Shape", "Size")
+
+    def binary(self, node):
+        """``(kind, left, right)`` for an elementwise Add / Sub / Mul / Div of the default domain, else None."""
+        kinds = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in kinds or len(node.inputs) != 2:
+            return None
+        return kinds[node.op_type], node.inputs[0], node.inputs[1]
+
     def op(self, node) -> str:
         return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 

@@ -117,6 +117,8 @@ class GraphView(Protocol):
     # any node, for the accounting of adapter-shaped structure (graph.branches) and measuring it
     def inputs(self, node: Node) -> list[Value]: ...  # every value operand
     def op(self, node: Node) -> str: ...  # "MatMul", "com.microsoft::FusedMatMul", "mm"...
+    def is_shape(self, value: Value) -> bool: ...  # sizes of a tensor, not its values (Shape, sym_size)
+    def binary(self, node: Node) -> tuple[str, Any, Any] | None: ...  # ("add"|"sub"|"mul"|"div", left, right); numbers stay numbers
     def muls(self) -> Iterator[tuple[Node, list[Value]]]: ...  # binary multiplies, in graph order
     def dims(self, value: Value) -> list[int | None] | None: ...  # static dims, None where symbolic
     def evaluate(self, feeds: list[tuple[Value, np.ndarray]], output: Value) -> np.ndarray: ...  # the region between, alone

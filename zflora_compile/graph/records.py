@@ -76,11 +76,14 @@ class AdapterSite(_Site):
     lora_a: ArrayGetter = dataclasses.field(default=None, repr=False)
     lora_b: ArrayGetter = dataclasses.field(default=None, repr=False)
     bias: ArrayGetter | None = dataclasses.field(default=None, repr=False)
+    #: DoRA: ``y = c * (x @ W + scale * x @ A @ B) + bias`` with this per-column ``c`` ``[out]``
+    column_scale: ArrayGetter | None = dataclasses.field(default=None, repr=False)
     group: str = ""
     binding: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return self._json(group=self.group, rank=self.rank, scale=self.scale, bias=self.has_bias)
+        extra = {"column_scale": True} if self.column_scale is not None else {}
+        return self._json(group=self.group, rank=self.rank, scale=self.scale, bias=self.has_bias, **extra)
 
 
 @dataclasses.dataclass

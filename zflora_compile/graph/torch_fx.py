@@ -245,6 +245,20 @@ class FxGraph:
     def inputs(self, node):
         return list(node.all_input_nodes)
 
+    def is_shape(self, value) -> bool:
+        """A size, not tensor data: a node whose value is a (symbolic) integer (``sym_size``, and
+        arithmetic on sizes)."""
+        return isinstance(value, Node) and value.op != "placeholder" and "val" in value.meta and not isinstance(value.meta["val"], torch.Tensor)
+
+    def binary(self, node):
+        """``(kind, left, right)`` for ``add`` / ``sub`` / ``mul`` / ``div`` (in place or not, alpha 1,
+        no rounding mode); operands are nodes or Python numbers."""
+        kinds = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul", "div": "div", "div_": "div"}
+        name = op_name(node)
+        if name not in kinds or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
+            return None
+        return kinds[name], node.args[0], node.args[1]
+
     def op(self, node) -> str:
         return op_name(node) or node.op
 
@@ -259,6 +273,12 @@ class FxGraph:
         from zflora_compile.graph.onnx_eval import RegionError
 
         env = {id(node): to_torch(array) for node, array in feeds}
+        sizes = {}  # the symbols of the fed values' shapes, sized by the arrays
+        for node, array in feeds:
+            val = tensor_meta(node)
+            for dim, size in zip(val.shape if val is not None else (), np.shape(array)):
+                if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                    sizes[dim.node.expr] = int(size)
         needed, stack = {}, [output]
         while stack:
             node = stack.pop()
@@ -266,6 +286,13 @@ class FxGraph:
                 continue
             if self.constants.is_constant(node):
                 env[id(node)] = self.constants.getter(node)()
+                continue
+            if self.is_shape(node):  # a size: from the fed shapes' symbols, not from what it reads
+                val = node.meta["val"]
+                expr = val.node.expr.subs(sizes) if isinstance(val, torch.SymInt) else val
+                if getattr(expr, "free_symbols", None):
+                    raise RegionError(f"size '{node.name}' depends on an axis the fed values do not size")
+                env[id(node)] = int(expr) if isinstance(val, torch.SymInt) else val
                 continue
             if node.op != "call_function":
                 raise RegionError(f"it reads {self.describe(node)}")
@@ -678,6 +705,11 @@ class FxGraph:
                 self._like = saved
         old.replace_all_uses_with(new)
         self._redirected[id(old)] = new
+        if op_name(old).endswith("_") and not old.users:
+            # an in-place op (PEFT's ``result += lora`` is ``add_``) would still mutate its input,
+            # which is what its readers now read: it goes, and dead-code elimination (which keeps
+            # impure nodes) can remove what fed it
+            self.graph.erase_node(old)
 
     def cleanup(self) -> None:
         """Remove dead nodes, including metadata assertions that only check dead values."""
