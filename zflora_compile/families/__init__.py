@@ -51,6 +51,21 @@ class Found:
     def claimed(self, node) -> bool:
         return id(node) in self.claimed_ids
 
+    def held(self) -> dict[int, str]:
+        """id(node) -> site id, for every node a site found so far rewrites or reads (its GEMM, its
+        adapter's GEMMs, its adds; a widened projection's lane reads and writes)."""
+        out: dict[int, str] = {}
+        view = self.view
+        for site in self.sites:
+            b = site.binding
+            for node in (b.gemm.node, b.add, *b.chain_nodes, *([b.b_gemm.node] if b.b_gemm is not None else [])):
+                out[id(node)] = site.site_id or site.family
+        for site in self.widened.by_node.values():
+            b = site.binding
+            for node in (b.node, *(g.node for g in b.b_gemms), *b.read_adds, *(view.producer(z) for z in b.lanes_out if z is not None)):
+                out[id(node)] = site.family
+        return out
+
     def reject(self, rejection: Rejection) -> None:
         self.rejections.pop(rejection.node, None)
         self.rejections[rejection.node] = rejection

@@ -58,12 +58,23 @@ def _mergeable(view: GraphView, top: Branch) -> str | None:
     output, or a sum below the top, is read by something else), or None."""
     stack = top.stack
     inside = {id(n) for b in stack for n in b.nodes}
-    readers = [(top.anchor.output, stack[0].add)] + [(view.output(b.add), above.add) for b, above in zip(stack, stack[1:])]
+    readers = [(view.output(b.add), above.add) for b, above in zip(stack, stack[1:])]
+    if top.anchor.kind == "projection":  # every value from the GEMM up to the first add
+        value, gemm = top.anchor.output, top.anchor.node
+        while value is not None:
+            readers.append((value, stack[0].add if value is top.anchor.output else None))
+            node = view.producer(value)
+            if node is None or node is gemm:
+                break
+            value = view.data_input(node)
+    else:
+        readers.append((top.anchor.output, stack[0].add))
     for value, consumer in readers:
         if view.is_graph_output(value):
             return f"'{view.value_name(value)}' is a graph output"
+        path = {id(view.producer(v)) for v, _ in readers}
         for user in view.users(value):
-            if user is not consumer and id(user) not in inside:
+            if user is not consumer and id(user) not in inside and id(user) not in path:
                 return f"'{view.value_name(value)}' is also read by node '{view.name(user)}'"
     return None
 
@@ -146,6 +157,7 @@ def detect(view: GraphView, found) -> None:
     branches = find_branches(view)
     tops = {id(b.anchor.node): b for b in branches}  # graph order: the last on a projection is its top
     lora_by_add = {id(s.binding.add): s for s in found.sites if isinstance(s, AdapterSite)}
+    held = found.held()
     recognised = 0
     for top in tops.values():
         stack = top.stack
@@ -154,9 +166,13 @@ def detect(view: GraphView, found) -> None:
             recognised += len(stack)
             continue
         foreign = [b for b in stack if found.claimed(b.add) and id(b.add) not in lora_by_add]
+        own = {id(n) for b in stack if id(b.add) in lora_by_add for n in (b.add, *b.nodes, top.anchor.node)}
+        shared = next((n for b in unclaimed for n in (top.anchor.node, *b.nodes) if id(n) in held and id(n) not in own), None)
         reason = None
         if foreign:
             reason = f"it shares projection '{view.name(top.anchor.node)}' with another family's adapter"
+        elif shared is not None:
+            reason = f"its node '{view.name(shared)}' belongs to site {held[id(shared)]}, which another family rewrites"
         else:
             try:
                 site = _site(view, top, len(found.linear), found.max_rank_ratio)

@@ -25,7 +25,7 @@ import numpy as np
 from zflora_compile.families.lora import LoraBinding
 from zflora_compile.graph.branches import Branch, cone_between, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
-from zflora_compile.graph.protocol import GraphView, bias_problem
+from zflora_compile.graph.protocol import GraphView, Reject, bias_problem, check_path
 from zflora_compile.graph.records import AdapterSite
 
 NAME = "lowrank"
@@ -114,7 +114,9 @@ def detect(view: GraphView, found) -> None:
     for branch in branches:
         if branch.anchor.kind != "projection" or branch.below is not None or id(branch.add) in stacked or found.claimed(branch.add):
             continue
-        if view.users(branch.base) != [branch.add] or view.is_graph_output(branch.base):
+        try:
+            check_path(view, branch.base, branch.anchor.node, branch.add, "base projection output")
+        except Reject:
             continue  # the projection's output has another reader: the generic family keeps it
         inside = {id(n) for n in branch.nodes} | {id(branch.add)}
         if any(view.is_graph_output(view.output(n)) or any(id(u) not in inside for u in view.users(view.output(n))) for n in branch.nodes):

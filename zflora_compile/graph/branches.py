@@ -180,16 +180,23 @@ def find_branches(view: GraphView) -> list[Branch]:
 
 
 def _per_column(view: GraphView, factor, out: int) -> bool:
-    shape = tuple(view.constant_shape(factor))
-    return out > 1 and int(np.prod(shape)) == out and bool(shape) and shape[-1] == out
+    dims = view.constant_shape(factor) if view.is_constant(factor) else view.dims(factor)
+    if not dims or any(d is None for d in dims):
+        return False
+    shape = tuple(dims)
+    return out > 1 and int(np.prod(shape)) == out and shape[-1] == out
 
 
 def find_scales(view: GraphView) -> list[Scale]:
-    """Every multiply of a projection's output by a constant per-column vector."""
+    """Every multiply of a projection's output by a constant per-column vector (a constant, or
+    computed from constants: PEFT's IA3 writes ``ia3_l.flatten() * 1``)."""
     scales = []
+    cone = _Cone(view, {})
     for mul, operands in view.muls():
         for data, factor in (operands, operands[::-1]):
-            if not view.is_constant(factor) or view.is_constant(data):
+            if isinstance(factor, (int, float)) or isinstance(data, (int, float)):
+                continue
+            if not cone.constant_derived(factor) or cone.constant_derived(data):
                 continue
             try:
                 projection = match_projection(view, data)
