@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 import zflora_compile.families as families
+from zflora_compile import metadata
 from zflora_compile.errors import UnrecognizedAdapterError, VerificationError, ZcompileError, first_line
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
@@ -29,6 +30,10 @@ from zflora_compile.verify import check_finite_weights, token_vocab, verificatio
 
 CHECKER_PASSED = "onnx.checker.check_model(full_check=True) passed"
 STRIP_REFERENCE = "the input model with every detected adapter's B set to zero (a generic linear branch: multiplied by zero)"
+
+COMPILED_STRIP_REFERENCE = (
+    "the compiled input with the low-rank constants its metadata names set to zero (per-column scales to 1, widened B rows to zero)"
+)
 
 
 def is_fx_model(model) -> bool:
@@ -130,16 +135,21 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
         report.input.opset = model.opset_imports.get("", None)
         if report.input.checker is None:
             report.input.checker = input_checker(source)
+        compiled = metadata.read(model) if options.strategy == "strip" else None
         with steps.step("detect"):
+            input_graph = onnx_stats(model)
+            removed = metadata.strip_compiled(model, compiled) if metadata.active(compiled) else None  # a model this tool compiled
             detection = detect(model, options.max_rank_ratio)
-            report.detection, report.input.graph = detection, onnx_stats(model)
+            report.detection, report.input.graph = detection, input_graph
             refuse_unaccounted(detection, options)
             check_finite_weights(detection, options.strategy, model)
         with steps.step("rewrite"):
             the_plan = plan(detection, options.strategy)
             if len(the_plan):
                 families.rewrite(OnnxGraph(model), the_plan)
+            if len(the_plan) or removed:
                 infer_shapes(model)
+                metadata.write(model, metadata.compilation(options.strategy, detection, the_plan, removed))
             report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
             if options.strategy == "strip":
                 check_stripped(families.detect(OnnxGraph(model), max_rank_ratio=options.max_rank_ratio))
@@ -150,7 +160,7 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             report.verification = dict(NO_VERIFY)
             return model
         with steps.step("verify"):
-            reference, meaning = _onnx_reference(source, options, tmp, len(detection))
+            reference, meaning = _onnx_reference(source, options, tmp, len(detection), compiled if removed else None)
             result = verify_models(reference, rewritten, vocab, atol=options.atol, rtol=options.rtol, seed=options.seed)
             result["reference"] = meaning
             report.verification = result
@@ -182,19 +192,22 @@ def output_checker(path: Path, input_result: str) -> str:
     return CHECKER_PASSED
 
 
-def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int) -> tuple[Path, str]:
+def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int, compiled: dict | None = None) -> tuple[Path, str]:
     """What the rewritten model must equal: the input, or for ``strip`` the input with B = 0
-    (detected afresh from the file: it must find the ``sites`` the compile found)."""
+    (detected afresh from the file: it must find the ``sites`` the compile found); a model this tool
+    compiled (``compiled``: its record) has its compiled-in low-rank constants zeroed first."""
     if options.strategy != "strip":
         return source, "the input model"
     model = load_model(source)
+    if compiled is not None:
+        metadata.disable_compiled(model, compiled)
     again = detect(model, options.max_rank_ratio)
     if len(again) != sites:
         raise VerificationError(f"the strip reference, detected afresh from the saved input, has {len(again)} adapter site(s), the compile {sites}")
     families.disable_adapters(OnnxGraph(model), again)
     path = tmp / "reference.onnx"
     save_model(model, path, external=True)
-    return path, f"{STRIP_REFERENCE} (graph otherwise unchanged)"
+    return path, (COMPILED_STRIP_REFERENCE + "; then " if compiled is not None else "") + f"{STRIP_REFERENCE} (graph otherwise unchanged)"
 
 
 def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps):

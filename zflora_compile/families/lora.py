@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from zflora_compile import metadata
 from zflora_compile.graph.protocol import (
     Gemm,
     GraphView,
@@ -229,19 +230,40 @@ class FuseGroup:
         bindings = [s.binding for s in self.sites]
         order = state.setdefault("order", graph.order())
         first = min(bindings, key=lambda b: order[id(b.add)])
+        bias = scaled = None
         with graph.at(first.add, self.name):
             wide = graph.project(first.gemm.x, self.weight, like=first.gemm, name="fused_weight")
             base_lanes, rank_lanes = graph.split_last(wide, [self.base_width, self.rank_total])
+            low = graph.project(rank_lanes, self.lowrank, name="lowrank_weight")
             if self.column_scale is not None:  # DoRA: c * (x @ W + lanes @ sB), then the bias
-                fused = graph.scale(graph.add(base_lanes, graph.project(rank_lanes, self.lowrank, name="lowrank_weight")), self.column_scale)
+                fused = scaled = graph.scale(graph.add(base_lanes, low), self.column_scale)
                 if self.bias is not None:
-                    fused = graph.add(fused, graph.constant("fused_bias", self.bias))
+                    fused = graph.add(fused, bias := graph.constant("fused_bias", self.bias))
             else:
                 if self.bias is not None:
-                    base_lanes = graph.add(base_lanes, graph.constant("fused_bias", self.bias))
-                fused = graph.add(base_lanes, graph.project(rank_lanes, self.lowrank, name="lowrank_weight"))
+                    base_lanes = graph.add(base_lanes, bias := graph.constant("fused_bias", self.bias))
+                fused = graph.add(base_lanes, low)
             for binding, output in zip(bindings, graph.split_last(fused, self.out_splits)):
                 graph.redirect(graph.output(binding.add), output)
+        metadata.note(state, self, self.record(wide, low, scaled, bias))
+
+    def record(self, wide, low, scaled, bias) -> dict:
+        """What the group created, by name (``metadata_props``: which columns are adapter lanes)."""
+        return {
+            "kind": "fused_group",
+            "name": self.name,
+            "sites": [s.site_id for s in self.sites],
+            "labels": [s.label for s in self.sites],
+            "families": sorted({s.family for s in self.sites}),
+            "in_features": self.weight.shape[0],
+            "base_width": self.base_width,
+            "rank_width": self.rank_total,
+            "out_splits": self.out_splits,
+            "weight": metadata.created_name(wide),
+            "lowrank": metadata.created_name(low),
+            "column_scale": metadata.created_name(scaled) if scaled is not None else None,
+            "bias": metadata.value_name(bias) if bias is not None else None,
+        }
 
 
 @dataclasses.dataclass
@@ -260,6 +282,7 @@ class MergeSite:
         with graph.at(binding.add, self.site.label or self.site.site_id):
             graph.replace_weight(binding.gemm, self.weight, name="merged_weight")
             graph.redirect(graph.output(binding.add), binding.base_output)
+        metadata.note(state, self, metadata.merged_record(self.site, binding.gemm.node))
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from zflora_compile import metadata
 from zflora_compile.errors import PlanError
 from zflora_compile.graph.protocol import Gemm, GraphView, Projection, Reject, bias_problem, check_path, single_use
 from zflora_compile.graph.records import LaneRead, LaneWrite, LazyArray, WidenedSite, numpy_dtype
@@ -179,9 +180,10 @@ class Widen:
     def emit(self, graph, state: dict) -> None:
         site, binding = self.site, self.site.binding
         concats, lanes = state.setdefault("concats", {}), state.setdefault("lanes", {})
+        bias = table = made = None
         with graph.at(binding.node, site.label or site.site_id):
             if site.kind == "embedding":
-                out = graph.gather(graph.constant("widened_table", self.weight), binding.x)
+                out = graph.gather(table := graph.constant("widened_table", self.weight), binding.x)
             else:
                 if binding.stream is not None:
                     x = binding.stream
@@ -197,6 +199,7 @@ class Widen:
                     own, pad = graph.constant_array(binding.gemm.bias), self.weight.shape[1] - site.out_features
                     bias = LazyArray((self.weight.shape[1],), self.weight.dtype, lambda g=own, p=pad, d=self.weight.dtype: np.concatenate([g().reshape(-1), np.zeros(p)]).astype(d))
                 out = graph.project(x, self.weight, like=binding.gemm, bias=bias, name="widened_weight")
+            made = out
             if binding.replaced is not None:
                 graph.redirect(binding.replaced, out)
             elif binding.lanes_out:
@@ -209,6 +212,31 @@ class Widen:
             else:
                 graph.redirect(binding.output, out)
         bypass_reads(graph, binding, out)
+        if site.kind == "embedding":
+            names = (metadata.value_name(table), None)
+        elif bias is not None:  # out = MatMul(x, weight) + bias
+            names = (metadata.created_name(metadata.producer_input(made, 0)), metadata.created_name(made))
+        else:
+            names = (metadata.created_name(made), None)
+        metadata.note(state, self, self.record(*names))
+
+    def record(self, weight: str | None, bias: str | None) -> dict:
+        """What the widening created, by name: rows ``in:`` read lanes, columns ``out:`` are written lanes."""
+        site = self.site
+        return {
+            "kind": "widened",
+            "site": site.site_id,
+            "label": site.label,
+            "family": site.family,
+            "embedding": site.kind == "embedding",
+            "in_features": site.in_features,
+            "out_features": site.out_features,
+            "widened_shape": list(self.weight.shape),
+            "out_splits": self.out_splits,
+            "read_ranks": [r.rank for r in site.reads],
+            "weight": weight,
+            "bias": bias,
+        }
 
 
 def bypass_reads(graph, binding: WidenBinding, replacement=None) -> None:
@@ -231,6 +259,7 @@ class StripReads:
 
     def emit(self, graph, state: dict) -> None:
         bypass_reads(graph, self.site.binding)
+        metadata.note(state, self, {"kind": "stripped_reads", "site": self.site.site_id, "label": self.site.label, "family": self.site.family})
 
 
 def plan(sites: list[WidenedSite], strategy: str) -> list:
