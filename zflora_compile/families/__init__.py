@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from zflora_compile.families import dora, lanes, linear, lora, lowrank, widening, zflora
-from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Accounting, AdapterSite, Detection, LinearSite, Rejection, Unrecognized, WidenedSite
+from zflora_compile.families import dora, gaws, lanes, linear, lora, lowrank, widening, zflora
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Accounting, AdapterSite, Detection, GroupedSite, LinearSite, Rejection, Unrecognized, WidenedSite
 
 #: detection order: LoRA first (it is the most specific about its own adds), then the lane families,
-#: then DoRA, then factored linear branches (BD-LoRA, VeRA: densified to LoRA), then any linear
+#: then DoRA, GAWS, factored linear branches (BD-LoRA, VeRA: densified to LoRA), then any linear
 #: branch no named family claimed (it also tallies what is accounted for)
-FAMILIES = (lora, lanes, zflora, dora, lowrank, linear)
+FAMILIES = (lora, lanes, zflora, dora, gaws, lowrank, linear)
 #: site record type -> the module with ``plan(sites, strategy)`` and ``disable(graph, site)``
-PLANNERS = {AdapterSite: lora, WidenedSite: widening, LinearSite: linear}
+PLANNERS = {AdapterSite: lora, WidenedSite: widening, GroupedSite: gaws, LinearSite: linear}
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class Found:
     rejections: dict = dataclasses.field(default_factory=dict)  # node name -> Rejection
     claimed_ids: set = dataclasses.field(default_factory=set)
     linear: list = dataclasses.field(default_factory=list)
+    grouped: list = dataclasses.field(default_factory=list)
     unrecognized: list = dataclasses.field(default_factory=list)
     accounting: Accounting = dataclasses.field(default_factory=Accounting)
     widened: widening.WidenedSites = dataclasses.field(init=False)
@@ -77,13 +78,21 @@ def detect(graph, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detectio
     for family in FAMILIES:
         family.detect(graph, found)
     _left_rejected(graph, found)
-    return Detection(found.sites, list(found.rejections.values()), found.widened.finish(), found.linear, found.unrecognized, found.accounting)
+    return Detection(
+        found.sites,
+        list(found.rejections.values()),
+        found.widened.finish(),
+        linear=found.linear,
+        grouped=found.grouped,
+        unrecognized=found.unrecognized,
+        accounting=found.accounting,
+    )
 
 
 def _left_rejected(graph, found: Found) -> None:
     """A rejection no family took back is adapter-shaped structure left in the model: it is
     unrecognised too (and counted), so strip refuses while it remains."""
-    listed = {u.node for u in found.unrecognized}
+    listed = {u.node for u in found.unrecognized} | {n for u in found.unrecognized for n in u.nodes}
     names = {graph.name(node): node for node in graph.nodes()}
     for rejection in found.rejections.values():
         node = names.get(rejection.node)

@@ -506,6 +506,21 @@ class OnnxGraph:
         split = self.constant("split_sizes", np.asarray(sizes, dtype=np.int64))
         return list(self._node("Split", [value, split], "Split", num_outputs=len(sizes), axis=-1).outputs)
 
+    def regroup(self, value, sizes: list[int], leading: int):
+        """The last axis split into ``sizes`` (``[.., g*s] -> [.., g, s]``); ``leading``: the axes before it."""
+        target = self.constant("regroup_shape", np.asarray([0] * leading + list(sizes), dtype=np.int64))
+        return self._node("Reshape", [self.resolve(value), target], "Reshape").outputs[0]
+
+    def swap_last(self, value, leading: int):
+        """The last two axes swapped; ``leading``: the axes before them."""
+        perm = [*range(leading), leading + 1, leading]
+        return self._node("Transpose", [self.resolve(value)], "Transpose", perm=perm).outputs[0]
+
+    def flatten_last(self, value, count: int, leading: int):
+        """The last ``count`` axes as one (``[.., g, s] -> [.., g*s]``); ``leading``: the axes before them."""
+        target = self.constant("flatten_shape", np.asarray([0] * leading + [-1], dtype=np.int64))
+        return self._node("Reshape", [self.resolve(value), target], "Reshape").outputs[0]
+
     def concat_last(self, values):
         return self._node("Concat", [self.resolve(v) for v in values], "Concat", axis=-1).outputs[0]
 

@@ -105,6 +105,23 @@ class LinearSite(_Site):
 
 
 @dataclasses.dataclass
+class GroupedSite(_Site):
+    """A weight-shared Kronecker adapter on one projection, measured: GAWS ``dW = kron(I_g, V)``
+    (``y = x @ W (+ bias) + reshape(reshape(x, [.., g, in/g]) @ V, [.., out])``), ``V`` ``[in/g, out/g]``
+    with its scale folded in."""
+
+    groups: int = 1
+    block: ArrayGetter = dataclasses.field(default=None, repr=False)
+    bias: ArrayGetter | None = dataclasses.field(default=None, repr=False)
+    has_bias: bool = False
+    group: str = ""
+    binding: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return self._json(group=self.group, groups=self.groups, block=[self.in_features // self.groups, self.out_features // self.groups], bias=self.has_bias)
+
+
+@dataclasses.dataclass
 class Unrecognized:
     """An adapter-shaped structure no family accounts for: an add joining a projection's output with
     a branch computed from its input through constant-parameter ops (``kind`` "branch"), or a
@@ -259,13 +276,15 @@ class Detection:
     widened: list = dataclasses.field(default_factory=list)
     #: adapter branches measured as dense updates (see families.linear)
     linear: list = dataclasses.field(default_factory=list)
+    #: weight-shared Kronecker adapters (see families.gaws)
+    grouped: list = dataclasses.field(default_factory=list)
     #: adapter-shaped structures no family accounts for (strip refuses while there are any)
     unrecognized: list = dataclasses.field(default_factory=list)
     accounting: Accounting = dataclasses.field(default_factory=Accounting)
 
     @property
     def all_sites(self) -> list:
-        return [*self.sites, *self.widened, *self.linear]
+        return [*self.sites, *self.widened, *self.grouped, *self.linear]
 
     def __iter__(self):
         """Every site: LoRA ``AdapterSite`` records, then ``WidenedSite``, then ``LinearSite`` records."""

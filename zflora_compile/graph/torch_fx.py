@@ -674,6 +674,22 @@ class FxGraph:
             offset += size
         return parts
 
+    def regroup(self, value, sizes: list[int], leading: int):
+        """The last axis split into ``sizes`` (``[.., g*s] -> [.., g, s]``)."""
+        value = self.resolve(value)
+        shape = tensor_meta(value).shape
+        return self._call(aten.reshape.default, (value, [*self._dims(value, shape[:-1]), *sizes]))
+
+    def swap_last(self, value, leading: int):
+        """The last two axes swapped."""
+        return self._call(aten.transpose.int, (self.resolve(value), -1, -2))
+
+    def flatten_last(self, value, count: int, leading: int):
+        """The last ``count`` axes as one (``[.., g, s] -> [.., g*s]``)."""
+        value = self.resolve(value)
+        shape = tensor_meta(value).shape
+        return self._call(aten.reshape.default, (value, [*self._dims(value, shape[:-count]), -1]))
+
     def concat_last(self, values):
         return self._call(aten.cat.default, ([self.resolve(v) for v in values], -1))
 
