@@ -166,10 +166,12 @@ def _print_unrecognized(console, unrecognized: list[dict]) -> None:
 
 
 def _run_inspect(args, console) -> int:
+    from zflora_compile import metadata
     from zflora_compile.api import detect_adapters
     from zflora_compile.report import accounting_line, report_text
 
     detection = detect_adapters(args.model, max_rank_ratio=args.max_rank_ratio)
+    compiled = metadata.summary(metadata.read_file(args.model))
     sites = [s.to_json() for s in detection.all_sites]
     rejected = [r.to_json() for r in detection.rejections]
     unrecognized = [u.to_json() for u in detection.unrecognized]
@@ -181,6 +183,7 @@ def _run_inspect(args, console) -> int:
         "rejected": rejected,
         "unrecognized": unrecognized,
         "accounting": detection.accounting.to_json(),
+        "compiled": compiled,
     }
     _save_report(args, listing)
     if args.json:
@@ -196,7 +199,33 @@ def _run_inspect(args, console) -> int:
         tally = accounting_line(detection)
         if tally:
             console.print(tally)
+        _print_compiled(console, compiled)
     return 0
+
+
+def _print_compiled(console, compiled: dict | None) -> None:
+    """What zflora-compile compiled into the model (its ``zflora.compiled`` metadata)."""
+    if compiled is None:
+        return
+    if compiled.get("unreadable"):
+        console.print(f"compiled: metadata '{compiled['key']}' is unreadable (edited after zflora-compile wrote it)")
+        return
+    for entry in compiled["compilations"]:
+        families = ", ".join(entry.get("families", [])) or "no adapter"
+        parts = [f"{len(entry.get('sites', []))} site(s)"]
+        for key, what in (("groups", "fused group(s)"), ("widened", "widened projection(s)"), ("merged", "merged weight(s)")):
+            if entry.get(key):
+                parts.append(f"{len(entry[key])} {what}")
+        removed = entry.get("removed")
+        if removed:
+            parts.append(f"removed {len(removed.get('groups', []))} fused group(s) and {len(removed.get('widened', []))} widened projection(s)")
+        console.print(f"compiled: {entry.get('strategy')} by zflora-compile {entry.get('version')} ({families}): {', '.join(parts)}")
+        for group in entry.get("groups", []):
+            console.print(f"  fused group {group['name']}: {group['base_width']} base + {group['rank_width']} adapter lane column(s) ({', '.join(group['sites'])})")
+        for site in entry.get("widened", []):
+            console.print(f"  widened {site['family']} {site.get('label') or site['site']}: {site['widened_shape']} from [{site['in_features']}, {site['out_features']}]")
+        for site in entry.get("merged", []):
+            console.print(f"  merged {site['family']} {site.get('label') or site['site']} (not separable)")
 
 
 def _run_compile(args, console, err_console) -> int:

@@ -101,6 +101,24 @@ def read(model: ir.Model) -> dict | None:
     return record
 
 
+def read_file(path) -> dict | None:
+    """The record of the ONNX file at ``path`` (None for a model without one or that is no ONNX file)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a torch program or anything onnx cannot parse carries no record
+        return None
+    text = next((p.value for p in proto.metadata_props if p.key == KEY), None)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return {"unreadable": True}
+    return record if isinstance(record, dict) and isinstance(record.get("compilations"), list) else {"unreadable": True}
+
+
 def compilation(strategy: str, detection, plan, removed: dict | None = None) -> dict:
     """This compilation: tool version, strategy, the sites and what each rewrite created."""
     steps = [getattr(step, "compiled", None) or _unnoted(step) for step in plan]
@@ -149,6 +167,8 @@ def summary(record: dict | None) -> dict | None:
     """What is compiled into a model, for ``inspect``: the record and its active compilations' totals."""
     if not record:
         return None
+    if record.get("unreadable"):
+        return {"key": KEY, "unreadable": True, "compilations": [], "active": None}
     live = active(record)
     return {
         "key": KEY,
