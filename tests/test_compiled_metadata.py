@@ -231,3 +231,18 @@ def test_zflora_fused_strip_is_refused(tmp_path, capsys):
     code, _, err = cli(capsys, fused, "--strategy", "strip", "-o", tmp_path / "out")
     assert code == 2
     assert re.search(r"zFLoRA adapter at '.+' was compiled in by zflora-compile .+ no stripped form", err)
+
+
+def test_a_fused_form_without_a_record_is_refused():
+    """A fused rewrite whose emit notes nothing (e.g. a packed grouped GEMM) is listed as unrecorded: strip refuses it."""
+    from zflora_compile.errors import InputError
+
+    class Step:
+        section = "fused_groups"
+        sites = [type("Site", (), {"site_id": "gaws0", "family": "gaws", "label": "q_proj"})()]
+
+    detection = type("Detection", (), {"all_sites": Step.sites})()
+    record = {"compilations": [metadata.compilation("fuse", detection, [Step()])]}
+    assert record["compilations"][0]["unrecorded"][0]["sites"] == ["gaws0"]
+    with pytest.raises(InputError, match="gaws fused groups compiled in by zflora-compile .* carry no record of their adapter lanes"):
+        metadata.check_separable(record)

@@ -131,14 +131,19 @@ def compilation(strategy: str, detection, plan, removed: dict | None = None) -> 
         "groups": [s for s in steps if s and s["kind"] == "fused_group"],
         "widened": [s for s in steps if s and s["kind"] == "widened"],
         "merged": [s for s in steps if s and s["kind"] == "merged"],
+        **({"unrecorded": unrecorded} if (unrecorded := [s for s in steps if s and s["kind"] == "unrecorded"]) else {}),
         **({"removed": removed} if removed else {}),
     }
 
 
 def _unnoted(step) -> dict | None:
     """A rewrite that noted nothing: a merge (the generic linear family's) is still a merge."""
-    if getattr(step, "section", None) == "merged_sites" and hasattr(step, "site"):
+    section = getattr(step, "section", None)
+    if section == "merged_sites" and hasattr(step, "site"):
         return merged_record(step.site, None)
+    if section in ("fused_groups", "widened"):  # a fused form whose emit records nothing: strip cannot separate it
+        sites = getattr(step, "sites", None) or [getattr(step, "site", None)]
+        return {"kind": "unrecorded", "section": section, "sites": [s.site_id for s in sites if s is not None], "families": sorted({s.family for s in sites if s is not None})}
     return None
 
 
@@ -200,6 +205,11 @@ def check_separable(record: dict | None) -> list[dict]:
             raise InputError(
                 f"the adapter was merged into the weights by zflora-compile {entry.get('version')}; a merged adapter cannot be separated "
                 f"({len(entry['merged'])} merged site(s), e.g. '{entry['merged'][0].get('label') or entry['merged'][0].get('site')}')"
+            )
+        for step in entry.get("unrecorded", []):
+            raise InputError(
+                f"strip of a compiled model: the {', '.join(step['families'])} {step['section'].replace('_', ' ')} compiled in by zflora-compile "
+                f"{entry.get('version')} (sites {', '.join(step['sites'])}) carry no record of their adapter lanes; they cannot be separated"
             )
         for widened in entry.get("widened", []):
             if "zflora" in widened.get("family", ""):
