@@ -240,6 +240,21 @@ def token_mixing(seed: int = 0):
     return _model(nodes, inits), Numbers(W, b, None)
 
 
+def token_pairs(seed: int = 0):
+    """``reshape(reshape(x, [b, -1, 2*IN]) @ M, [b, -1, OUT])``: a reshape that packs two tokens
+    into one row: linear in x, but each output token reads its neighbour."""
+    rng = _rng(seed)
+    W, b, nodes, inits, proj = _base(rng, False)
+    inits.update(M=rng.standard_normal((2 * IN, 2 * OUT)).astype(np.float32) * 0.2, pairs=np.array([0, -1, 2 * IN], dtype=np.int64), back=np.array([0, -1, OUT], dtype=np.int64))
+    nodes += [
+        helper.make_node("Reshape", ["hidden", "pairs"], ["paired"], name="pair_tokens"),
+        helper.make_node("MatMul", ["paired", "M"], ["mixed"], name="pair_mm"),
+        helper.make_node("Reshape", ["mixed", "back"], ["out"], name="unpair"),
+        helper.make_node("Add", [proj, "out"], ["y"], name="adapter_add"),
+    ]
+    return _model(nodes, inits), Numbers(W, b, None)
+
+
 def constant_term(seed: int = 0):
     """``x @ A @ B + c``: affine, not linear."""
     rng = _rng(seed)
@@ -286,4 +301,4 @@ def head_mixing(seed: int = 0, heads: int = 2):
 
 
 LINEAR = {"gaws": gaws, "gaws_d": gaws_d, "lokr": lokr, "loha": loha, "vera": vera, "two_loras": two_loras, "dora": dora, "head_mixing": head_mixing}
-NOT_LINEAR = {"relu_between": relu_between, "token_mixing": token_mixing, "constant_term": constant_term}
+NOT_LINEAR = {"relu_between": relu_between, "token_mixing": token_mixing, "token_pairs": token_pairs, "constant_term": constant_term}
