@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from zflora_compile.graph.branches import Branch, find_branches, find_scales
+from zflora_compile.graph.branches import Branch, find_branches, find_input_scales, find_scales
 from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, match_projection
 from zflora_compile.graph.records import AdapterSite, LazyArray, LinearSite, Unrecognized, numpy_dtype
@@ -193,7 +193,9 @@ def detect(view: GraphView, found) -> None:
     found.accounting.branches_found += len(branches)
     found.accounting.branches_recognised += recognised
     inside = {id(n) for b in branches for n in b.nodes}
-    for scale in find_scales(view):
+    after = [(scale, "output", "a base model's LayerScale") for scale in find_scales(view)]
+    before = [(scale, "input", "a base model's own channel scale") for scale in find_input_scales(view)]
+    for scale, side, lookalike in after + before:
         if id(scale.node) in inside or id(scale.anchor.node) in inside:
             continue  # a vector inside an adapter branch (VeRA's d and b), accounted for with it
         found.accounting.scales_found += 1
@@ -204,7 +206,7 @@ def detect(view: GraphView, found) -> None:
             Unrecognized(
                 "scale",
                 view.name(scale.node),
-                f"constant per-column scale of '{view.name(scale.anchor.node)}''s output: a base model's LayerScale or an "
+                f"constant per-channel scale of '{view.name(scale.anchor.node)}''s {side}: {lookalike} or an "
                 "IA3-style adapter cannot be told apart; left as it is",
                 view.label(scale.anchor.node),
                 [view.name(scale.node)],

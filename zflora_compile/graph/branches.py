@@ -207,3 +207,50 @@ def find_scales(view: GraphView) -> list[Scale]:
                 scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), projection.output, gemm.node, projection=projection), factor))
                 break
     return scales
+
+
+#: ops (ONNX and ATen) that normalise a row: a per-channel constant multiplying their output is the
+#: norm's weight, not an adapter
+_NORMS = {
+    "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "com.microsoft::SimplifiedLayerNormalization",
+    "com.microsoft::SkipSimplifiedLayerNormalization", "com.microsoft::SkipLayerNormalization", "com.microsoft::LayerNormalization",
+    "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+}
+_ROOTS = {"Sqrt", "Reciprocal", "rsqrt", "sqrt", "reciprocal"}
+
+
+def _normalised(view: GraphView, value, depth: int = 0) -> bool:
+    """``value`` is a normalisation's output: a norm op, or ``x * rsqrt(..)`` / ``x / sqrt(..)``."""
+    node = view.producer(view.peel(value))
+    if node is None or depth > 3:
+        return False
+    if view.op(node) in _NORMS:
+        return True
+    found = view.binary(node)
+    if found is None or found[0] not in ("mul", "div"):
+        return False
+    for operand in found[1:]:
+        producer = view.producer(view.peel(operand)) if not isinstance(operand, (int, float)) else None
+        if producer is not None and (view.op(producer) in _ROOTS or _normalised(view, operand, depth + 1) and found[0] == "mul"):
+            return True
+    return False
+
+
+def find_input_scales(view: GraphView) -> list[Scale]:
+    """Every multiply of a projection's *input* by a constant per-channel vector that is not a
+    normalisation's weight: IA3 on a feed-forward projection (``(h * l) @ W``)."""
+    scales = []
+    cone = _Cone(view, {})
+    for mul, operands in view.muls():
+        for data, factor in (operands, operands[::-1]):
+            if isinstance(factor, (int, float)) or isinstance(data, (int, float)):
+                continue
+            if not cone.constant_derived(factor) or cone.constant_derived(data) or _normalised(view, data):
+                continue
+            readers = view.gemm_readers(view.output(mul))
+            projections = [g for g in readers if g.shape is not None and view.is_constant(g.weight)]
+            if projections and _per_column(view, factor, projections[0].shape[0]):
+                gemm = projections[0]
+                scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), gemm.out, gemm.node), factor))
+                break
+    return scales
