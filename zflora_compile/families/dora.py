@@ -28,7 +28,7 @@ import numpy as np
 from zflora_compile.families.lora import LoraBinding, match_chain
 from zflora_compile.graph.branches import constant_derived
 from zflora_compile.graph.onnx_eval import RegionError
-from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, check_rank, either_order, match_projection
+from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, bias_getter, check_rank, either_order, match_projection
 from zflora_compile.graph.records import AdapterSite, Rejection
 
 NAME = "dora"
@@ -139,10 +139,7 @@ def _match(view: GraphView, add, base, other, found) -> AdapterSite:
         raise Reject(f"shapes do not line up at '{view.name(add)}'")
     check_rank(rank, projection.shape, view.name(add), found.max_rank_ratio)
     gemm = projection.gemm
-    bias_getter = None
-    if projection.bias is not None:
-        getter = view.constant_array(projection.bias)
-        bias_getter = lambda g=getter, n=out_w: g().reshape(n)  # noqa: E731
+    bias = bias_getter(view, projection)
     column = c.astype(np.float32)
     inner = [*chain.nodes, *base_nodes, *chain_nodes, node]
     bias_add = [projection.bias_add] if projection.bias_add is not None else []
@@ -162,7 +159,7 @@ def _match(view: GraphView, add, base, other, found) -> AdapterSite:
         weight=view.weight(gemm),
         lora_a=view.weight(chain.a),
         lora_b=view.weight(chain.b),
-        bias=bias_getter,
+        bias=bias,
         column_scale=lambda c=column: c,
         binding=LoraBinding(add, gemm, base, chain.b, inner, branch=other),
     )

@@ -37,7 +37,7 @@ import numpy as np
 
 from zflora_compile.graph.branches import Branch, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
-from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_problem, check_path
+from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_getter, check_path
 from zflora_compile.graph.records import GroupedSite, LazyArray, numpy_dtype
 
 NAME = "gaws"
@@ -100,12 +100,10 @@ def _site(view: GraphView, branch: Branch, index: int) -> GroupedSite | None:
     if found is None:
         return None
     groups, block = found
-    bias_getter = None
-    if projection.bias is not None:
-        if bias_problem(view, projection.bias, out_w, gemm.x):
-            return None
-        getter = view.constant_array(projection.bias)
-        bias_getter = lambda g=getter, n=out_w: g().reshape(n)  # noqa: E731
+    try:
+        bias = bias_getter(view, projection)
+    except Reject:
+        return None
     rank = view.rank(branch.anchor.x)
     if rank is None:
         return None
@@ -123,7 +121,7 @@ def _site(view: GraphView, branch: Branch, index: int) -> GroupedSite | None:
         weight=view.weight(gemm),
         groups=groups,
         block=lambda b=block: b,
-        bias=bias_getter,
+        bias=bias,
         has_bias=projection.bias is not None,
         binding=GroupedBinding(branch.add, gemm, branch.base, branch.value, branch.anchor.x, rank - 1),
     )

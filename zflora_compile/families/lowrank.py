@@ -25,7 +25,7 @@ import numpy as np
 from zflora_compile.families.lora import LoraBinding
 from zflora_compile.graph.branches import Branch, cone_between, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
-from zflora_compile.graph.protocol import GraphView, Reject, bias_problem, check_path
+from zflora_compile.graph.protocol import GraphView, Reject, bias_getter, check_path
 from zflora_compile.graph.records import AdapterSite
 
 NAME = "lowrank"
@@ -76,12 +76,10 @@ def _site(view: GraphView, branch: Branch, index: int, max_rank_ratio: float) ->
     waist, rank, before, after = found
     a = measure_map(view, branch.anchor.x, waist, before, in_w, rank)
     b = measure_map(view, waist, branch.value, after, rank, out_w)
-    bias_getter = None
-    if projection.bias is not None:
-        if bias_problem(view, projection.bias, out_w, gemm.x):
-            return None
-        getter = view.constant_array(projection.bias)
-        bias_getter = lambda g=getter, n=out_w: g().reshape(n)  # noqa: E731
+    try:
+        bias = bias_getter(view, projection)
+    except Reject:
+        return None
     blocks = max(block_count(a), block_count(b))
     add_out = view.output(branch.add)
     bias_add = [projection.bias_add] if projection.bias_add is not None else []
@@ -101,7 +99,7 @@ def _site(view: GraphView, branch: Branch, index: int, max_rank_ratio: float) ->
         weight=view.weight(gemm),
         lora_a=lambda a=a: a,
         lora_b=lambda b=b: b,
-        bias=bias_getter,
+        bias=bias,
         binding=LoraBinding(branch.add, gemm, branch.base, None, list(branch.nodes), branch=branch.value),
     )
 

@@ -187,25 +187,30 @@ def _per_column(view: GraphView, factor, out: int) -> bool:
     return out > 1 and int(np.prod(shape)) == out and shape[-1] == out
 
 
-def find_scales(view: GraphView) -> list[Scale]:
-    """Every multiply of a projection's output by a constant per-column vector (a constant, or
-    computed from constants: PEFT's IA3 writes ``ia3_l.flatten() * 1``)."""
-    scales = []
+def _constant_multiplies(view: GraphView):
+    """``(mul, data, factor)`` for every multiply of a computed value by a constant (or a value
+    computed from constants: PEFT's IA3 writes ``ia3_l.flatten() * 1``), each operand order."""
     cone = _Cone(view, {})
     for mul, operands in view.muls():
         for data, factor in (operands, operands[::-1]):
             if isinstance(factor, (int, float)) or isinstance(data, (int, float)):
                 continue
-            if not cone.constant_derived(factor) or cone.constant_derived(data):
-                continue
-            try:
-                projection = match_projection(view, data)
-            except (Reject, NotACandidate):
-                continue
-            if _per_column(view, factor, projection.shape[1]):
-                gemm = projection.gemm
-                scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), projection.output, gemm.node, projection=projection), factor))
-                break
+            if cone.constant_derived(factor) and not cone.constant_derived(data):
+                yield mul, data, factor
+
+
+def find_scales(view: GraphView) -> list[Scale]:
+    """Every multiply of a projection's output by a constant per-column vector."""
+    scales, seen = [], set()
+    for mul, data, factor in _constant_multiplies(view):
+        try:
+            projection = match_projection(view, data)
+        except (Reject, NotACandidate):
+            continue
+        if id(mul) not in seen and _per_column(view, factor, projection.shape[1]):
+            seen.add(id(mul))
+            gemm = projection.gemm
+            scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), projection.output, gemm.node, projection=projection), factor))
     return scales
 
 
@@ -239,18 +244,13 @@ def _normalised(view: GraphView, value, depth: int = 0) -> bool:
 def find_input_scales(view: GraphView) -> list[Scale]:
     """Every multiply of a projection's *input* by a constant per-channel vector that is not a
     normalisation's weight: IA3 on a feed-forward projection (``(h * l) @ W``)."""
-    scales = []
-    cone = _Cone(view, {})
-    for mul, operands in view.muls():
-        for data, factor in (operands, operands[::-1]):
-            if isinstance(factor, (int, float)) or isinstance(data, (int, float)):
-                continue
-            if not cone.constant_derived(factor) or cone.constant_derived(data) or _normalised(view, data):
-                continue
-            readers = view.gemm_readers(view.output(mul))
-            projections = [g for g in readers if g.shape is not None and view.is_constant(g.weight)]
-            if projections and _per_column(view, factor, projections[0].shape[0]):
-                gemm = projections[0]
-                scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), gemm.out, gemm.node), factor))
-                break
+    scales, seen = [], set()
+    for mul, data, factor in _constant_multiplies(view):
+        if id(mul) in seen or _normalised(view, data):
+            continue
+        projections = [g for g in view.gemm_readers(view.output(mul)) if g.shape is not None and view.is_constant(g.weight)]
+        if projections and _per_column(view, factor, projections[0].shape[0]):
+            seen.add(id(mul))
+            gemm = projections[0]
+            scales.append(Scale(mul, Anchor("projection", view.peel(gemm.x), gemm.out, gemm.node), factor))
     return scales

@@ -270,6 +270,19 @@ def check_casts(view: GraphView, top: Value, bottom: Value, into: str | None, wh
         )
 
 
+def bias_getter(view: GraphView, projection: Projection) -> Callable[[], np.ndarray] | None:
+    """The projection's bias as an ``[out]`` array getter (None without one); raises :class:`Reject`
+    when it is not a per-column vector a rewrite can concatenate and pad."""
+    if projection.bias is None:
+        return None
+    out = projection.shape[1]
+    problem = bias_problem(view, projection.bias, out, projection.gemm.x)
+    if problem:
+        raise Reject(f"bias of '{view.name(projection.node)}' {problem}")
+    getter = view.constant_array(projection.bias)
+    return lambda: getter().reshape(out)
+
+
 def produced_by(view: GraphView, value: Value) -> str:
     producer = view.producer(value)
     return f"produced by node '{view.name(producer)}'" if producer is not None else "a graph input"
