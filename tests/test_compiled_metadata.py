@@ -246,3 +246,20 @@ def test_a_fused_form_without_a_record_is_refused():
     assert record["compilations"][0]["unrecorded"][0]["sites"] == ["gaws0"]
     with pytest.raises(InputError, match="gaws fused groups compiled in by zflora-compile .* carry no record of their adapter lanes"):
         metadata.check_separable(record)
+
+
+@pytest.mark.parametrize("kind", ["gaws", "gaws_d"])
+def test_gaws_fused_strips_to_the_base(tmp_path, kind):
+    """GAWS / GAWS-D fused (one GEMM and one grouped GEMM per input): the record names the grouped
+    block constant; strip of the fused model passes every grouped part's add through."""
+    from zflora_compile import zoo
+    from zflora_compile.adapters.gaws import build_gaws_model
+
+    source = zoo.export_onnx(build_gaws_model(kind, num_hidden_layers=1), tmp_path / "model.onnx")
+    fused = compiled(source, tmp_path / "fused", "fuse")
+    grouped = record_of(fused)["compilations"][0]["grouped"]
+    assert [g["families"] for g in grouped] == [[kind], [kind]]  # q/k/v and gate/up
+    stripped = compiled(fused, tmp_path / "stripped", "strip")
+    base = compiled(source, tmp_path / "base", "strip")
+    assert_same(stripped, base)
+    assert gemms(stripped) == gemms(base) - 3  # q/k/v and gate/up stay packed (one GEMM each): still the base function

@@ -129,6 +129,7 @@ def compilation(strategy: str, detection, plan, removed: dict | None = None) -> 
         "families": sorted({site.family for site in detection.all_sites}),
         "sites": [site_json(site) for site in detection.all_sites],
         "groups": [s for s in steps if s and s["kind"] == "fused_group"],
+        **({"grouped": grouped} if (grouped := [s for s in steps if s and s["kind"] == "grouped"]) else {}),
         "widened": [s for s in steps if s and s["kind"] == "widened"],
         "merged": [s for s in steps if s and s["kind"] == "merged"],
         **({"unrecorded": unrecorded} if (unrecorded := [s for s in steps if s and s["kind"] == "unrecorded"]) else {}),
@@ -289,6 +290,30 @@ def _plan_group(g: _Graph, group: dict):
     return weight, wide, base, (out, keep), _sliced(weight, n_in, D)
 
 
+def _plan_grouped(g: _Graph, group: dict) -> list[tuple[ir.Node, ir.Value]]:
+    """The adds of one GAWS / GAWS-D group's grouped parts, each with the base part it passes through:
+    grouped GEMM -> Split -> (Transpose) -> Reshape -> Add(base part, .) (checked against the record)."""
+    name = group["name"]
+    blocks = g.initializer(group.get("blocks"), f"grouped block constant of group '{name}'", tuple(group["blocks_shape"]))
+    gemm = g.sole_user(blocks, "MatMul", f"grouped block constant of group '{name}'")
+    parts = [u for u, _ in gemm.outputs[0].uses()]
+    if len(parts) == 1 and parts[0].op_type == "Split":
+        parts = [u for out in parts[0].outputs for u, _ in out.uses()]
+    adds = []
+    for node in parts:
+        value = None
+        while node.op_type in ("Transpose", "Reshape") and len(node.outputs[0].uses()) == 1:
+            value = node.outputs[0]
+            node = next(iter(value.uses()))[0]
+        if node.op_type != "Add" or value is None or len(node.inputs) != 2:
+            _refuse(f"a grouped part of group '{name}' does not end in an Add; the model was edited after zflora-compile wrote it")
+        keep = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+        adds.append((node, keep))
+    if len(adds) != len(group["sites"]):
+        _refuse(f"group '{name}' has {len(adds)} grouped part(s), the metadata says {len(group['sites'])}")
+    return adds
+
+
 def _plan_widened(g: _Graph, site: dict):
     """The edits that rebuild one FFA / FBA / FFBA projection from its base block."""
     n_in, n_out = int(site["in_features"]), int(site["out_features"])
@@ -336,6 +361,7 @@ def strip_compiled(model: ir.Model, record: dict) -> dict:
     groups = [grp for e in live for grp in e.get("groups", [])]
     widened = [w for e in live for w in e.get("widened", [])]
     planned = [(grp, _plan_group(g, grp)) for grp in groups]  # every check before any edit
+    kron = [(grp, _plan_grouped(g, grp)) for e in live for grp in e.get("grouped", [])]
     rebuilt = [_plan_widened(g, w) for w in widened]
     view = OnnxGraph(model)
     for grp, (weight, wide, base, (out, keep), sliced) in planned:
@@ -345,13 +371,16 @@ def strip_compiled(model: ir.Model, record: dict) -> dict:
             wide.replace_input_with(1, narrow)  # x @ W[:, :D]
             wide.outputs[0].shape = None  # takes the base lanes' shape
             view.redirect(base, wide.outputs[0])  # the split's base lanes are the GEMM itself
+    for grp, adds in kron:  # GAWS / GAWS-D: every add of a grouped part passes its base part through
+        for add, keep in adds:
+            view.redirect(add.outputs[0], keep)
     for embedding, x, base, sliced, bias, label in rebuilt:
         node = base.producer()
         with view.at(node, f"{label}.base"):
             out = view.gather(view.constant("base_table", sliced), x) if embedding else view.project(x, sliced, bias=bias, name="base_weight")
             view.redirect(base, out)
     view.cleanup()
-    return {"groups": [grp["name"] for grp in groups], "widened": [w["site"] for w in widened]}
+    return {"groups": [grp["name"] for grp in groups] + [grp["name"] for grp, _ in kron], "widened": [w["site"] for w in widened]}
 
 
 def disable_compiled(model: ir.Model, record: dict) -> None:
@@ -367,6 +396,9 @@ def disable_compiled(model: ir.Model, record: dict) -> None:
             if grp.get("column_scale"):
                 scale = g.initializer(grp["column_scale"], f"per-column scale of group '{grp['name']}'", (D,))
                 scale.const_value = ir.tensor(np.ones((D,), dtype=scale.const_value.dtype.numpy()), name=scale.name)
+        for grp in entry.get("grouped", []):
+            blocks = g.initializer(grp.get("blocks"), f"grouped block constant of group '{grp['name']}'", tuple(grp["blocks_shape"]))
+            blocks.const_value = ir.tensor(np.zeros(tuple(grp["blocks_shape"]), dtype=blocks.const_value.dtype.numpy()), name=blocks.name)
         for site in entry.get("widened", []):
             rows, cols = int(site["widened_shape"][0]), int(site["widened_shape"][1])
             n_in, n_out = int(site["in_features"]), int(site["out_features"])

@@ -35,6 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from zflora_compile import metadata
 from zflora_compile.graph.branches import Branch, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_getter, check_path
@@ -210,6 +211,16 @@ class FuseGrouped:
             for binding, base_part, part in zip(bindings, graph.split_last(base, [s.out_features for s in self.sites]), parts):
                 part = graph.swap_last(part, binding.leading) if transposed else part
                 graph.redirect(graph.output(binding.add), graph.add(base_part, graph.flatten_last(part, 2, binding.leading)))
+        metadata.note(state, self, {
+            "kind": "grouped",
+            "name": self.name,
+            "sites": [s.site_id for s in self.sites],
+            "labels": [s.label for s in self.sites],
+            "families": sorted({s.family for s in self.sites}),
+            "groups": g,
+            "blocks": metadata.created_name(grouped),
+            "blocks_shape": list(self.blocks.shape),
+        })
 
 
 @dataclasses.dataclass
