@@ -6,9 +6,17 @@ layers, a ``--vocab``-row LM head) and a KV cache, exported three times with the
 - LoRA (PEFT, rank ``--lora-rank``, alpha 2r) on all seven projections of every layer;
 - FFBA (``zflora_compile.adapters``, both blocks of every layer);
 - zFLoRA (``zflora_compile.adapters``, both blocks of every layer, zero embedding lanes);
+- DoRA (PEFT ``LoraConfig(use_dora=True)``, all seven projections, ``zoo.build_peft_variant``);
+- BD-LoRA (PEFT ``use_bdlora``, 2 blocks: block-diagonal B on q/k/v/gate/up, A on o/down);
+- GAWS and GAWS-D (``zflora_compile.adapters.gaws``, all seven projections, no diag vector);
 
-FFBA's and zFLoRA's ranks are chosen so that their adapter parameter counts match LoRA's as
-closely as an integer rank allows (**equal parameter budget**; the counts are printed and saved).
+and one more export per family above (each family is its own export; all share the base weights).
+**Equal parameter budget**: every family's size is chosen so that its adapter parameter count
+comes as close to LoRA's (rank ``--lora-rank``) as the family allows: the integer rank for
+FFBA / zFLoRA / DoRA (DoRA adds the magnitude vectors), the even rank for BD-LoRA (2 blocks),
+and for GAWS / GAWS-D one group count (block size) per projection shape (q/o, k/v, gate/up,
+down), searched over the divisors 2..64 of gcd(in, out) (parameters in*out/g^2 per module: the counts jump by factors of
+4, so only some sums are reachable). The sizes and counts are printed and saved.
 Variants, all through the tool's own pipeline with verification on:
 
     base             compile_file(LoRA export, strategy="strip")   the exact base model
@@ -17,15 +25,24 @@ Variants, all through the tool's own pipeline with verification on:
     lora_fused       strategy "fuse"
     ffba_unfused / ffba_fused       the FFBA export / strategy "fuse"
     zflora_unfused / zflora_fused   the zFLoRA export / strategy "fuse"
+    <f>_unfused / <f>_merged / <f>_fused  for f in dora, bdlora, gaws, gaws_d: the export /
+                     strategy "merge" / strategy "fuse" (whatever fuse does with the family:
+                     the GEMM column shows it)
+
+Every variant's GEMMs (MatMul / Gemm / FusedMatMul / Einsum nodes of its ONNX file, attention
+included) are counted and shown. A variant that fails to compile or verify is recorded with the
+tool's error and left out of the timing (the script still exits 0 and says so).
 
 Phases: decode (1 token on a ``--past``-token cache) and prefill (``--prefill`` tokens on an
 empty cache, or a 1-token cache when an export cannot run an empty one). After warm-up, every
 round runs each variant once in an order rotated per round; medians and ratios to base come from
 that one interleaved run. Prints a table, saves JSON (``--out``). ``--quick``: tiny shapes, for
-the test that keeps this script working.
+the test that keeps this script working. ``--families``: a subset of the families after LoRA
+(LoRA, and the base it strips to, always run).
 
-    python benchmarks/family_latency.py                 # 2 layers, LoRA r=16 budget
+    python benchmarks/family_latency.py                 # 2 layers, LoRA r=16 budget, every family
     python benchmarks/family_latency.py --quick --out /tmp/families.json
+    python benchmarks/family_latency.py --quick --families dora gaws --out /tmp/families.json
 """
 
 from __future__ import annotations
@@ -50,15 +67,46 @@ from zflora_compile.latency import interleaved, load_average, machine_info, summ
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "family_latency.json"
-VARIANTS = ("base", "lora_unfused", "lora_merged", "lora_fused", "ffba_unfused", "ffba_fused", "zflora_unfused", "zflora_fused")
+# family -> the strategies compiled from its export (besides the export itself, "<family>_unfused")
+STRATEGIES = {
+    "lora": ("merge", "fuse"),
+    "ffba": ("fuse",),
+    "zflora": ("fuse",),
+    "dora": ("merge", "fuse"),
+    "bdlora": ("merge", "fuse"),
+    "gaws": ("merge", "fuse"),
+    "gaws_d": ("merge", "fuse"),
+}
+FAMILIES = tuple(STRATEGIES)
+OTHER_FAMILIES = FAMILIES[1:]
+SUFFIX = {"merge": "merged", "fuse": "fused"}
+GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "Einsum")
+GAWS_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GAWS_FACTORS = (2, 64)  # searched group counts / block sizes (divisors of gcd(in, out) in this range)
+BDLORA_BLOCKS = 2  # zoo.build_peft_variant("bdlora"): nblocks=2, so the rank must be even
 FULL = dict(layers=2, vocab=2048, lora_rank=16, prefill=128, past=128, decode_rounds=60, prefill_rounds=12, warmup=3)
 QUICK = dict(layers=2, vocab=128, lora_rank=4, prefill=16, past=8, decode_rounds=5, prefill_rounds=3, warmup=1)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def variants_of(families) -> tuple[str, ...]:
+    out = ["base"]
+    for family in families:
+        out += [f"{family}_unfused", *(f"{family}_{SUFFIX[s]}" for s in STRATEGIES[family])]
+    return tuple(out)
+
+
+VARIANTS = variants_of(FAMILIES)
+
+
+def family_of(variant: str) -> str:
+    return "lora" if variant == "base" else variant.rsplit("_", 1)[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes for tests (hidden 64, vocab 128, LoRA rank 4)")
+    parser.add_argument("--families", nargs="*", choices=OTHER_FAMILIES, default=list(OTHER_FAMILIES), help="families besides LoRA (default: all)")
     parser.add_argument("--layers", type=int, default=None, help=f"decoder layers (default {FULL['layers']})")
     parser.add_argument("--vocab", type=int, default=None, help=f"LM head rows (default {FULL['vocab']}; the real {REAL_VOCAB} is left out)")
     parser.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank; sets the parameter budget (default {FULL['lora_rank']})")
@@ -78,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("layers", "vocab", "lora_rank", "past", "prefill", "decode_rounds", "prefill_rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.families = ["lora", *(f for f in OTHER_FAMILIES if f in args.families)]
+    args.variants = variants_of(args.families)
     args.model = dict(QUICK_MODEL if args.quick else FULL_MODEL)
     args.model.update(num_hidden_layers=args.layers, vocab_size=args.vocab)
     args.model["max_position_embeddings"] = max(256, args.past + args.prefill + 16)
@@ -85,89 +135,233 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def adapter_parameters(model) -> int:
-    """Parameters of the adapter only (PEFT ``lora_A``/``lora_B``, or this package's adapter matrices)."""
+    """Parameters of the adapter only: PEFT ``lora_*`` (DoRA's magnitude and BD-LoRA's blocks
+    included), this package's adapter matrices, GAWS's ``gaws_*``."""
     from zflora_compile.adapters.attach import is_adapter_parameter
 
-    return sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name or is_adapter_parameter(name))
+    return sum(
+        p.numel() for name, p in model.named_parameters() if ".lora_" in name or is_adapter_parameter(name) or name.rsplit(".", 1)[-1].startswith("gaws_")
+    )
 
 
-def build_family(args, family: str, rank: int):
+def size_label(family: str, size) -> str:
+    """Rank, or the GAWS group count / GAWS-D block size per projection (q k v o gate up down)."""
+    if isinstance(size, dict):
+        return " ".join(str(size[t]) for t in GAWS_TARGETS)
+    return str(size)
+
+
+def build_family(args, family: str, size):
     import torch
 
     from zflora_compile import zoo
     from zflora_compile.adapters import AdapterConfig, attach_adapters, randomize_adapters
+    from zflora_compile.adapters.gaws import build_gaws_model
 
     if family == "lora":
-        return zoo.build_lora_model("llama", r=rank, alpha=2 * rank, targets=zoo.ALL_TARGETS["llama"], seed=args.seed, dtype=torch.float32, **args.model)
+        return zoo.build_lora_model("llama", r=size, alpha=2 * size, targets=zoo.ALL_TARGETS["llama"], seed=args.seed, dtype=torch.float32, **args.model)
+    if family in ("dora", "bdlora"):  # alpha 2r, all seven projections, seeded random adapter weights
+        return zoo.build_peft_variant(family, "llama", r=size, seed=args.seed, dtype=torch.float32, **args.model)
+    if family in ("gaws", "gaws_d"):
+        factors = {"groups": size} if family == "gaws" else {"block": size}
+        return build_gaws_model(family, "llama", seed=args.seed, diag=False, targets=GAWS_TARGETS, dtype=torch.float32, **factors, **args.model)
     base = zoo.build_base_model("llama", seed=args.seed, dtype=torch.float32, **args.model)
-    model = attach_adapters(base, AdapterConfig(family=family, rank=rank, alpha=2 * rank))
+    model = attach_adapters(base, AdapterConfig(family=family, rank=size, alpha=2 * size))
     return randomize_adapters(model, seed=args.seed + 1).eval()
 
 
-def equal_budget_rank(args, family: str, budget: int) -> tuple[int, int]:
-    """The rank whose adapter parameter count is closest to ``budget`` (counts are linear in r)."""
-    model = build_family(args, family, 1)
-    per_rank = adapter_parameters(model)
+def count_at(args, family: str, size) -> int:
+    model = build_family(args, family, size)
+    count = adapter_parameters(model)
     del model
-    rank = max(1, round(budget / per_rank))
-    return rank, rank * per_rank
+    gc.collect()
+    return count
 
 
-def export(args, family: str, rank: int) -> tuple[Path, int]:
+def equal_budget_rank(args, family: str, budget: int, step: int = 1) -> tuple[int, int]:
+    """The rank (a multiple of ``step``) whose adapter parameter count is closest to ``budget``.
+
+    Counts are affine in the rank (DoRA's magnitude vectors are the constant part): measured at
+    ``step`` and ``2 * step``."""
+    low, high = count_at(args, family, step), count_at(args, family, 2 * step)
+    slope = (high - low) / step
+    offset = low - slope * step
+    ideal = max(step, (budget - offset) / slope)
+    candidates = {max(step, step * int(ideal // step)), max(step, step * (int(ideal // step) + 1))}
+    rank = min(sorted(candidates), key=lambda r: abs(offset + slope * r - budget))
+    return rank, int(round(offset + slope * rank))
+
+
+def projection_shapes(args) -> dict[str, tuple[int, int]]:
+    """(in, out) of every adapted projection of one decoder layer."""
     from zflora_compile import zoo
 
-    model = build_family(args, family, rank)
+    return shapes_of(zoo.tiny_config("llama", **args.model))
+
+
+def shapes_of(config) -> dict[str, tuple[int, int]]:
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+
+
+def gaws_factors(shapes: dict[str, tuple[int, int]], layers: int, budget: int) -> tuple[dict, int, dict]:
+    """GAWS groups / GAWS-D blocks per projection name (``shapes``: (in, out) per projection of one
+    layer) whose count, ``layers`` times the sum of in*out/g^2, is closest to ``budget``;
+    projections of one shape (q/o, k/v, gate/up) share a factor; ties: the most uniform choice.
+    Returns (factors, count, the closest single factor for every projection and its count)."""
+    import itertools
+    import math
+
+    lo, hi = GAWS_FACTORS
+    kinds = sorted(set(shapes.values()), key=lambda shape: [shapes[t] for t in GAWS_TARGETS].index(shape))
+    options = []
+    for fan_in, fan_out in kinds:
+        members = sum(1 for t in GAWS_TARGETS if shapes[t] == (fan_in, fan_out))
+        common = math.gcd(fan_in, fan_out)
+        options.append([(g, members * fan_in * fan_out // (g * g)) for g in range(lo, hi + 1) if common % g == 0])
+    per_layer = budget / layers
+    best = None
+    for choice in itertools.product(*options):
+        total = sum(c for _, c in choice)
+        factors = [g for g, _ in choice]
+        key = (abs(total - per_layer), max(factors) / min(factors), sum(factors))
+        if best is None or key < best[0]:
+            best = (key, dict(zip(kinds, factors)), total)
+    _, by_shape, total = best
+    factors = {t: by_shape[shapes[t]] for t in GAWS_TARGETS}
+    uniform = {}
+    for g in range(lo, hi + 1):
+        if all(math.gcd(*shapes[t]) % g == 0 for t in GAWS_TARGETS):
+            uniform[g] = layers * sum(shapes[t][0] * shapes[t][1] // (g * g) for t in GAWS_TARGETS)
+    g_best = min(uniform, key=lambda g: abs(uniform[g] - budget))
+    return factors, layers * total, {"groups": g_best, "adapter_parameters": uniform[g_best]}
+
+
+def equal_budget_factors(args, budget: int) -> tuple[dict, int, dict]:
+    return gaws_factors(projection_shapes(args), args.layers, budget)
+
+
+def gemm_nodes(path: Path) -> int:
+    """MatMul / Gemm / FusedMatMul / Einsum nodes of an ONNX file (subgraphs and functions too)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def walk(nodes) -> int:
+        count = 0
+        for node in nodes:
+            count += node.op_type in GEMM_OPS
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    count += walk(attr.g.node)
+                for graph in attr.graphs:
+                    count += walk(graph.node)
+        return count
+
+    return walk(model.graph.node) + sum(walk(function.node) for function in model.functions)
+
+
+def export(args, family: str, size) -> tuple[Path, int]:
+    from zflora_compile import zoo
+
+    model = build_family(args, family, size)
     params = adapter_parameters(model)
     path = args.workdir / family / "export" / "model.onnx"
     started = time.perf_counter()
     zoo.export_onnx(model, path, exporter="dynamo", with_cache=True, past_len=max(2, min(args.past, 8)), seq_len=7)
-    log(f"{family}: rank {rank}, {params:,} adapter parameters, exported in {time.perf_counter() - started:.1f}s")
+    log(f"{family}: size {size_label(family, size)}, {params:,} adapter parameters, exported in {time.perf_counter() - started:.1f}s")
     del model
     gc.collect()
     return path, params
 
 
 def compile_variant(source: Path, out: Path, strategy: str) -> dict:
+    """The tool's report; ``{"error": ...}`` when it raises or does not verify."""
     from zflora_compile.build import compile_file
     from zflora_compile.options import CompileOptions
 
-    report = compile_file(source, out, CompileOptions(strategy=strategy, verify=True, force=True))
-    assert report["verification"]["passed"], report["message"]
-    log(f"  {out.name}: {report['message']}; verify max|diff| {report['verification']['worst']['max_abs_diff']:.3g}")
+    started = time.perf_counter()
+    try:
+        report = compile_file(source, out, CompileOptions(strategy=strategy, verify=True, force=True))
+    except Exception as error:  # noqa: BLE001 - recorded and reported, the other variants still run
+        log(f"  {out.name}: FAILED: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {error}"}
+    if not report.get("verification", {}).get("passed"):
+        log(f"  {out.name}: NOT VERIFIED: {report.get('message')}")
+        return {"error": f"verification did not pass: {report.get('message')}", "report": report}
+    log(f"  {out.name}: {report['message']}; verify max|diff| {report['verification']['worst']['max_abs_diff']:.3g} ({time.perf_counter() - started:.1f}s)")
     return report
 
 
 def counts(report: dict, side: str) -> dict:
     part = report[side]
-    return {"gemm_count": part["gemm_count"], "nodes": part["nodes"], "op_counts": part["op_counts"]}
+    return {"tool_gemm_count": part["gemm_count"], "nodes": part["nodes"], "op_counts": part["op_counts"]}
 
 
-def prepare(args) -> tuple[dict, dict]:
-    """Exports and compiled variants: {variant: model path}, {variant: info}."""
+def onnx_counts(path: Path) -> dict:
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {"nodes": len(model.graph.node), "op_counts": dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))}
+
+
+def choose_sizes(args, budget: int) -> dict:
+    """{family: {"size": rank or {projection: factor}, "predicted": count, ...}} at LoRA's budget."""
+    sizes = {}
+    for family in args.families[1:]:
+        if family in ("gaws", "gaws_d"):
+            factors, predicted, uniform = equal_budget_factors(args, budget)
+            sizes[family] = {"size": factors, "predicted": predicted, "closest_single_factor": uniform}
+        else:
+            rank, predicted = equal_budget_rank(args, family, budget, step=BDLORA_BLOCKS if family == "bdlora" else 1)
+            sizes[family] = {"size": rank, "predicted": predicted}
+        log(f"{family}: size {size_label(family, sizes[family]['size'])} -> {sizes[family]['predicted']:,} adapter parameters (LoRA: {budget:,})")
+    return sizes
+
+
+def prepare(args) -> tuple[dict, dict, list]:
+    """Exports and compiled variants: {variant: model path}, {variant: info}, [failures]."""
     lora_path, lora_params = export(args, "lora", args.lora_rank)
-    ranks = {"lora": (args.lora_rank, lora_params)}
-    for family in ("ffba", "zflora"):
-        ranks[family] = equal_budget_rank(args, family, lora_params)
-    paths, info = {"lora_unfused": lora_path}, {}
-    reports = {
-        "base": compile_variant(lora_path, args.workdir / "base", "strip"),
-        "lora_merged": compile_variant(lora_path, args.workdir / "lora_merged", "merge"),
-        "lora_fused": compile_variant(lora_path, args.workdir / "lora_fused", "fuse"),
-    }
-    info["lora_unfused"] = counts(reports["lora_fused"], "input")
-    for family in ("ffba", "zflora"):
-        path, params = export(args, family, ranks[family][0])
-        ranks[family] = (ranks[family][0], params)
+    sizes = {"lora": {"size": args.lora_rank, "predicted": lora_params}, **choose_sizes(args, lora_params)}
+    sources, reports = {"lora": (lora_path, lora_params)}, {"base": compile_variant(lora_path, args.workdir / "base", "strip")}
+    for family in args.families:
+        if family != "lora":
+            sources[family] = export(args, family, sizes[family]["size"])
+        path = sources[family][0]
+        for strategy in STRATEGIES[family]:
+            variant = f"{family}_{SUFFIX[strategy]}"
+            reports[variant] = compile_variant(path, args.workdir / variant, strategy)
+    paths, info, failures = {}, {}, []
+    for family in args.families:
+        path, params = sources[family]
         paths[f"{family}_unfused"] = path
-        reports[f"{family}_fused"] = compile_variant(path, args.workdir / f"{family}_fused", "fuse")
-        info[f"{family}_unfused"] = counts(reports[f"{family}_fused"], "input")
+        info[f"{family}_unfused"] = {"model": "the export as is", **onnx_counts(path)}
     for variant, report in reports.items():
+        if "error" in report:
+            info[variant] = {"error": report["error"], "verified": False}
+            failures.append(variant)
+            continue
         paths[variant] = Path(report["output"]["dir"]) / "model.onnx"
-        info[variant] = {**counts(report, "output"), "verify_max_abs_diff": report["verification"]["worst"]["max_abs_diff"]}
-    for variant in VARIANTS:
-        family = "lora" if variant == "base" else variant.split("_")[0]
-        info[variant].update(family=family, rank=None if variant == "base" else ranks[family][0], adapter_parameters=0 if variant == "base" else ranks[family][1])
-    return paths, info
+        info[variant] = {
+            **counts(report, "output"),
+            "strategy": report.get("strategy") or ("strip" if variant == "base" else variant.rsplit("_", 1)[1]),
+            "message": report.get("message"),
+            "verified": True,
+            "verify_max_abs_diff": report["verification"]["worst"]["max_abs_diff"],
+        }
+    for variant in args.variants:
+        family = family_of(variant)
+        entry = info[variant]
+        entry.update(family=family, size=None if variant == "base" else sizes[family]["size"], adapter_parameters=0 if variant == "base" else sources[family][1])
+        if family in ("gaws", "gaws_d") and variant != "base":
+            entry["closest_single_factor"] = sizes[family]["closest_single_factor"]
+        if variant in paths:
+            entry["gemm_count"] = gemm_nodes(paths[variant])
+    return paths, info, failures
 
 
 def run_phase(sessions: dict, feeds: dict, rounds: int, warmup: int) -> tuple[dict, dict]:
@@ -196,7 +390,7 @@ def render(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 150))
+    console = Console(width=max(Console().width, 170))
     s = results["settings"]
     table = Table(
         title=f"ONNX Runtime {results['versions']['onnxruntime']} CPU, {s['threads']} thread(s); {s['layers']} layers of Llama-3.2-1B shapes"
@@ -205,14 +399,17 @@ def render(results: dict) -> None:
         box=box.SIMPLE_HEAVY,
         title_justify="left",
     )
-    for column in ("variant", "rank", "adapter params", "GEMMs", "nodes", "decode ms", "x base", "prefill ms", "x base", "verify max|d|"):
+    for column in ("variant", "rank / g,b (q k v o gate up down)", "adapter params", "GEMMs", "nodes", "decode ms", "x base", "prefill ms", "x base", "verify max|d|"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     decode, prefill = results["phases"]["decode"]["variants"], results["phases"]["prefill"]["variants"]
-    for variant in VARIANTS:
+    for variant in s["variants"]:
         v = results["variants"][variant]
+        if "error" in v:
+            table.add_row(variant, size_label(v["family"], v["size"]), f"{v['adapter_parameters']:,}", "", "", "FAILED", "", "", "", "see below", style="red")
+            continue
         table.add_row(
             variant,
-            "" if v["rank"] is None else str(v["rank"]),
+            "" if v["size"] is None else size_label(v["family"], v["size"]),
             f"{v['adapter_parameters']:,}",
             str(v["gemm_count"]),
             str(v["nodes"]),
@@ -220,15 +417,27 @@ def render(results: dict) -> None:
             f"{decode[variant]['ratio_to_base']:.3f}",
             f"{prefill[variant]['median_ms']:.2f}",
             f"{prefill[variant]['ratio_to_base']:.3f}",
-            "reference" if "verify_max_abs_diff" not in v else f"{v['verify_max_abs_diff']:.1e}",
-            style="bold" if variant.endswith("fused") and not variant.endswith("unfused") else None,
+            "" if variant.endswith("_unfused") else f"{v['verify_max_abs_diff']:.1e}",
+            style="bold" if variant.endswith("_fused") else None,
         )
     console.print(table)
+    for variant in s["variants"]:
+        if "error" in results["variants"][variant]:
+            console.print(f"- {variant} FAILED: {results['variants'][variant]['error']}", highlight=False, markup=False)
     for note in results["notes"]:
-        console.print(f"- {note}", highlight=False)
+        console.print(f"- {note}", highlight=False, markup=False)
     for phase, data in results["phases"].items():
         effect = ", ".join(f"{f} {v:.3g}" for f, v in data["adapter_effect_max_abs_logit_diff"].items())
         console.print(f"- {phase}: max |logit(unfused) - logit(base)| (the adapter's effect): {effect}", highlight=False)
+
+
+def peak_rss_gib() -> float | None:
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    except Exception:  # noqa: BLE001 - not on every platform
+        return None
 
 
 def main(argv=None) -> int:
@@ -239,21 +448,23 @@ def main(argv=None) -> int:
     started_wall, started = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     machine = machine_info()
     try:
-        paths, info = prepare(args)
-        sessions = {v: make_session(str(paths[v]), args.threads) for v in VARIANTS}
+        paths, info, failures = prepare(args)
+        timed = [v for v in args.variants if v in paths]
+        if "base" not in timed:
+            raise SystemExit(f"the base model (strip) failed: {info['base']['error']}")
+        sessions = {v: make_session(str(paths[v]), args.threads) for v in timed}
         decode_feeds = make_feeds(sessions["base"], new_tokens=1, past=args.past, vocab=args.vocab, seed=args.seed + 1)
         phases = {}
         for phase, feeds, past, rounds in (
             ("decode", decode_feeds, args.past, args.decode_rounds),
             ("prefill", *prefill_feeds(args, sessions), args.prefill_rounds),
         ):
-            log(f"{phase}: past {past}, {rounds} interleaved rounds of {len(VARIANTS)} variants")
+            log(f"{phase}: past {past}, {rounds} interleaved rounds of {len(timed)} variants")
             stats, logits = run_phase(sessions, feeds, rounds, args.warmup)
-            for variant in VARIANTS:  # fused equals its unfused export on the timed inputs too
-                family = variant.split("_")[0]
-                reference = logits["lora_unfused" if variant == "base" else f"{family}_unfused"]
+            for variant in timed:  # a compiled variant equals its unfused export on the timed inputs too
+                reference = logits["lora_unfused" if variant == "base" else f"{family_of(variant)}_unfused"]
                 stats[variant]["max_abs_diff_vs_unfused"] = None if variant == "base" else max_abs_diff(reference, logits[variant])
-            effect = {f: max_abs_diff(logits["base"], logits[f"{f}_unfused"]) for f in ("lora", "ffba", "zflora")}
+            effect = {f: max_abs_diff(logits["base"], logits[f"{f}_unfused"]) for f in args.families}
             phases[phase] = {
                 "past_length": past,
                 "new_tokens": int(feeds["input_ids"].shape[1]),
@@ -266,6 +477,8 @@ def main(argv=None) -> int:
         if temp:
             shutil.rmtree(args.workdir, ignore_errors=True)
     machine["load_average_end"] = load_average()
+    machine["peak_rss_gib"] = peak_rss_gib()
+    budget = info["lora_unfused"]["adapter_parameters"]
     results = {
         "benchmark": "family_latency",
         "schema_version": SCHEMA_VERSION,
@@ -276,6 +489,8 @@ def main(argv=None) -> int:
         "versions": versions(),
         "settings": {
             "quick": args.quick,
+            "families": args.families,
+            "variants": list(args.variants),
             "layers": args.layers,
             "vocab": args.vocab,
             "model": args.model,
@@ -283,15 +498,31 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "lora_targets": "all 7 projections",
             "ffba_zflora_targets": "attention and MLP blocks of every layer",
-            "alpha": "2 * rank",
+            "dora_bdlora_targets": "all 7 projections (zoo.build_peft_variant; BD-LoRA 2 blocks: B block-diagonal on q/k/v/gate/up, A on o/down)",
+            "gaws_targets": "all 7 projections, diag=False, scale 1 (zflora_compile.adapters.gaws.build_gaws_model)",
+            "alpha": "2 * rank (LoRA, FFBA, zFLoRA, DoRA, BD-LoRA)",
+            "gemm_ops": list(GEMM_OPS),
             "decode": {"new_tokens": 1, "past_length": args.past},
             "prefill": {"new_tokens": args.prefill},
             "warmup_runs_per_variant": args.warmup,
         },
+        "equal_parameter_budget": {
+            family: {
+                "size": info[f"{family}_unfused"]["size"],
+                "adapter_parameters": info[f"{family}_unfused"]["adapter_parameters"],
+                "ratio_to_lora": round(info[f"{family}_unfused"]["adapter_parameters"] / budget, 4),
+                **({"closest_single_factor": info[f"{family}_unfused"]["closest_single_factor"]} if family in ("gaws", "gaws_d") else {}),
+            }
+            for family in args.families
+        },
+        "failures": {variant: info[variant]["error"] for variant in failures},
         "variants": info,
         "phases": phases,
         "notes": [
-            "Equal parameter budget: FFBA and zFLoRA ranks are the integers whose adapter parameter counts come closest to LoRA's.",
+            "Equal parameter budget: FFBA / zFLoRA / DoRA ranks are the integers, BD-LoRA's the even integer, whose adapter parameter "
+            "counts come closest to LoRA's; GAWS / GAWS-D take one group count (block size) per projection shape (q/o, k/v, gate/up, down), the combination "
+            f"of divisors {GAWS_FACTORS[0]}..{GAWS_FACTORS[1]} of gcd(in, out) whose count comes closest (size column: q k v o gate up down).",
+            "GEMMs: MatMul / Gemm / FusedMatMul / Einsum nodes of each variant's ONNX file, attention included.",
             "Medians and ratios to base come from one interleaved run (each round runs every variant once, order rotated).",
             f"Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores; load average {machine['load_average_start']} at start, "
             f"{machine['load_average_end']} at end.",

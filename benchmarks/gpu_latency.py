@@ -1,5 +1,5 @@
 """PyTorch latency of adapted decoders on one GPU: base, LoRA unfused / fused (FX) / merged, and
-FFBA / zFLoRA unfused and fused at LoRA's parameter budget.
+FFBA / zFLoRA / DoRA / BD-LoRA / GAWS / GAWS-D unfused, (merged,) fused at LoRA's parameter budget.
 
 Builds a random-weight Llama decoder with Llama-3.2-1B shapes (hidden 2048, 32 query / 8
 key-value heads, head_dim 64, intermediate 8192, vocabulary 128,256; ``--layers`` layers, 16 by
@@ -19,9 +19,15 @@ ExportedProgram (verification in PyTorch eager on), and all run as ``program.mod
 - ``fused``:   ``strategy="fuse"`` (two GEMMs per group of projections reading one tensor);
 - ``merged``:  ``strategy="merge"`` (``W + s*A@B``: zero overhead, adapter not separable).
 
-``--families`` (default ``ffba zflora``) adds, for each family, ``<family>_unfused`` (its own
-``torch.export``) and ``<family>_fused`` (``fuse_adapters``), with the integer rank whose adapter
-parameter count comes closest to LoRA's (equal parameter budget; the ranks and counts are saved).
+``--families`` (default ``ffba zflora dora bdlora gaws gaws_d``) adds, for each family,
+``<family>_unfused`` (its own ``torch.export``), ``<family>_fused`` (``fuse_adapters``, strategy
+"fuse": whatever it does with the family, the GEMM column shows) and, for DoRA, BD-LoRA, GAWS and
+GAWS-D, ``<family>_merged`` (strategy "merge"), at an equal parameter budget: the rank (FFA, FBA,
+FFBA, zFLoRA, DoRA; BD-LoRA: the even rank, 2 blocks) or the GAWS group count / GAWS-D block size
+per projection shape (``family_latency.gaws_factors``) whose adapter parameter count comes
+closest to LoRA's (the sizes and counts are saved). DoRA and BD-LoRA are PEFT's
+(``zoo.build_peft_variant``), GAWS / GAWS-D this package's (``adapters.gaws.build_gaws_model``,
+no diag vector); all share the base weights (seed 0).
 
 Modes: ``eager`` (the GraphModule called from Python) and, on CUDA, ``cuda_graphs`` (each call
 captured once with ``torch.cuda.graphs`` on static inputs and replayed). A call is timed with
@@ -56,6 +62,25 @@ STRATEGY_OF = {"base": "strip", "fused": "fuse", "merged": "merge"}  # unfused: 
 PHASES = ("decode", "prefill")
 MODES = ("eager", "cuda_graphs")
 SCHEMA_VERSION = 1
+# family -> strategies compiled from its export, besides the export itself ("<family>_unfused")
+FAMILY_STRATEGIES = {
+    "ffa": ("fuse",),
+    "fba": ("fuse",),
+    "ffba": ("fuse",),
+    "zflora": ("fuse",),
+    "dora": ("merge", "fuse"),
+    "bdlora": ("merge", "fuse"),
+    "gaws": ("merge", "fuse"),
+    "gaws_d": ("merge", "fuse"),
+}
+DEFAULT_FAMILIES = ("ffba", "zflora", "dora", "bdlora", "gaws", "gaws_d")
+SUFFIX = {"merge": "merged", "fuse": "fused"}
+
+
+def family_variants(family: str) -> list[tuple[str, str | None]]:
+    """[(variant, strategy or None for the export as is)] of one family."""
+    return [(f"{family}_unfused", None), *((f"{family}_{SUFFIX[s]}", s) for s in FAMILY_STRATEGIES[family])]
+
 
 LLAMA_32_1B = dict(
     hidden_size=2048,
@@ -93,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-rounds", type=int, help=f"interleaved rounds, prefill (default {FULL['prefill_rounds']})")
     parser.add_argument("--warmup", type=int, help=f"warm-up calls per variant (default {FULL['warmup']})")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    parser.add_argument("--families", nargs="*", choices=("ffa", "fba", "ffba", "zflora"), default=["ffba", "zflora"], help="other adapter families to measure, unfused and fused (default: ffba zflora)")
+    parser.add_argument("--families", nargs="*", choices=tuple(FAMILY_STRATEGIES), default=list(DEFAULT_FAMILIES), help=f"other adapter families to measure (default: {' '.join(DEFAULT_FAMILIES)})")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="eager mode only")
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/gpu_latency_<gpu>.json)")
     args = parser.parse_args(argv)
@@ -101,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.variants = VARIANTS + tuple(f"{family}_{kind}" for family in args.families for kind in ("unfused", "fused"))
+    args.variants = VARIANTS + tuple(variant for family in args.families for variant, _ in family_variants(family))
     return args
 
 
@@ -137,7 +162,7 @@ def build_programs(args, torch, device) -> tuple[dict, dict]:
         "decode": dict(seq_len=1, with_cache=True, past_len=args.past, dynamic=False),
         "prefill": dict(seq_len=args.prefill, with_cache=False, dynamic=False),
     }
-    budget = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    budget = adapter_parameters(model)
     programs, reports = {phase: {} for phase in args.phases}, {phase: {} for phase in args.phases}
     args.family_ranks = {"lora": {"rank": args.rank, "adapter_parameters": budget}}
 
@@ -168,36 +193,78 @@ def build_programs(args, torch, device) -> tuple[dict, dict]:
             fuse_into(phase, unfused, variant, strategy)
     del model
     for family in args.families:
-        rank, count = equal_budget_rank(family, budget, shapes, args, torch)
-        args.family_ranks[family] = {"rank": rank, "adapter_parameters": count}
-        log(f"{family}: rank {rank} ({count:,} adapter parameters; LoRA: {budget:,})")
-        model = build_family_model(family, rank, shapes, args, torch).to(device=device, dtype=dtype).eval()
+        size, predicted = equal_budget_size(family, budget, shapes, args)
+        model = build_family_model(family, size, shapes, args, torch)
+        count = adapter_parameters(model)
+        assert count == predicted, (family, size, count, predicted)
+        key = {"gaws": "groups", "gaws_d": "block"}.get(family, "rank")  # GAWS: {projection: factor}
+        args.family_ranks[family] = {key: size, "adapter_parameters": count, "ratio_to_lora": round(count / budget, 4)}
+        log(f"{family}: size {size} ({count:,} adapter parameters; LoRA: {budget:,})")
+        model = model.to(device=device, dtype=dtype).eval()
         for phase in args.phases:
             log(f"torch.export ({phase}, {family})")
             unfused = zoo.export_program(model, **exports[phase])
-            programs[phase][f"{family}_unfused"] = unfused
-            reports[phase][f"{family}_unfused"] = {"gemm_count": linear_op_count(unfused), "rank": rank}
-            fuse_into(phase, unfused, f"{family}_fused", "fuse")
+            for variant, strategy in family_variants(family):
+                if strategy is None:
+                    programs[phase][variant] = unfused
+                    reports[phase][variant] = {"gemm_count": linear_op_count(unfused), key: size}
+                else:
+                    fuse_into(phase, unfused, variant, strategy)
         del model
     return programs, reports
 
 
-def build_family_model(family: str, rank: int, shapes: dict, args, torch):
+def _family_lib():
+    """family_latency.py's helpers (GAWS factor search, adapter parameter count), one source."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import family_latency
+
+    return family_latency
+
+
+def adapter_parameters(model) -> int:
+    return _family_lib().adapter_parameters(model)
+
+
+def build_family_model(family: str, size, shapes: dict, args, torch, layers: int | None = None):
+    """``family`` at ``size`` (rank, or {projection: factor} for GAWS / GAWS-D) on the seed-0 base."""
     from zflora_compile import zoo
     from zflora_compile.adapters import AdapterConfig, attach_adapters, randomize_adapters
 
-    base = zoo.build_base_model("llama", seed=0, num_hidden_layers=args.layers, max_position_embeddings=max(4096, args.past + args.prefill + 8), **shapes)
-    return randomize_adapters(attach_adapters(base, AdapterConfig(family=family, rank=rank, alpha=2 * rank)), seed=1)
+    config = dict(shapes, num_hidden_layers=layers or args.layers, max_position_embeddings=max(4096, args.past + args.prefill + 8))
+    if family in ("dora", "bdlora"):
+        return zoo.build_peft_variant(family, "llama", r=size, seed=0, **config)
+    if family in ("gaws", "gaws_d"):
+        from zflora_compile.adapters.gaws import build_gaws_model
+
+        factors = {"groups": size} if family == "gaws" else {"block": size}
+        return build_gaws_model(family, "llama", seed=0, diag=False, **factors, **config)
+    base = zoo.build_base_model("llama", seed=0, **config)
+    return randomize_adapters(attach_adapters(base, AdapterConfig(family=family, rank=size, alpha=2 * size)), seed=1)
 
 
-def equal_budget_rank(family: str, budget: int, shapes: dict, args, torch) -> tuple[int, int]:
-    """The integer rank whose adapter parameter count is closest to ``budget`` (linear in the rank)."""
-    from zflora_compile.adapters import count_parameters
+def equal_budget_size(family: str, budget: int, shapes: dict, args) -> tuple:
+    """(size, adapter parameter count) closest to ``budget``: the rank (a multiple of 2 for
+    BD-LoRA's 2 blocks; counts are affine in it, measured at two ranks), or the
+    GAWS / GAWS-D factor per projection (``family_latency.gaws_factors``)."""
+    import torch
 
-    per_rank = count_parameters(build_family_model(family, 1, shapes, args, torch))[0]
-    rank = max(1, round(budget / per_rank))
-    return rank, rank * per_rank
+    lib = _family_lib()
+    if family in ("gaws", "gaws_d"):
+        factors, count, _ = lib.gaws_factors(lib.shapes_of(argparse.Namespace(**shapes)), args.layers, budget)
+        return factors, count
+    step = 2 if family == "bdlora" else 1
 
+    def count(rank):
+        return adapter_parameters(build_family_model(family, rank, shapes, args, torch))
+
+    low, high = count(step), count(2 * step)
+    slope = (high - low) / step
+    offset = low - slope * step
+    ideal = max(step, (budget - offset) / slope)
+    candidates = sorted({max(step, step * int(ideal // step)), max(step, step * (int(ideal // step) + 1))})
+    rank = min(candidates, key=lambda r: abs(offset + slope * r - budget))
+    return rank, int(round(offset + slope * rank))
 
 
 def _inputs(program, device):
