@@ -71,12 +71,17 @@ def refuse_unaccounted(detection: Detection, options: CompileOptions) -> None:
     )
 
 
-def check_stripped(detection: Detection) -> None:
-    """The stripped model, detected afresh, carries no adapter: no site and no adapter-shaped branch
-    (a check that does not trust the detection strip was planned from)."""
-    left = detection.accounting.branches_found + len(detection.all_sites)
+def check_stripped(view, detection: Detection) -> None:
+    """The stripped model, detected afresh, carries no adapter: no site, and no branch of a
+    projection's own input through constant-parameter ops (a check that does not trust the
+    detection strip was planned from; what removing an add exposes of the base model, such as a
+    GEMM -> activation -> GEMM path, is no adapter and does not count)."""
+    from zflora_compile.graph.branches import find_branches
+
+    branches = find_branches(view)
+    left = len(branches) + len(detection.all_sites)
     if left:
-        where = next((u.node for u in detection.unrecognized if u.kind == "branch"), None) or next((s.site_id for s in detection.all_sites), "")
+        where = next((view.name(b.add) for b in branches), None) or next((s.site_id for s in detection.all_sites), "")
         raise VerificationError(f"the stripped model still carries {left} adapter-shaped branch(es) or site(s), e.g. '{where}'")
 
 
@@ -152,7 +157,8 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
                 metadata.write(model, metadata.compilation(options.strategy, detection, the_plan, removed))
             report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
             if options.strategy == "strip":
-                check_stripped(families.detect(OnnxGraph(model), max_rank_ratio=options.max_rank_ratio))
+                view = OnnxGraph(model)
+                check_stripped(view, families.detect(view, max_rank_ratio=options.max_rank_ratio))
         rewritten = save_model(model, tmp / "model.onnx", external=True)[0]
         with steps.step("check"):
             report.output.checker = output_checker(rewritten, report.input.checker)
@@ -231,7 +237,8 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
         report.plan, report.output = the_plan, OutputInfo(graph_stats(result))
         if options.strategy == "strip":
             after = edit(result)
-            check_stripped(families.detect(FxGraph(after.gm, after.constants), max_rank_ratio=options.max_rank_ratio))
+            view = FxGraph(after.gm, after.constants)
+            check_stripped(view, families.detect(view, max_rank_ratio=options.max_rank_ratio))
     if not options.verify:
         report.verification = dict(NO_VERIFY)
         return result

@@ -34,6 +34,7 @@ class Found:
     claimed_ids: set = dataclasses.field(default_factory=set)
     linear: list = dataclasses.field(default_factory=list)
     grouped: list = dataclasses.field(default_factory=list)
+    shaped: set = dataclasses.field(default_factory=set)  # ids of the adds shaped like an adapter (graph.branches)
     unrecognized: list = dataclasses.field(default_factory=list)
     accounting: Accounting = dataclasses.field(default_factory=Accounting)
     widened: widening.WidenedSites = dataclasses.field(init=False)
@@ -90,16 +91,17 @@ def detect(graph, *, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detectio
 
 
 def _left_rejected(graph, found: Found) -> None:
-    """A rejection no family took back is adapter-shaped structure left in the model: it is
-    unrecognised too (and counted), so strip refuses while it remains."""
+    """A rejection no family took back, at an add shaped like an adapter, is adapter-shaped structure
+    left in the model: it is unrecognised too (and counted), so strip refuses while it remains.
+    (A family's rejection elsewhere, e.g. a base model's MLP seen as a chain with an activation, is
+    only reported.)"""
     listed = {u.node for u in found.unrecognized} | {n for u in found.unrecognized for n in u.nodes}
     names = {graph.name(node): node for node in graph.nodes()}
     for rejection in found.rejections.values():
         node = names.get(rejection.node)
-        if rejection.node in listed or (node is not None and found.claimed(node)):
+        if rejection.node in listed or node is None or found.claimed(node) or id(node) not in found.shaped:
             continue
-        found.unrecognized.append(Unrecognized("branch", rejection.node, rejection.reason, rejection.label))
-        found.accounting.branches_found += 1
+        found.unrecognized.append(Unrecognized("branch", rejection.node, rejection.reason, rejection.label))  # counted with the shapes
 
 
 def rewrite(graph, plan) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from zflora_compile.families.lora import LoraBinding, match_chain
-from zflora_compile.graph.branches import constant_derived
+from zflora_compile.graph.branches import constant_derived, escape
 from zflora_compile.graph.onnx_eval import RegionError
 from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, bias_getter, check_rank, either_order, match_projection
 from zflora_compile.graph.records import AdapterSite, Rejection
@@ -142,6 +142,10 @@ def _match(view: GraphView, add, base, other, found) -> AdapterSite:
     bias = bias_getter(view, projection)
     column = c.astype(np.float32)
     inner = [*chain.nodes, *base_nodes, *chain_nodes, node]
+    out = escape(view, inner, {id(n) for n in (*inner, add)})
+    if out is not None:
+        where = f"node '{view.name(out[1])}'" if out[1] is not None else "a graph output"
+        raise Reject(f"DoRA's intermediate '{view.value_name(view.output(out[0]))}' is also read by {where}")
     bias_add = [projection.bias_add] if projection.bias_add is not None else []
     return AdapterSite(
         site_id=f"dora{sum(s.family == NAME for s in found.sites)}",

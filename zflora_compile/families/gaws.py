@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from zflora_compile import metadata
-from zflora_compile.graph.branches import Branch, find_branches
+from zflora_compile.graph.branches import Branch, escape, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_getter, check_path
 from zflora_compile.graph.records import GroupedSite, LazyArray, numpy_dtype
@@ -86,7 +86,7 @@ def kron_identity(delta: np.ndarray) -> tuple[int, np.ndarray] | None:
     return None
 
 
-def _site(view: GraphView, branch: Branch, index: int) -> GroupedSite | None:
+def _site(view: GraphView, branch: Branch, index: int, allowed: set[int]) -> GroupedSite | None:
     projection = branch.anchor.projection
     gemm = projection.gemm
     in_w, out_w = projection.shape
@@ -94,6 +94,8 @@ def _site(view: GraphView, branch: Branch, index: int) -> GroupedSite | None:
         check_path(view, branch.base, gemm.node, branch.add, "base projection output")
     except Reject:
         return None
+    if escape(view, branch.nodes, allowed) is not None:
+        return None  # a value of the branch is read elsewhere: the generic family reports it
     delta = measure_map(view, branch.anchor.x, branch.value, branch.nodes, in_w, out_w)
     layout, found = NAME, kron_groups(delta)
     if found is None:
@@ -134,11 +136,12 @@ def detect(view: GraphView, found) -> None:
     branches = find_branches(view)
     stacked = {id(b.below.add) for b in branches if b.below is not None}
     sites: list[GroupedSite] = []
+    allowed = {id(n) for b in branches for n in (*b.nodes, b.add)}  # GAWS's input reshape is shared by q, k, v
     for branch in branches:
         if branch.anchor.kind != "projection" or branch.below is not None or id(branch.add) in stacked or found.claimed(branch.add):
             continue
         try:
-            site = _site(view, branch, len(found.grouped) + len(sites))
+            site = _site(view, branch, len(found.grouped) + len(sites), allowed)
         except NotLinear:
             continue  # the generic family measures it again and reports the reason
         if site is not None:

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from zflora_compile.graph.branches import Branch, find_branches, find_input_scales, find_scales
+from zflora_compile.graph.branches import Branch, escape, find_branches, find_input_scales, find_lane_reads, find_scales
 from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, match_projection
 from zflora_compile.graph.records import AdapterSite, LazyArray, LinearSite, Unrecognized, numpy_dtype
@@ -105,7 +105,7 @@ def _ambiguous(view: GraphView, stack: list, measured: dict, in_features: int, o
                 )
 
 
-def _site(view: GraphView, top: Branch, index: int, max_rank_ratio: float) -> LinearSite:
+def _site(view: GraphView, top: Branch, index: int, max_rank_ratio: float, allowed: set[int]) -> LinearSite:
     anchor = top.anchor
     if anchor.kind == "projection":
         gemm = anchor.projection.gemm
@@ -120,12 +120,17 @@ def _site(view: GraphView, top: Branch, index: int, max_rank_ratio: float) -> Li
         gemm = None
         label = view.label(anchor.node, anchor.table)
     stack = top.stack
+    out = escape(view, [n for b in stack for n in b.nodes], allowed)
+    if out is not None:
+        node, reader = out
+        where = f"node '{view.name(reader)}'" if reader is not None else "a graph output"
+        raise NotLinear(f"its value '{view.value_name(view.output(node))}' is also read by {where}: without the adapter that reader is not defined")
     measured = {id(b): measure(view, b, in_features, out_features) for b in stack}  # not linear: reported, not planned
     _ambiguous(view, stack, measured, in_features, out_features, max_rank_ratio)
-    del measured
+    total = sum(measured.values())  # kept: once other rewrites run, the branch may not be measurable alone
 
-    def delta(stack=stack, i=in_features, o=out_features) -> np.ndarray:
-        return sum(measure(view, b, i, o) for b in stack)
+    def delta(total=total) -> np.ndarray:
+        return total
 
     names = [view.name(anchor.node)] + [view.name(n) for b in stack for n in (*b.nodes, b.add)]
     return LinearSite(
@@ -158,6 +163,8 @@ def detect(view: GraphView, found) -> None:
     tops = {id(b.anchor.node): b for b in branches}  # graph order: the last on a projection is its top
     lora_by_add = {id(s.binding.add): s for s in found.sites if isinstance(s, AdapterSite)}
     held = found.held()
+    # what a branch's values may feed: any branch's nodes (GAWS's input reshape is shared) and adds
+    allowed = {id(n) for b in branches for n in (*b.nodes, b.add)}
     recognised = 0
     for top in tops.values():
         stack = top.stack
@@ -175,7 +182,7 @@ def detect(view: GraphView, found) -> None:
             reason = f"its node '{view.name(shared)}' belongs to site {held[id(shared)]}, which another family rewrites"
         else:
             try:
-                site = _site(view, top, len(found.linear), found.max_rank_ratio)
+                site = _site(view, top, len(found.linear), found.max_rank_ratio, allowed)
             except NotLinear as error:
                 reason = str(error)
         if reason is not None:
@@ -192,7 +199,22 @@ def detect(view: GraphView, found) -> None:
         recognised += len(stack)
     found.accounting.branches_found += len(branches)
     found.accounting.branches_recognised += recognised
+    counted = {id(b.add) for b in branches}
     inside = {id(n) for b in branches for n in b.nodes}
+    found.shaped |= counted
+    for add, gemm in find_lane_reads(view, found.max_rank_ratio):  # lanes read from another tensor
+        if id(add) in inside:
+            continue  # an add inside a branch (DoRA's sum of its two terms) is counted with the branch
+        found.shaped.add(id(add))
+        if id(add) in counted:
+            continue
+        found.accounting.branches_found += 1
+        if found.claimed(add):
+            found.accounting.branches_recognised += 1
+        elif view.name(add) not in found.rejections:  # a rejection is listed with its own reason
+            found.unrecognized.append(
+                Unrecognized("branch", view.name(add), f"a low-rank read (z @ B) added to '{view.name(gemm)}' that no family claimed", view.label(gemm), [view.name(add)])
+            )
     after = [(scale, "output", "a base model's LayerScale") for scale in find_scales(view)]
     before = [(scale, "input", "a base model's own channel scale") for scale in find_input_scales(view)]
     for scale, side, lookalike in after + before:

@@ -155,6 +155,20 @@ def cone_between(view: GraphView, top, source, order: dict | None = None) -> lis
     return _Cone(view, order if order is not None else view.order())(top, source)
 
 
+def escape(view: GraphView, nodes: list, allowed: set[int]):
+    """``(node, reader)`` for the first of ``nodes`` whose value is read by a node outside
+    ``allowed`` (ids), or is a graph output (reader None); None when the values stay inside. An
+    adapter's value read elsewhere leaves the base model undefined (strip) and keeps it computed."""
+    for node in nodes:
+        value = view.output(node)
+        if view.is_graph_output(value):
+            return node, None
+        reader = next((u for u in view.users(value) if id(u) not in allowed), None)
+        if reader is not None:
+            return node, reader
+    return None
+
+
 def find_branches(view: GraphView) -> list[Branch]:
     """Every adapter-shaped branch of ``view``, in graph order."""
     order = view.order()
@@ -177,6 +191,67 @@ def find_branches(view: GraphView) -> list[Branch]:
             stacked[id(view.output(add))] = branch
             break
     return branches
+
+
+def find_lane_reads(view: GraphView, max_rank_ratio: float) -> list[tuple[object, object]]:
+    """``(add, base GEMM node)`` for every add of a GEMM's output (its weight a constant or a graph
+    input, a bias added or not) and ``s * (z @ B)`` with ``B: [r, out]`` of small rank (a constant or
+    a graph input), ``z`` any activation: the shape of an FFA / FBA lane read, a LoRA whose chain
+    reads another tensor, or whose weights are fed at run time, whoever claims it."""
+    found = []
+    cone = _Cone(view, {})
+
+    def through_scales(value):  # up through casts and multiplies / divides by constants of any shape
+        for _ in range(16):
+            value = view.peel(value)
+            node = view.producer(value)
+            step = view.binary(node) if node is not None else None
+            if step is None or step[0] not in ("mul", "div"):
+                return value
+            left, right = step[1], step[2]
+            if not isinstance(right, (int, float)) and cone.constant_derived(right) and not isinstance(left, (int, float)):
+                value = left
+            elif step[0] == "mul" and not isinstance(left, (int, float)) and cone.constant_derived(left) and not isinstance(right, (int, float)):
+                value = right
+            else:
+                return value
+        return value
+
+    def gemm_of(value):
+        try:
+            return view.gemm(value)
+        except Reject:
+            return None
+
+    def weight_shape(gemm):  # [in, out] of a constant weight, or of a weight fed as a graph input
+        if gemm.shape is not None:
+            return gemm.shape
+        dims = view.dims(gemm.weight)
+        if dims is None or len(dims) != 2 or None in dims or view.producer(gemm.weight) is not None:
+            return None
+        return (dims[1], dims[0]) if gemm.transposed else (dims[0], dims[1])
+
+    for add, operands in view.adds():
+        for base, other in (operands, operands[::-1]):
+            base_gemm = gemm_of(view.peel(base, casts=False))
+            if base_gemm is None:
+                found_bias = view.bias_add(view.peel(base, casts=False))
+                base_gemm = gemm_of(view.peel(found_bias[0], casts=False)) if found_bias is not None else None
+            b = gemm_of(through_scales(other))
+            if b is None or b is base_gemm:
+                continue
+            shape = weight_shape(b)
+            if base_gemm is None and (view.is_constant(base) or cone.constant_derived(base)):
+                continue  # a chain plus a constant is no adapter on anything
+            base_shape = weight_shape(base_gemm) if base_gemm is not None else (view.last_dim(base), view.last_dim(base))
+            if shape is None or base_shape is None or None in base_shape:
+                continue
+            rank, out = shape
+            if out == base_shape[1] and rank <= max_rank_ratio * min(base_shape):
+                # added to a GEMM's output, or (a low-rank chain on the stream itself) to any value
+                found.append((add, base_gemm.node if base_gemm is not None else add))
+                break
+    return found
 
 
 def _per_column(view: GraphView, factor, out: int) -> bool:

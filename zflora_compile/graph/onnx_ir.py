@@ -542,6 +542,9 @@ class OnnxGraph:
         new = self.resolve(new)
         if new is old:
             return
+        if old.is_graph_output() and new.is_graph_output():  # two outputs keep two names: a copy for the old one
+            with self.at(old.producer() or self.graph[0]):
+                new = self._node("Identity", [new], "Identity").outputs[0]
         self._redirected[id(old)] = new
         was_output_name = old.name if old.is_graph_output() else None
         if new.type is None:
