@@ -62,6 +62,12 @@ class Found:
             b = site.binding
             for node in (b.gemm.node, b.add, *b.chain_nodes, *([b.b_gemm.node] if b.b_gemm is not None else [])):
                 out[id(node)] = site.site_id or site.family
+        for site in self.grouped:
+            b = site.binding
+            out[id(b.add)] = out[id(b.gemm.node)] = site.site_id
+        for site in self.linear:
+            for branch in site.binding.top.stack:
+                out[id(branch.add)] = site.site_id
         for site in self.widened.by_node.values():
             b = site.binding
             for node in (b.node, *(g.node for g in b.b_gemms), *b.read_adds, *(view.producer(z) for z in b.lanes_out if z is not None)):
@@ -99,7 +105,7 @@ def _left_rejected(graph, found: Found) -> None:
     names = {graph.name(node): node for node in graph.nodes()}
     for rejection in found.rejections.values():
         node = names.get(rejection.node)
-        if rejection.node in listed or node is None or found.claimed(node) or id(node) not in found.shaped:
+        if rejection.node in listed or node is None or id(node) in found.held() or id(node) not in found.shaped:
             continue
         found.unrecognized.append(Unrecognized("branch", rejection.node, rejection.reason, rejection.label))  # counted with the shapes
 

@@ -168,11 +168,11 @@ def detect(view: GraphView, found) -> None:
     recognised = 0
     for top in tops.values():
         stack = top.stack
-        unclaimed = [b for b in stack if not found.claimed(b.add)]
+        unclaimed = [b for b in stack if id(b.add) not in held]  # held by a site, not only claimed
         if not unclaimed:
             recognised += len(stack)
             continue
-        foreign = [b for b in stack if found.claimed(b.add) and id(b.add) not in lora_by_add]
+        foreign = [b for b in stack if id(b.add) in held and id(b.add) not in lora_by_add]
         own = {id(n) for b in stack if id(b.add) in lora_by_add for n in (b.add, *b.nodes, top.anchor.node)}
         shared = next((n for b in unclaimed for n in (top.anchor.node, *b.nodes) if id(n) in held and id(n) not in own), None)
         reason = None
@@ -200,16 +200,17 @@ def detect(view: GraphView, found) -> None:
     found.accounting.branches_found += len(branches)
     found.accounting.branches_recognised += recognised
     counted = {id(b.add) for b in branches}
+    linear_adds = {id(b.add) for site in found.linear for b in site.binding.top.stack}
     inside = {id(n) for b in branches for n in b.nodes}
     found.shaped |= counted
     for add, gemm in find_lane_reads(view, found.max_rank_ratio):  # lanes read from another tensor
-        if id(add) in inside:
-            continue  # an add inside a branch (DoRA's sum of its two terms) is counted with the branch
+        if id(add) in inside and id(add) in held:
+            continue  # an add inside a recognised branch (DoRA's sum of its two terms) is counted with it
         found.shaped.add(id(add))
         if id(add) in counted:
             continue
         found.accounting.branches_found += 1
-        if found.claimed(add):
+        if id(add) in held or id(add) in linear_adds:
             found.accounting.branches_recognised += 1
         elif view.name(add) not in found.rejections:  # a rejection is listed with its own reason
             found.unrecognized.append(
