@@ -184,13 +184,25 @@ def to_torch(array) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value))
 
 
+def _dim_key(dim) -> str:
+    """A dimension as text: an int, or a symbolic size's expression (read without a guard)."""
+    return str(dim.node.expr) if isinstance(dim, torch.SymInt) else str(int(dim))
+
+
+def _same_dims(a, b) -> bool:
+    """Shapes equal as written (never compares a symbolic size with a number: that would add a
+    guard to the program's shape environment, e.g. ``seq != 8``, and the rewritten program would
+    refuse that length)."""
+    return len(a) == len(b) and all(_dim_key(x) == _dim_key(y) for x, y in zip(a, b))
+
+
 def _through_broadcast(node):
     """Up through ``view``/``expand`` that keep the last two axes: the batch broadcast of
     ``bmm(view(expand(x)), view(expand(W)))``, how ``matmul`` of an N-D input decomposes (a view
     that regroups the matrix itself, like per-head weights ``W.view(H, in, out)``, is not one)."""
     while isinstance(node, Node) and op_name(node) in (*_VIEWS, "expand"):
         out, src = tensor_meta(node), tensor_meta(node.args[0])
-        if out is None or src is None or src.dim() < 2 or list(out.shape[-2:]) != list(src.shape[-2:]):
+        if out is None or src is None or src.dim() < 2 or not _same_dims(out.shape[-2:], src.shape[-2:]):
             break
         node = node.args[0]
     return node
