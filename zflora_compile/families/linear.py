@@ -265,7 +265,7 @@ class MergeBranches:
 
 @dataclasses.dataclass
 class StripBranches:
-    """The top add passes the projection through: the base model."""
+    """Every add of the stack passes the projection through: the base model."""
 
     section: ClassVar[str] = "stripped_sites"
     site: LinearSite
@@ -275,7 +275,8 @@ class StripBranches:
 
     def emit(self, graph, state: dict) -> None:
         binding = self.site.binding
-        graph.redirect(graph.output(binding.top.add), binding.top.anchor.output)
+        for branch in binding.top.stack:  # every sum on the way (one may be a graph output)
+            graph.redirect(graph.output(branch.add), binding.top.anchor.output)
 
 
 @dataclasses.dataclass
