@@ -29,7 +29,7 @@ from zflora_compile.families.lora import LoraBinding, match_chain
 from zflora_compile.graph.branches import constant_derived, escape
 from zflora_compile.graph.onnx_eval import RegionError
 from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, bias_getter, check_rank, either_order, match_projection
-from zflora_compile.graph.records import AdapterSite, Rejection
+from zflora_compile.graph.records import AdapterSite, Rejection, number_groups
 
 NAME = "dora"
 
@@ -182,9 +182,4 @@ def detect(view: GraphView, found) -> None:
             found.claim(add, site.binding.gemm.node, *site.binding.chain_nodes)
         elif reason:
             found.reject(Rejection(node=view.name(add), reason=reason, label=view.label(add)))
-    groups: dict[tuple, list[AdapterSite]] = {}
-    for site in sites:
-        groups.setdefault((id(site.binding.gemm.x), site.dtype), []).append(site)
-    for number, members in enumerate(groups.values()):
-        for site in members:
-            site.group = f"d{number}"
+    number_groups(sites, "d")

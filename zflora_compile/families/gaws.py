@@ -39,7 +39,7 @@ from zflora_compile import metadata
 from zflora_compile.graph.branches import Branch, escape, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_getter, check_path
-from zflora_compile.graph.records import GroupedSite, LazyArray, numpy_dtype
+from zflora_compile.graph.records import GroupedSite, LazyArray, number_groups, numpy_dtype
 
 NAME = "gaws"
 
@@ -147,12 +147,7 @@ def detect(view: GraphView, found) -> None:
         if site is not None:
             sites.append(site)
             found.claim(branch.add, keep_rejections=True)
-    groups: dict[tuple, list[GroupedSite]] = {}
-    for site in sites:  # one grouped GEMM per input tensor, dtype and group count
-        groups.setdefault((id(site.binding.gemm.x), site.dtype, site.family, site.groups), []).append(site)
-    for number, members in enumerate(groups.values()):
-        for site in members:
-            site.group = f"k{number}"
+    number_groups(sites, "k", "family", "groups")  # one grouped GEMM per input, dtype, layout and g
     found.grouped += sites
 
 

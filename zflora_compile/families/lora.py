@@ -47,7 +47,7 @@ from zflora_compile.graph.protocol import (
     produced_by,
     single_use,
 )
-from zflora_compile.graph.records import AdapterSite, LazyArray, Rejection, numpy_dtype
+from zflora_compile.graph.records import AdapterSite, LazyArray, Rejection, number_groups, numpy_dtype
 
 NAME = "lora"
 
@@ -172,12 +172,7 @@ def detect(view: GraphView, found) -> None:
             found.claim(add, site.binding.gemm.node, *site.binding.chain_nodes)
         elif reason:
             found.reject(Rejection(node=view.name(add), reason=reason, label=view.label(add)))
-    groups: dict[tuple, list[AdapterSite]] = {}
-    for site in sites:  # sites whose base projections read the same tensor in the same dtype: QKV, gate/up
-        groups.setdefault((id(site.binding.gemm.x), site.dtype), []).append(site)
-    for number, members in enumerate(groups.values()):
-        for site in members:
-            site.group = f"g{number}"
+    number_groups(sites, "g")
     found.sites += sites
 
 

@@ -26,7 +26,7 @@ from zflora_compile.families.lora import LoraBinding
 from zflora_compile.graph.branches import Branch, cone_between, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
 from zflora_compile.graph.protocol import GraphView, Reject, bias_getter, check_path
-from zflora_compile.graph.records import AdapterSite
+from zflora_compile.graph.records import AdapterSite, number_groups
 
 NAME = "lowrank"
 
@@ -127,10 +127,5 @@ def detect(view: GraphView, found) -> None:
             continue
         sites.append(site)
         found.claim(branch.add, keep_rejections=True)
-    groups: dict[tuple, list[AdapterSite]] = {}
-    for site in sites:
-        groups.setdefault((id(site.binding.gemm.x), site.dtype), []).append(site)
-    for number, members in enumerate(groups.values()):
-        for site in members:
-            site.group = f"w{number}"
+    number_groups(sites, "w")
     found.sites += sites

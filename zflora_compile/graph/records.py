@@ -205,6 +205,17 @@ def projection_from_label(label: str) -> str:
     return matches[-1] if matches else ""
 
 
+def number_groups(sites: list, prefix: str, *extra: str) -> None:
+    """Give sites whose base GEMMs read the same tensor in the same dtype (and the same ``extra``
+    attributes) one group name each, ``<prefix><n>``: QKV, gate/up; one fused GEMM per group."""
+    groups: dict[tuple, list] = {}
+    for site in sites:
+        groups.setdefault((id(site.binding.gemm.x), site.dtype, *(getattr(site, a) for a in extra)), []).append(site)
+    for number, members in enumerate(groups.values()):
+        for site in members:
+            site.group = f"{prefix}{number}"
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """numpy dtype from its name, including ml_dtypes' bfloat16."""
     if name == "bfloat16":
