@@ -145,7 +145,7 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             input_graph = onnx_stats(model)
             removed = metadata.strip_compiled(model, compiled) if metadata.active(compiled) else None  # a model this tool compiled
             detection = detect(model, options.max_rank_ratio)
-            report.detection, report.input.graph = detection, input_graph
+            report.detection, report.input.graph, report.removed = detection, input_graph, removed
             refuse_unaccounted(detection, options)
             check_finite_weights(detection, options.strategy, model)
         with steps.step("rewrite"):

@@ -131,6 +131,8 @@ class Report:
     target: dict | None = None
     latency: dict | None = None
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: strip of a model this tool compiled: what its lanes' removal took out (groups, widened sites)
+    removed: dict | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
 
     def succeed(self) -> None:
@@ -139,6 +141,10 @@ class Report:
     def summary(self) -> str:
         sites = len(self.detection.all_sites) if self.detection is not None else 0
         tally = accounting_line(self.detection) if self.detection is not None else ""
+        if self.removed:
+            what = f"{len(self.removed.get('groups', []))} fused group(s), {len(self.removed.get('widened', []))} widened projection(s)"
+            text = f"removed the adapter lanes zflora-compile compiled in ({what}) and {sites} further adapter site(s): GEMMs {self.input.graph.gemm_count} -> {self.output.graph.gemm_count}"
+            return f"{text} ({tally})" if tally else text
         if not sites:
             return "no adapter sites found; model " + ("written unchanged" if self.input.path else "unchanged") + (f" ({tally})" if tally else "")
         text = f"{sites} adapter site(s), strategy {self.plan.strategy}: GEMMs {self.input.graph.gemm_count} -> {self.output.graph.gemm_count}"
@@ -195,6 +201,8 @@ class Report:
             out["groups"] = groups_json(self.detection)
         if self.plan is not None:
             out["plan"] = self.plan.to_json()
+        if self.removed:
+            out["removed_compiled"] = self.removed
         sections = {"output": self.output.to_json() if self.output else None, "verification": self.verification, "target": self.target, "latency": self.latency}
         out.update({name: section for name, section in sections.items() if section is not None})
         if self.timings_s:
