@@ -179,11 +179,16 @@ def count_at(args, family: str, size) -> int:
 
 
 def equal_budget_rank(args, family: str, budget: int, step: int = 1) -> tuple[int, int]:
-    """The rank (a multiple of ``step``) whose adapter parameter count is closest to ``budget``.
+    """The rank (a multiple of ``step``) whose adapter parameter count is closest to ``budget``."""
+    return closest_rank(lambda rank: count_at(args, family, rank), budget, step)
+
+
+def closest_rank(count, budget: int, step: int = 1) -> tuple[int, int]:
+    """``(rank, count)``: the multiple of ``step`` whose ``count(rank)`` is closest to ``budget``.
 
     Counts are affine in the rank (DoRA's magnitude vectors are the constant part): measured at
     ``step`` and ``2 * step``."""
-    low, high = count_at(args, family, step), count_at(args, family, 2 * step)
+    low, high = count(step), count(2 * step)
     slope = (high - low) / step
     offset = low - slope * step
     ideal = max(step, (budget - offset) / slope)

@@ -215,7 +215,7 @@ def build_programs(args, torch, device) -> tuple[dict, dict]:
 
 
 def _family_lib():
-    """family_latency.py's helpers (GAWS factor search, adapter parameter count), one source."""
+    """family_latency.py's helpers (GAWS factor search, rank search, adapter parameter count), one source."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import family_latency
 
@@ -245,7 +245,7 @@ def build_family_model(family: str, size, shapes: dict, args, torch, layers: int
 
 def equal_budget_size(family: str, budget: int, shapes: dict, args) -> tuple:
     """(size, adapter parameter count) closest to ``budget``: the rank (a multiple of 2 for
-    BD-LoRA's 2 blocks; counts are affine in it, measured at two ranks), or the
+    BD-LoRA's 2 blocks: ``family_latency.closest_rank``), or the
     GAWS / GAWS-D factor per projection (``family_latency.gaws_factors``)."""
     import torch
 
@@ -254,17 +254,7 @@ def equal_budget_size(family: str, budget: int, shapes: dict, args) -> tuple:
         factors, count, _ = lib.gaws_factors(lib.shapes_of(argparse.Namespace(**shapes)), args.layers, budget)
         return factors, count
     step = 2 if family == "bdlora" else 1
-
-    def count(rank):
-        return adapter_parameters(build_family_model(family, rank, shapes, args, torch))
-
-    low, high = count(step), count(2 * step)
-    slope = (high - low) / step
-    offset = low - slope * step
-    ideal = max(step, (budget - offset) / slope)
-    candidates = sorted({max(step, step * int(ideal // step)), max(step, step * (int(ideal // step) + 1))})
-    rank = min(candidates, key=lambda r: abs(offset + slope * r - budget))
-    return rank, int(round(offset + slope * rank))
+    return lib.closest_rank(lambda rank: adapter_parameters(build_family_model(family, rank, shapes, args, torch)), budget, step)
 
 
 def _inputs(program, device):

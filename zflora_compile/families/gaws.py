@@ -36,9 +36,10 @@ from typing import ClassVar
 import numpy as np
 
 from zflora_compile import metadata
+from zflora_compile.families.lora import MergeSite, StripSite
 from zflora_compile.graph.branches import Branch, escape, find_branches
 from zflora_compile.graph.probe import NotLinear, measure_map
-from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_getter, check_path
+from zflora_compile.graph.protocol import Gemm, GraphView, Reject, bias_getter, check_path, zero_branch
 from zflora_compile.graph.records import GroupedSite, LazyArray, number_groups, numpy_dtype
 
 NAME = "gaws"
@@ -221,34 +222,6 @@ class FuseGrouped:
         })
 
 
-@dataclasses.dataclass
-class MergeGrouped:
-    section: ClassVar[str] = "merged_sites"
-    site: GroupedSite
-    weight: LazyArray
-
-    def to_json(self) -> str:
-        return self.site.site_id
-
-    def emit(self, graph, state: dict) -> None:
-        binding = self.site.binding
-        with graph.at(binding.add, self.site.label or self.site.site_id):
-            graph.replace_weight(binding.gemm, self.weight, name="merged_weight")
-            graph.redirect(graph.output(binding.add), binding.base_output)
-
-
-@dataclasses.dataclass
-class StripGrouped:
-    section: ClassVar[str] = "stripped_sites"
-    site: GroupedSite
-
-    def to_json(self) -> str:
-        return self.site.site_id
-
-    def emit(self, graph, state: dict) -> None:
-        graph.redirect(graph.output(self.site.binding.add), self.site.binding.base_output)
-
-
 def _fuse(sites: list[GroupedSite]) -> FuseGrouped:
     dtype = numpy_dtype(sites[0].dtype)
     width = sum(s.out_features for s in sites)
@@ -274,10 +247,10 @@ def _fuse(sites: list[GroupedSite]) -> FuseGrouped:
 
 
 def plan(sites: list[GroupedSite], strategy: str) -> list:
-    if strategy == "strip":
-        return [StripGrouped(site) for site in sites]
+    if strategy == "strip":  # LoRA's rewrites: the binding has the same add, GEMM and base output
+        return [StripSite(site) for site in sites]
     if strategy == "merge":
-        return [MergeGrouped(s, LazyArray((s.in_features, s.out_features), numpy_dtype(s.dtype), lambda s=s: merged_weight(s))) for s in sites]
+        return [MergeSite(s, LazyArray((s.in_features, s.out_features), numpy_dtype(s.dtype), lambda s=s: merged_weight(s))) for s in sites]
     groups: dict[str, list[GroupedSite]] = {}
     for site in sites:
         groups.setdefault(site.group or site.site_id, []).append(site)
@@ -301,5 +274,4 @@ class KeepGrouped:
 def disable(graph, site: GroupedSite) -> None:
     """The branch multiplied by zero before its add (the strip reference)."""
     binding = site.binding
-    with graph.at(binding.add, f"{site.site_id}.zero_branch"):
-        graph.redirect(graph.output(binding.add), graph.add(binding.base_output, graph.scale(binding.branch, 0.0)))
+    zero_branch(graph, binding.add, binding.base_output, binding.branch, f"{site.site_id}.zero_branch")

@@ -28,7 +28,7 @@ import numpy as np
 
 from zflora_compile.graph.branches import Branch, escape, find_branches, find_input_scales, find_lane_reads, find_scales
 from zflora_compile.graph.probe import NotLinear, measure_map
-from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, match_projection
+from zflora_compile.graph.protocol import GraphView, NotACandidate, Reject, match_projection, zero_branch
 from zflora_compile.graph.records import AdapterSite, LazyArray, LinearSite, Unrecognized, numpy_dtype
 
 NAME = "linear"
@@ -316,5 +316,4 @@ def plan(sites: list[LinearSite], strategy: str) -> list:
 def disable(graph, site: LinearSite) -> None:
     """Each branch multiplied by zero before its add, the graph otherwise unchanged (the strip reference)."""
     for branch in site.binding.top.stack:
-        with graph.at(branch.add, f"{site.site_id}.zero_branch"):
-            graph.redirect(graph.output(branch.add), graph.add(branch.base, graph.scale(branch.value, 0.0)))
+        zero_branch(graph, branch.add, branch.base, branch.value, f"{site.site_id}.zero_branch")

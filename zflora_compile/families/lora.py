@@ -46,6 +46,7 @@ from zflora_compile.graph.protocol import (
     matrix_shape,
     produced_by,
     single_use,
+    zero_branch,
 )
 from zflora_compile.graph.records import AdapterSite, LazyArray, Rejection, number_groups, numpy_dtype
 
@@ -357,8 +358,7 @@ def disable(graph, site: AdapterSite) -> None:
     single GEMM (densified, DoRA) has its whole branch multiplied by zero instead."""
     binding = site.binding
     if binding.branch is not None:
-        with graph.at(binding.add, f"{site.site_id}.zero_branch"):
-            graph.redirect(graph.output(binding.add), graph.add(binding.base_output, graph.scale(binding.branch, 0.0)))
+        zero_branch(graph, binding.add, binding.base_output, binding.branch, f"{site.site_id}.zero_branch")
         return
     gemm = binding.b_gemm
     with graph.at(site.binding.add, f"{site.site_id}.zero_b"):

@@ -283,6 +283,13 @@ def bias_getter(view: GraphView, projection: Projection) -> Callable[[], np.ndar
     return lambda: getter().reshape(out)
 
 
+def zero_branch(graph: Emitter, add: Node, base: Value, branch: Value, stem: str) -> None:
+    """The strip reference of an adapter with no single ``B`` to zero: ``add`` computes
+    ``base + 0 * branch`` (the graph otherwise unchanged)."""
+    with graph.at(add, stem):
+        graph.redirect(graph.output(add), graph.add(base, graph.scale(branch, 0.0)))
+
+
 def produced_by(view: GraphView, value: Value) -> str:
     producer = view.producer(value)
     return f"produced by node '{view.name(producer)}'" if producer is not None else "a graph input"
