@@ -74,9 +74,12 @@ class OnnxGraph:
     ir = "onnx"
     requires_shapes = False
 
-    def __init__(self, model: ir.Model):
+    def __init__(self, model: ir.Model, graph: ir.Graph | None = None):
+        """A view of ``graph``: the model's main graph, or one of its subgraphs (an ``If`` branch, a
+        ``Loop`` body), whose nodes may read values of enclosing graphs. New initializers go to the
+        main graph, which every subgraph may read; new names are unique across the whole model."""
         self.model = model
-        self.graph = model.graph
+        self.graph = model.graph if graph is None else graph
         self._anchor: ir.Node | None = None
         self._taken: set[str] | None = None
         self._redirected: dict[int, ir.Value] = {}  # id(old) -> new, for handles a plan still holds
@@ -434,8 +437,9 @@ class OnnxGraph:
     # ================================================================== emitter
     def _name(self, base: str) -> str:
         if self._taken is None:
-            self._taken = {v.name for v in self.graph.initializers.values()} | {v.name for v in self.graph.inputs}
-            for node in self.graph:
+            main = self.model.graph
+            self._taken = {v.name for v in main.initializers.values()} | {v.name for v in main.inputs} | {v.name for v in self.graph.inputs}
+            for node in main.all_nodes():
                 self._taken.update(o.name for o in node.outputs if o.name)
                 if node.name:
                     self._taken.add(node.name)
@@ -470,7 +474,7 @@ class OnnxGraph:
         else:
             tensor = ir.tensor(np.asarray(array), name=name)
         value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(value)
+        self.model.graph.register_initializer(value)
         return value
 
     def resolve(self, value):
