@@ -12,13 +12,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import onnx
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 import zflora_compile.families as families
 from zflora_compile import metadata
-from zflora_compile.errors import UnrecognizedAdapterError, VerificationError, ZcompileError, first_line
+from zflora_compile.checker import input_checker, output_checker
+from zflora_compile.errors import UnrecognizedAdapterError, VerificationError, ZcompileError
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
@@ -28,7 +29,6 @@ from zflora_compile.progress import TimedSteps
 from zflora_compile.report import NO_VERIFY, GraphStats, InputInfo, OutputInfo, Report, file_digest
 from zflora_compile.verify import check_finite_weights, token_vocab, verification_failure_message, verify_models
 
-CHECKER_PASSED = "onnx.checker.check_model(full_check=True) passed"
 STRIP_REFERENCE = "the input model with every detected adapter's B set to zero (a generic linear branch: multiplied by zero)"
 
 COMPILED_STRIP_REFERENCE = (
@@ -173,29 +173,6 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             if not result["passed"]:
                 raise VerificationError(verification_failure_message(result))
     return model
-
-
-def input_checker(path: Path) -> str:
-    """``onnx.checker`` on the input file: :data:`CHECKER_PASSED`, or why it fails (the input's own
-    fault: exporters write graphs ONNX Runtime runs that the checker refuses)."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        return f"fails onnx.checker: {first_line(error)}"
-    return CHECKER_PASSED
-
-
-def output_checker(path: Path, input_result: str) -> str:
-    """``onnx.checker`` on the rewritten model, held to what the input passed: a rewrite of an input
-    that passes must pass (else ``VerificationError``); for an input that fails, the check is
-    skipped and ONNX Runtime's verification is what proves the rewrite."""
-    if input_result != CHECKER_PASSED:
-        return f"skipped: the input model itself {input_result}"
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise VerificationError(f"rewritten model fails onnx.checker: {first_line(error)}") from None
-    return CHECKER_PASSED
 
 
 def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int, compiled: dict | None = None) -> tuple[Path, str]:
