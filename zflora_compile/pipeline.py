@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 import zflora_compile.families as families
-from zflora_compile import metadata
+from zflora_compile import metadata, subgraphs
 from zflora_compile.checker import input_checker, output_checker
 from zflora_compile.errors import UnrecognizedAdapterError, VerificationError, ZcompileError
 from zflora_compile.graph.onnx_ir import OnnxGraph
@@ -46,12 +46,14 @@ def is_fx_model(model) -> bool:
 
 
 def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> Detection:
-    """Every adapter site in an ONNX model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes.
+    """Every adapter site in an ONNX model: LoRA, then FFA / FBA / FFBA / zFLoRA lanes, in the main
+    graph and in every subgraph (``If`` branches, ``Loop`` / ``Scan`` bodies; :mod:`.subgraphs`:
+    a subgraph's sites and rejections are named by its path).
 
     ONNX shape inference runs first: a graph without recorded intermediate shapes would otherwise
     hide leading axes that differ between a lane and its reader (a Concat of tensors of two ranks)."""
     infer_shapes(model)
-    return families.detect(OnnxGraph(model), max_rank_ratio=max_rank_ratio)
+    return subgraphs.detect(model, max_rank_ratio)
 
 
 def refuse_unaccounted(detection: Detection, options: CompileOptions) -> None:
@@ -71,21 +73,24 @@ def refuse_unaccounted(detection: Detection, options: CompileOptions) -> None:
     )
 
 
-def check_stripped(view, detection: Detection) -> None:
+def check_stripped(views, detection: Detection) -> None:
     """The stripped model, detected afresh, carries no adapter: no site, and no branch of a
-    projection's own input through constant-parameter ops (a check that does not trust the
-    detection strip was planned from; what removing an add exposes of the base model, such as a
-    GEMM -> activation -> GEMM path, is no adapter and does not count)."""
+    projection's own input through constant-parameter ops in any of its graphs (``views``:
+    ``(path, view)`` pairs; a check that does not trust the detection strip was planned from; what
+    removing an add exposes of the base model, such as a GEMM -> activation -> GEMM path, is no
+    adapter and does not count)."""
     from zflora_compile.graph.branches import find_branches
 
-    branches = find_branches(view)
+    branches = [(path, view, b) for path, view in views for b in find_branches(view)]
     left = len(branches) + len(detection.all_sites)
     if left:
-        where = next((view.name(b.add) for b in branches), None) or next((s.site_id for s in detection.all_sites), "")
+        where = next((f"{path}:{view.name(b.add)}" if path else view.name(b.add) for path, view, b in branches), None)
+        where = where or next((s.site_id for s in detection.all_sites), "")
         raise VerificationError(f"the stripped model still carries {left} adapter-shaped branch(es) or site(s), e.g. '{where}'")
 
 
 def onnx_stats(model: ir.Model) -> GraphStats:
+    """Op and GEMM counts of the whole model, subgraphs included."""
     graph = OnnxGraph(model)
     return GraphStats(graph.op_counts(), graph.gemm_count())
 
@@ -149,16 +154,15 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             refuse_unaccounted(detection, options)
             check_finite_weights(detection, options.strategy, model)
         with steps.step("rewrite"):
-            the_plan = plan(detection, options.strategy)
+            the_plan = subgraphs.plan(detection, options.strategy)
             if len(the_plan):
-                families.rewrite(OnnxGraph(model), the_plan)
+                subgraphs.rewrite(model, the_plan)
             if len(the_plan) or removed:
                 infer_shapes(model)
                 metadata.write(model, metadata.compilation(options.strategy, detection, the_plan, removed))
             report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
             if options.strategy == "strip":
-                view = OnnxGraph(model)
-                check_stripped(view, families.detect(view, max_rank_ratio=options.max_rank_ratio))
+                check_stripped(subgraphs.views(model), subgraphs.detect(model, options.max_rank_ratio))
         rewritten = save_model(model, tmp / "model.onnx", external=True)[0]
         with steps.step("check"):
             report.output.checker = output_checker(rewritten, report.input.checker)
@@ -187,7 +191,7 @@ def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int
     again = detect(model, options.max_rank_ratio)
     if len(again) != sites:
         raise VerificationError(f"the strip reference, detected afresh from the saved input, has {len(again)} adapter site(s), the compile {sites}")
-    families.disable_adapters(OnnxGraph(model), again)
+    subgraphs.disable_adapters(model, again)
     path = tmp / "reference.onnx"
     save_model(model, path, external=True)
     return path, (COMPILED_STRIP_REFERENCE + "; then " if compiled is not None else "") + f"{STRIP_REFERENCE} (graph otherwise unchanged)"
@@ -215,7 +219,7 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
         if options.strategy == "strip":
             after = edit(result)
             view = FxGraph(after.gm, after.constants)
-            check_stripped(view, families.detect(view, max_rank_ratio=options.max_rank_ratio))
+            check_stripped([("", view)], families.detect(view, max_rank_ratio=options.max_rank_ratio))
     if not options.verify:
         report.verification = dict(NO_VERIFY)
         return result
