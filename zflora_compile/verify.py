@@ -91,7 +91,13 @@ def _dims(shape) -> list:
 
 
 def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 0) -> list[InputCase]:
-    """Seeded inputs for every case this graph's signature admits."""
+    """Seeded inputs for every case this graph's signature admits.
+
+    Every value of every bool input runs (an ``If`` on optimum's ``use_cache_branch`` holds two
+    decoders: each is checked), and graph inputs with a default initializer (adapter weights a
+    runtime binds, as Olive and ONNX Runtime's multi-LoRA write them) run once with their
+    defaults and once with seeded random values: a rewrite that froze them would pass the first
+    and fail the second."""
     inputs = session.get_inputs()
     has_cache = has_kv_cache(inputs)
     free_axes = any(not isinstance(d, int) for i in inputs for d in _dims(i.shape))
@@ -101,12 +107,43 @@ def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 
         plans = [(None, 0)]
     else:
         plans = [(n, 0) for n in DEFAULT_SEQ_LENS]
+    overridable = [i for i in session.get_overridable_initializers() if np.issubdtype(_ORT_TYPES.get(i.type, np.int64), np.floating)]
     cases = []
     for case_index, (seq, past) in enumerate(plans):
         feeds = make_feeds(inputs, vocab, seq=seq, past=past, seed=seed + case_index)
         name = "static shapes" if seq is None else f"seq={seq}" + (f",past={past}" if has_cache else "")
-        cases.append(InputCase(name, feeds, optional=has_cache and (seq, past) in OPTIONAL_CACHE_CASES))
+        optional = has_cache and (seq, past) in OPTIONAL_CACHE_CASES
+        for flags, flagged in bool_variants(inputs, feeds):
+            cases.append(InputCase(name + flags, flagged, optional=optional))
+            if overridable:
+                fed = make_feeds(overridable, vocab, seq=seq or 4, past=past, seed=seed + 1000 + case_index)
+                cases.append(InputCase(name + flags + ",defaulted inputs fed", {**flagged, **fed}, optional=optional))
     return cases
+
+
+#: bool inputs beyond this many are flipped one at a time, not in every combination
+MAX_BOOL_PRODUCT = 3
+
+
+def bool_variants(inputs, feeds: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """``feeds`` with every value of its one-element bool inputs (all combinations of up to
+    :data:`MAX_BOOL_PRODUCT` inputs, else each flipped alone); the names say which."""
+    flags = [i.name for i in inputs if i.type == "tensor(bool)" and feeds[i.name].size == 1]  # switches, not bool masks
+    if not flags:
+        return [("", feeds)]
+    import itertools
+
+    if len(flags) <= MAX_BOOL_PRODUCT:
+        settings = list(itertools.product((True, False), repeat=len(flags)))
+    else:
+        settings = [tuple(True for _ in flags)] + [tuple(j != k for j in range(len(flags))) for k in range(len(flags))]
+    variants = []
+    for values in settings:
+        flagged = dict(feeds)
+        for name, value in zip(flags, values):
+            flagged[name] = np.full(feeds[name].shape, value, dtype=np.bool_)
+        variants.append(("," + ",".join(f"{n}={v}" for n, v in zip(flags, values)), flagged))
+    return variants
 
 
 def has_kv_cache(inputs) -> bool:
@@ -357,6 +394,7 @@ def verify_models(
     candidate_session = session(rewritten)
     computed_in = weight_precision(rewritten)
     cases = make_cases(reference_session, vocab, seed=seed)
+    accepted = {i.name for i in candidate_session.get_inputs()} | {i.name for i in candidate_session.get_overridable_initializers()}
     names = [o.name for o in reference_session.get_outputs()]
     results = []
     worst = {"output": None, "max_abs_diff": -1.0}
@@ -368,6 +406,11 @@ def verify_models(
                 results.append({"case": case.name, "inputs": {k: list(v.shape) for k, v in case.feeds.items()}, "outputs": {}, "skipped": f"the original model does not run on it: {first_line(error)}"})
                 continue
             raise InputError(f"{original}: the original model does not run on synthesized inputs ({case.name}: {first_line(error)}); use --no-verify") from None
+        lost = sorted(set(case.feeds) - accepted)
+        if lost:  # a fed input the rewrite turned into a constant (or dropped): the model no longer listens to it
+            reason = f"input '{lost[0]}' of the original is no input of the rewritten model"
+            results.append({"case": case.name, "inputs": {k: list(v.shape) for k, v in case.feeds.items()}, "outputs": {lost[0]: {"passed": False, "reason": reason}}})
+            continue
         actual = candidate_session.run(names, case.feeds)
         outputs = {}
         for name, ref, got in zip(names, expected, actual):
