@@ -24,6 +24,8 @@ class Shape:
     name: str
     seq: int
     past: int
+    #: why the shape is smaller than asked (the model's position range), "" when it is not
+    clamped: str = dataclasses.field(default="", compare=False)
 
     def describe(self) -> str:
         if self.name == "static":
@@ -50,6 +52,15 @@ def check_precision(target: str, precision: str | None, allowed: tuple[str, ...]
         raise InputError(f"target '{target}' runs the model in its own precision; --precision {precision} does not apply to it")
     if precision not in allowed:
         raise TargetError(f"target '{target}' supports --precision {or_list(allowed)}, not {precision}")
+
+
+class CannotRunHere(DependencyError):
+    """The runtime on this machine has no kernel for an op of the model (ONNX Runtime CPU and
+    bfloat16): nothing that runs the model can run here; ``--no-verify`` compiles without running it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -88,8 +99,12 @@ class Target(abc.ABC):
     precisions: ClassVar[tuple[str, ...]] = ()
     #: extra/packages needed, shown when they are missing
     install_hint: ClassVar[str] = ""
-    #: tolerance (atol, rtol) for comparing the artifact's outputs with ONNX Runtime CPU
-    artifact_tolerance: ClassVar[tuple[float, float]] = (1e-4, 1e-4)
+    #: the least tolerance (atol, rtol) of the artifact check, for the target's own kernels (fp16
+    #: arithmetic on an NPU); each output's tolerance is the larger of this and the one its dtype
+    #: and the model's quantization call for (:func:`zflora_compile.targets.check.output_tolerances`)
+    artifact_tolerance: ClassVar[tuple[float, float]] = (0.0, 0.0)
+    #: why the target widens the check (shown in the report); "" when it does not
+    artifact_tolerance_why: ClassVar[str] = ""
     #: whether the artifact runs on an emulator here, so its timings are not device latencies
     emulated: bool = False
 

@@ -1,19 +1,126 @@
-"""The artifact check: a target's artifact must compute what the model it was built from computes."""
+"""The artifact check: a target's artifact must compute what the model it was built from computes.
+
+Each output is compared with ``|artifact - reference| <= atol + rtol * |reference|`` at a
+tolerance chosen per output (:func:`output_tolerances`):
+
+* its element type: :data:`zflora_compile.verify.TOLERANCES` (fp32 1e-4, fp16 1e-2, ...): ONNX
+  Runtime's full optimisation fuses ops whose fp16 intermediates the reference rounds, one ulp
+  apart;
+* a quantized model (QuantizeLinear / DequantizeLinear, QLinear*, MatMulInteger,
+  DynamicQuantizeLinear, com.microsoft MatMulNBits...): at least bfloat16's tolerance, since an
+  8-bit integer carries what bfloat16's 8-bit significand carries, and ONNX Runtime's fused
+  integer kernels round a requantized activation once where the reference rounds twice, so a
+  value may land a step away at every quantized op; an output that a DequantizeLinear with a
+  constant scale produces gets :data:`QUANT_STEPS` of its steps (``QUANT_STEPS * scale``), an
+  8/16-bit integer output :data:`QUANT_STEPS` units;
+* at least the target's own :attr:`Target.artifact_tolerance` (fp16 kernels of an NPU).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from zflora_compile.targets.base import Shape, Target
-from zflora_compile.verify import compare, input_specs, make_feeds, session
+from zflora_compile.verify import TOLERANCES, compare, input_specs, make_feeds, session, tolerance_for, weight_precision
+
+#: quantization steps a dequantized output (or an integer one) of a quantized model may differ
+#: by: ONNX Runtime's QDQ fusions moved the logits of a tiny quantize_static Llama by exactly 2
+#: steps of their DequantizeLinear scale; twice that leaves room for other seeds and shapes
+QUANT_STEPS = 4
+
+#: op types (any domain) that make a model quantized, besides every ``QLinear*`` op
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "GatherBlockQuantized",
+        "QAttention",
+        "QGemm",
+        "QOrderedMatMul",
+        "QMoE",
+        "DequantizeBFP",
+        "QuantizeBFP",
+    }
+)
+# ops that move or reshape values without changing them, between a DequantizeLinear and an output
+_LAYOUT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+_INTEGER_STEPS = frozenset({"int8", "uint8", "int16", "uint16", "int4", "uint4"})
+
+
+def quantized_ops(model: ir.Model) -> list[str]:
+    """The quantization op types of ``model`` (main graph and subgraphs), sorted."""
+    return sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
+
+
+def _dequantized_by(value: ir.Value) -> tuple[str, float] | None:
+    """``(node name, largest |scale|)`` of the DequantizeLinear that produces ``value`` through
+    layout-only ops, when its scale is a constant."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in _LAYOUT_OPS and producer.inputs and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()
+    if producer is None or producer.op_type != "DequantizeLinear" or len(producer.inputs) < 2 or producer.inputs[1] is None:
+        return None
+    scale = producer.inputs[1].const_value
+    if scale is None:
+        constant = producer.inputs[1].producer()
+        if constant is None or constant.op_type != "Constant" or "value" not in constant.attributes:
+            return None
+        scale = constant.attributes["value"].value
+    return producer.name or "", float(np.max(np.abs(np.asarray(scale.numpy(), dtype=np.float64))))
+
+
+def output_tolerances(target: Target, model_path: Path) -> dict[str, dict]:
+    """``{output: {"atol", "rtol", "why"}}``: each output's artifact-check tolerance (the rules
+    of this module's docstring)."""
+    model = ir.load(str(model_path))  # external weights stay on disk; only DequantizeLinear scales are read
+    quantized = quantized_ops(model)
+    computed_in = weight_precision(model_path)
+    floor_atol, floor_rtol = target.artifact_tolerance
+    tolerances = {}
+    for output in model.graph.outputs:
+        try:
+            dtype = np.dtype(output.dtype.numpy()) if output.dtype is not None else np.dtype("float32")
+        except (TypeError, ValueError):  # strings and other types without a numpy dtype: exact
+            dtype = np.dtype(object)
+        judged = computed_in if dtype == np.float64 and computed_in is not None else dtype
+        atol, rtol = tolerance_for(judged, None, None)
+        floating = dtype.kind == "f" or dtype.name == "bfloat16"
+        why = [f"{dtype.name} output" + (f" of {judged.name} weights" if judged != dtype else "") + f": {judged.name} tolerance" if floating else f"{dtype.name} output: exact"]
+        if quantized:
+            names = ", ".join(quantized[:4]) + (", ..." if len(quantized) > 4 else "")
+            if floating:
+                q_atol, q_rtol = TOLERANCES["bfloat16"]
+                atol, rtol = max(atol, q_atol), max(rtol, q_rtol)
+                why.append(f"quantized model ({names}): at least bfloat16's tolerance (8-bit integers carry bfloat16's 8 significant bits)")
+                source = _dequantized_by(output)
+                if source is not None and QUANT_STEPS * source[1] > atol:
+                    atol = QUANT_STEPS * source[1]
+                    why.append(f"dequantized by '{source[0]}' (scale {source[1]:.3g}): {QUANT_STEPS} quantization steps")
+            elif dtype.name in _INTEGER_STEPS:
+                atol = max(atol, float(QUANT_STEPS))
+                why.append(f"quantized model ({names}): {QUANT_STEPS} quantization steps of the integer output")
+        if floor_atol > atol or floor_rtol > rtol:
+            atol, rtol = max(atol, floor_atol), max(rtol, floor_rtol)
+            why.append(f"target {target.name}: at least atol {floor_atol:g}, rtol {floor_rtol:g} ({target.artifact_tolerance_why or 'its kernels'})")
+        tolerances[output.name] = {"atol": float(atol), "rtol": float(rtol), "why": "; ".join(why)}
+    return tolerances
 
 
 def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab: int | None, seed: int) -> dict:
     """Run the target's artifact and ONNX Runtime CPU on the same inputs, for every shape it serves;
-    returns the report's ``target.check`` section."""
-    atol, rtol = target.artifact_tolerance
+    returns the report's ``target.check`` section (with the tolerance of every output and why)."""
+    tolerances = output_tolerances(target, model_path)
     reference = session(model_path)
     names = [o.name for o in reference.get_outputs()]
     specs = input_specs(model_path)
@@ -24,6 +131,7 @@ def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes:
         got = dict(zip(loaded.output_names, loaded.run(feeds)))
         outputs = {}
         for name, expected in zip(names, reference.run(names, feeds)):
+            atol, rtol = tolerances[name]["atol"], tolerances[name]["rtol"]
             if name not in got:
                 outputs[name] = {"passed": False, "reason": "missing from the artifact's outputs"}
             else:
@@ -32,12 +140,17 @@ def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes:
             if not outputs[name]["passed"] and failure is None:
                 detail = outputs[name].get("reason") or f"max abs diff {outputs[name]['max_abs_diff']:.3g} > atol {atol:g} + rtol {rtol:g} * |ref|"
                 failure = f"output '{name}' ({shape.describe()}): {detail}"
-        cases.append({"shape": shape.name, "seq": shape.seq, "past": shape.past, "runs_on": loaded.description, "outputs": outputs})
+        case = {"shape": shape.name, "seq": shape.seq, "past": shape.past, "runs_on": loaded.description, "outputs": outputs}
+        if shape.clamped:
+            case["clamped"] = shape.clamped
+        cases.append(case)
     return {
         "passed": failure is None,
         "reference": "model.onnx on onnxruntime CPUExecutionProvider, same seeded inputs",
-        "atol": atol,
-        "rtol": rtol,
+        "rule": "|artifact - reference| <= atol + rtol * |reference|, elementwise, at each output's tolerance",
+        "atol": max((t["atol"] for t in tolerances.values()), default=0.0),
+        "rtol": max((t["rtol"] for t in tolerances.values()), default=0.0),
+        "tolerances": tolerances,
         "max_abs_diff": worst,
         "failure": failure,
         "cases": cases,

@@ -80,6 +80,7 @@ class QnnTarget(Target):
     precisions = PRECISIONS
     install_hint = "Install it with: pip install 'zflora-compile[qnn]' (onnxruntime-qnn, Linux x86_64 / Windows ARM64 wheels)."
     artifact_tolerance = (2e-2, 2e-2)  # fp16 arithmetic on HTP vs fp32 on CPU
+    artifact_tolerance_why = "fp16 arithmetic on HTP (the emulator reproduces it) vs ONNX Runtime CPU"
 
     @property
     def emulated(self) -> bool:

@@ -67,6 +67,7 @@ class TrtTarget(Target):
         "(or pip install tensorrt --extra-index-url https://pypi.nvidia.com, plus a CUDA build of torch)."
     )
     artifact_tolerance = (2e-2, 2e-2)  # fp16 / TF32 kernels vs fp32 on CPU
+    artifact_tolerance_why = "TensorRT's fp16 / TF32 kernels vs ONNX Runtime CPU"
 
     @classmethod
     def missing_dependency(cls) -> str | None:
