@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from zflora_compile.errors import EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError
+from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.gate import Variant, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
 from zflora_compile.options import CompileOptions
@@ -27,7 +27,9 @@ from zflora_compile.pipeline import compile_model, compile_onnx
 from zflora_compile.progress import TimedSteps
 from zflora_compile.report import InputInfo, Report, file_digest, report_text
 from zflora_compile.targets import Shape, Target, get_target
+from zflora_compile.targets.base import CannotRunHere
 from zflora_compile.targets.check import check_artifact
+from zflora_compile.targets.ort import cpu_kernel_gap, holds_bfloat16
 from zflora_compile.verify import token_vocab
 
 MODEL_NAME = "model.onnx"
@@ -82,6 +84,13 @@ def compile_file(
             report.input.external_data = has_external_data(model)
         vocab = token_vocab(model)
         onnx_source = source if source.suffix == ".onnx" else None
+        if options.verify and onnx_source is not None and holds_bfloat16(model):
+            gap = cpu_kernel_gap(onnx_source, model)
+            if gap:  # before compiling: verification would fail on it after the work
+                raise DependencyError(
+                    f"{input_path}: this model cannot run on this machine, so it cannot be verified: {gap}; "
+                    "verification runs it in ONNX Runtime on CPU; --no-verify compiles it without running it"
+                )
         where[:] = [Path(tempfile.gettempdir()), "compiling in the temporary directory"]
         model = compile_onnx(report, model, options, steps, source=onnx_source)
         where[:] = [destination.parent, "writing the output"]
@@ -89,6 +98,8 @@ def compile_file(
         where[:] = [staging, "writing the output"]
         shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
         report.succeed()
+        if report.target.get("not_run"):
+            report.message += f"; not run on this machine ({report.target['cannot_run_here']}): {', '.join(report.target['not_run'])}"
         if options.check_latency:
             where[:] = [Path(tempfile.gettempdir()), "building the latency gate's variants"]
             _latency_gate(report, staging, input_path, target, shapes, options, vocab, steps)
@@ -103,8 +114,8 @@ def compile_file(
             raise LatencyGateError(report.message)
         return report.to_json()
     except ZcompileError as error:
-        if isinstance(error, EnvironmentProblem) and staging is not None:
-            error = EnvironmentProblem(_shown(str(error), staging, output_dir))
+        if staging is not None:  # the hidden staging directory is gone: name the output directory
+            error.args = (_shown(str(error), staging, output_dir),)
         report.fail(error)
         error.report = report.to_json()
         raise error from None
@@ -142,8 +153,20 @@ def _write_and_build(model: ir.Model, staging: Path, report: Report, options: Co
         report.output.files = [p.name for p in written] + ["report.json"]
     shapes = phase_shapes(model_path, options.latency)
     with steps.step(f"build target {target.name}"):
-        report.target = target.build(model_path, staging, shapes)
+        try:
+            report.target = target.build(model_path, staging, shapes)
+        except CannotRunHere as error:
+            if options.verify:
+                raise
+            if options.check_latency:
+                raise DependencyError(f"--check-latency runs the model, which cannot run on this machine: {error.reason}") from None
+            report.target = _not_built(target, error.reason)
+            report.verification = {**(report.verification or {}), "cannot_run_here": error.reason}
+            return shapes
     report.output.files += report.target["artifacts"]
+    clamped = [s.clamped for s in shapes if s.clamped]
+    if clamped:
+        report.target["shapes_clamped"] = clamped
     if options.verify:
         with steps.step(f"check the {target.name} artifact against the model"):
             check = check_artifact(target, staging, model_path, shapes, vocab, options.seed)
@@ -151,6 +174,21 @@ def _write_and_build(model: ir.Model, staging: Path, report: Report, options: Co
             if not check["passed"]:
                 raise VerificationError(f"the {target.name} artifact does not match model.onnx: {check['failure']}")
     return shapes
+
+
+def _not_built(target: Target, reason: str) -> dict:
+    """The report's ``target`` section of a model the target's runtime cannot run here (``--no-verify``):
+    no artifact; what did not run and why."""
+    return {
+        "name": target.name,
+        "artifacts": [],
+        "cannot_run_here": reason,
+        "not_run": {
+            "verification": "--no-verify; it could not run here either",
+            f"build target {target.name}": "the runtime has no kernel for the model's ops here; model.onnx is written",
+            f"check the {target.name} artifact": "no artifact; --no-verify",
+        },
+    }
 
 
 def _latency_gate(report: Report, staging: Path, input_path: Path, target: Target, shapes: list[Shape], options: CompileOptions, vocab, steps: TimedSteps) -> None:

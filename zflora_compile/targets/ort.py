@@ -9,12 +9,13 @@ ONNX Runtime version (ONNX Runtime's rule), the portable ``model.onnx`` sits bes
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import onnxruntime as ort
 
 from zflora_compile.errors import EnvironmentProblem, InputError, VerificationError, first_line
-from zflora_compile.targets.base import Loaded, Shape, Target, check_precision
+from zflora_compile.targets.base import CannotRunHere, Loaded, Shape, Target, check_precision
 
 OPTIMIZED_NAME = "model.optimized.onnx"
 
@@ -35,6 +36,68 @@ def choose_provider(requested: str | None) -> str:
     if name not in available:
         raise InputError(f"ONNX Runtime provider '{name}' is not available here (available: {', '.join(available)})")
     return name
+
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (?P<op>[\w.]+)\((?P<version>\d+)\) node with name '(?P<node>[^']*)'")
+
+
+def holds_bfloat16(model) -> bool:
+    """Whether an ``onnx_ir.Model`` has a bfloat16 input, output, initializer or typed intermediate."""
+    import onnx_ir as ir
+
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    values += [v for node in model.graph.all_nodes() for v in node.outputs]
+    return any(v.dtype == ir.DataType.BFLOAT16 for v in values)
+
+
+def _without_bfloat16_kernel(model) -> list[str]:
+    """Op types of ``model`` that read or write bfloat16 and have no CPU kernel for it in this
+    ONNX Runtime (its kernel registry); empty when the registry cannot be read."""
+    import onnx_ir as ir
+
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        kernels = _pybind_state.get_all_opkernel_def()
+    except Exception:  # noqa: BLE001 - a private registry: the error ONNX Runtime gave stays the answer
+        return []
+    with_bf16: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for kernel in kernels:
+        if kernel.provider == "CPUExecutionProvider" and any("tensor(bfloat16)" in types for types in kernel.type_constraints.values()):
+            with_bf16.setdefault((kernel.domain, kernel.op_name), []).append(tuple(kernel.version_range))
+    missing = set()
+    for node in model.graph.all_nodes():
+        if not any(v is not None and v.dtype == ir.DataType.BFLOAT16 for v in [*node.inputs, *node.outputs]):
+            continue
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        version = model.opset_imports.get(node.domain, model.opset_imports.get(domain, 0))
+        if not any(low <= version <= high for low, high in with_bf16.get((domain, node.op_type), [])):
+            missing.add(node.op_type)
+    return sorted(missing)
+
+
+def cpu_kernel_gap(model_path: Path, model=None) -> str | None:
+    """Why ONNX Runtime's CPU provider cannot run a bfloat16 model here ("ONNX Runtime CPU has no
+    bfloat16 kernel for Where (node 'n'; also Softmax)"), or ``None`` when it can or the model
+    holds no bfloat16. ``model`` (the file as an ``onnx_ir.Model``) saves reading it again."""
+    import onnx_ir as ir
+
+    model = model if model is not None else ir.load(str(model_path))
+    if not holds_bfloat16(model):
+        return None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001
+        found = _NO_KERNEL.search(str(error))
+        if found is None:
+            return None
+        others = [op for op in _without_bfloat16_kernel(model) if op != found["op"]]
+        also = f"; also {', '.join(others[:6])}{', ...' if len(others) > 6 else ''}" if others else ""
+        return f"ONNX Runtime CPU has no bfloat16 kernel for {found['op']}-{found['version']} (node '{found['node']}'{also})"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +145,12 @@ class OrtTarget(Target):
         return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
 
     def build(self, model_path: Path, out_dir: Path, shapes: list[Shape]) -> dict:
+        """``model.optimized.onnx``; :class:`CannotRunHere` when only the CPU provider is used and
+        it has no kernel for the model's bfloat16 ops (nothing is written then)."""
+        if self._providers() == ["CPUExecutionProvider"]:
+            gap = cpu_kernel_gap(model_path)
+            if gap:
+                raise CannotRunHere(f"{model_path}: target ort cannot build its artifact on this machine: {gap}", gap)
         options = self._session_options()
         optimized = out_dir / OPTIMIZED_NAME
         options.optimized_model_filepath = str(optimized)
