@@ -90,7 +90,7 @@ def _dims(shape) -> list:
     return [d if isinstance(d, int) else (d if isinstance(d, str) else None) for d in shape]
 
 
-def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 0) -> list[InputCase]:
+def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 0, fixed: dict[str, int] | None = None) -> list[InputCase]:
     """Seeded inputs for every case this graph's signature admits.
 
     Every value of every bool input runs (an ``If`` on optimum's ``use_cache_branch`` holds two
@@ -98,7 +98,7 @@ def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 
     runtime binds, as Olive and ONNX Runtime's multi-LoRA write them) run once with their
     defaults and once with seeded random values: a rewrite that froze them would pass the first
     and fail the second."""
-    inputs = session.get_inputs()
+    inputs = with_fixed_dims(session.get_inputs(), fixed or {})
     has_cache = has_kv_cache(inputs)
     free_axes = any(not isinstance(d, int) for i in inputs for d in _dims(i.shape))
     if has_cache:
@@ -393,7 +393,9 @@ def verify_models(
         raise InputError(f"{original}: ONNX Runtime cannot load the original model ({first_line(error)}); use --no-verify to skip verification") from None
     candidate_session = session(rewritten)
     computed_in = weight_precision(rewritten)
-    cases = make_cases(reference_session, vocab, seed=seed)
+    import onnx
+
+    cases = make_cases(reference_session, vocab, seed=seed, fixed=fixed_dims(onnx.load(str(original), load_external_data=False)))
     accepted = {i.name for i in candidate_session.get_inputs()} | {i.name for i in candidate_session.get_overridable_initializers()}
     names = [o.name for o in reference_session.get_outputs()]
     results = []
@@ -472,4 +474,42 @@ def input_specs(path: str | os.PathLike) -> list[InputSpec]:
         tensor_type = value.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, _ONNX_ELEM_TO_ORT.get(tensor_type.elem_type, f"elem_type {tensor_type.elem_type}"), dims))
-    return specs
+    return with_fixed_dims(specs, fixed_dims(proto))
+
+
+#: ONNX Runtime's attention operators that read a KV cache: (past key index, past value index)
+_CACHE_READERS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7)}
+
+
+def fixed_dims(proto) -> dict[str, int]:
+    """Symbolic input axes whose size the graph fixes although the signature leaves it free:
+    the head size of a KV cache read by ONNX Runtime's ``GroupQueryAttention`` (onnxruntime-genai
+    names it ``kv_cache_dim``): the width of the attention's key input over ``kv_num_heads``, or
+    twice the rotary cache's width."""
+    inputs = {v.name: v for v in proto.graph.input}
+    widths = {v.name: v.type.tensor_type.shape.dim[-1].dim_value for v in list(proto.graph.value_info) + list(proto.graph.output) if v.type.tensor_type.shape.dim}
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    fixed: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in _CACHE_READERS:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        kv_heads = attrs.get("kv_num_heads") or attrs.get("num_heads")
+        key = node.input[1] if len(node.input) > 1 else ""
+        head = widths.get(key, 0) // kv_heads if key and kv_heads and widths.get(key) else 0
+        if not head and node.op_type == "GroupQueryAttention" and attrs.get("do_rotary") and len(node.input) > 7 and node.input[7] in shapes:
+            head = 2 * shapes[node.input[7]][-1]
+        for index in _CACHE_READERS[node.op_type]:
+            name = node.input[index] if len(node.input) > index else ""
+            if head and name in inputs:
+                last = inputs[name].type.tensor_type.shape.dim[-1]
+                if not last.HasField("dim_value") and last.dim_param:
+                    fixed[last.dim_param] = head
+    return fixed
+
+
+def with_fixed_dims(specs, fixed: dict[str, int]) -> list:
+    """``specs`` (anything with ``name``, ``type``, ``shape``) with the ``fixed`` axes as numbers."""
+    if not fixed:
+        return list(specs)
+    return [InputSpec(s.name, s.type, tuple(fixed.get(d, d) if isinstance(d, str) else d for d in s.shape)) for s in specs]
