@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from zflora_compile import genai
 from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.gate import Variant, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
@@ -97,6 +98,7 @@ def compile_file(
         staging = _make_staging(destination)
         where[:] = [staging, "writing the output"]
         shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
+        report.output.files += genai.carry_over(source, staging, MODEL_NAME)  # a GenAI folder stays a GenAI folder
         report.succeed()
         if report.target.get("not_run"):
             report.message += f"; not run on this machine ({report.target['cannot_run_here']}): {', '.join(report.target['not_run'])}"

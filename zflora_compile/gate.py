@@ -16,10 +16,12 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, summarize
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
-from zflora_compile.verify import has_kv_cache, input_specs, make_feeds
+from zflora_compile.verify import _role, has_kv_cache, input_specs, make_feeds
 
 
 class Variant(NamedTuple):
@@ -59,13 +61,123 @@ class LatencyOptions:
             raise InputError(f"--phases must name decode and/or prefill, got {' '.join(map(str, self.phases)) or 'nothing'}")
 
 
+class PositionRange(NamedTuple):
+    """The positions a model has learned: ``positions`` rows of ``table`` that ``node`` gathers,
+    read at position + ``offset``."""
+
+    positions: int
+    table: str
+    node: str
+    offset: int = 0
+
+    def describe(self) -> str:
+        shift = f" at position + {self.offset}" if self.offset else ""
+        return f"{self.positions} positions ({self.table!r} rows, gathered by '{self.node}'{shift})"
+
+
+# ops that carry a position index on unchanged (the index path to a position table)
+_INDEX_PASS = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Flatten"})
+# ops whose output depends only on their inputs' shapes, not their values
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+def _index_sources(value) -> tuple[set[str], set[str]]:
+    """(roles of the graph inputs, op types) whose values reach ``value`` (through shapes: not)."""
+    roles, ops, seen, frontier = set(), set(), set(), [value]
+    while frontier:
+        current = frontier.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        producer = current.producer()
+        if producer is None:
+            if current.const_value is None and current.name:
+                roles.add(_role(current.name))
+            continue
+        ops.add(producer.op_type)
+        if producer.op_type not in _SHAPE_ONLY:
+            frontier.extend(producer.inputs)
+    return roles, ops
+
+
+def _scalar(value) -> int | None:
+    """The integer a constant scalar value holds, else None."""
+    tensor = value.const_value if value is not None else None
+    if tensor is None and value is not None and value.producer() is not None and value.producer().op_type == "Constant":
+        attribute = value.producer().attributes.get("value")
+        tensor = attribute.value if attribute is not None else None
+    if tensor is None:
+        return None
+    array = np.asarray(tensor.numpy())
+    return int(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind in "iu" else None
+
+
+def _offset(value) -> int:
+    """The constant added to the positions on the index path (``positions + 2``: OPT), 0 if none."""
+    offset = 0
+    for _ in range(32):
+        producer = value.producer() if value is not None else None
+        if producer is None:
+            return offset
+        if producer.op_type in _INDEX_PASS:
+            value = producer.inputs[0]
+        elif producer.op_type in ("Add", "Sub") and len(producer.inputs) == 2:
+            left, right = (_scalar(v) for v in producer.inputs)
+            if right is not None:
+                offset, value = offset + (right if producer.op_type == "Add" else -right), producer.inputs[0]
+            elif left is not None and producer.op_type == "Add":
+                offset, value = offset + left, producer.inputs[1]
+            else:
+                return offset
+        else:
+            return offset
+    return offset
+
+
+def position_range(model_path: Path) -> PositionRange | None:
+    """The positions the model has learned, read structurally: a ``Gather`` of a constant table
+    whose indices come from the position ids (a ``position_ids`` / ``cache_position`` input, a
+    ``Range`` or a ``CumSum`` of the mask), not from the token ids; the table's rows along the
+    gathered axis, less a constant added on the way. The smallest such range; ``None`` when the
+    model has none (rotary positions are computed, they have no table)."""
+    import onnx_ir as ir
+
+    model = ir.load(str(model_path))
+    found = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
+            continue
+        table, indices = node.inputs
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        shape = table.shape if table.const_value is None else table.const_value.shape
+        if (table.const_value is None and not table.is_initializer()) or shape is None or not -len(shape) <= axis < len(shape) or not isinstance(shape[axis], int):
+            continue
+        roles, ops = _index_sources(indices)
+        if "input_ids" in roles or not ({"position_ids", "cache_position"} & roles or {"Range", "CumSum"} & ops):
+            continue
+        offset = _offset(indices)
+        found.append(PositionRange(int(shape[axis]) - max(offset, 0), table.name or "", node.name or "", max(offset, 0)))
+    return min(found, default=None)
+
+
 def phase_shapes(model_path: Path, options: LatencyOptions) -> list[Shape]:
-    """The input shapes of the phases, as this model's signature admits them."""
+    """The input shapes of the phases, as this model's signature admits them, kept within the
+    positions it has learned (``past + seq <= positions``; :func:`position_range`): a shape that
+    asks for more is clamped and says so."""
     specs = input_specs(model_path)
     if not any(not isinstance(d, int) for s in specs for d in s.shape):
         return [Shape("static", 0, 0)]
     cache = has_kv_cache(specs)
-    shapes = {"decode": Shape("decode", 1, options.past if cache else 0), "prefill": Shape("prefill", options.prefill, 0)}
+    limit = position_range(model_path)
+    decode_past, prefill = options.past if cache else 0, options.prefill
+    notes = {"decode": "", "prefill": ""}
+    if limit is not None and decode_past + 1 > limit.positions:
+        decode_past = max(limit.positions - 1, 0)
+        notes["decode"] = f"past {options.past} -> {decode_past}: the model has {limit.describe()}"
+    if limit is not None and prefill > limit.positions:
+        prefill = max(limit.positions, 1)
+        notes["prefill"] = f"{options.prefill} -> {prefill} tokens: the model has {limit.describe()}"
+    shapes = {"decode": Shape("decode", 1, decode_past, notes["decode"]), "prefill": Shape("prefill", prefill, 0, notes["prefill"])}
     return [shapes[p] for p in options.phases]
 
 
@@ -102,6 +214,8 @@ def run_gate(
             "overhead_pct": (stats["fused"]["ratio_to_base"] - 1) * 100,
             "unfused_overhead_pct": (stats["unfused"]["ratio_to_base"] - 1) * 100,
         }
+        if shape.clamped:
+            phases[shape.name]["clamped"] = shape.clamped
         del loaded, runners
     worst = max(phases.values(), key=lambda p: p["overhead_pct"])
     machine["load_average_end"] = load_average()
