@@ -22,11 +22,19 @@ DIRECTORY_MODEL_NAME = "model.onnx"
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """The ONNX file a model path names: ``path`` itself, or ``<dir>/model.onnx`` for a directory
-    (or the directory's only ``.onnx`` file)."""
+    """The ONNX file a model path names: ``path`` itself; for a directory, the decoder its
+    ``genai_config.json`` names (an onnxruntime-genai folder), else ``<dir>/model.onnx`` (or the
+    directory's only ``.onnx`` file)."""
     path = Path(path)
     if not path.is_dir():
         return path
+    from zflora_compile.genai import decoder_file
+
+    decoder = decoder_file(path)  # an onnxruntime-genai folder: the decoder its config names
+    if decoder is not None:
+        if not decoder.is_file():
+            raise InputError(f"{path}: genai_config.json names the decoder '{decoder.name}', which is not in the folder")
+        return decoder
     candidate = path / DIRECTORY_MODEL_NAME
     if candidate.is_file():
         return candidate
