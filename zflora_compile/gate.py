@@ -157,7 +157,30 @@ def position_range(model_path: Path) -> PositionRange | None:
             continue
         offset = _offset(indices)
         found.append(PositionRange(int(shape[axis]) - max(offset, 0), table.name or "", node.name or "", max(offset, 0)))
+    found += _rotary_caches(model)
     return min(found, default=None)
+
+
+#: ONNX Runtime operators that read precomputed rotary caches: the cos cache's input index
+_ROTARY_CACHE_INPUT = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}
+
+
+def _rotary_caches(model) -> list[PositionRange]:
+    """Positions bounded by ONNX Runtime's rotary caches (onnxruntime-genai's builder): a
+    ``GroupQueryAttention`` with ``do_rotary`` or a ``RotaryEmbedding`` reads a constant cos
+    cache of ``[positions, rotary_dim / 2]``; ONNX Runtime refuses a total length beyond it."""
+    found = []
+    for node in model.graph.all_nodes():
+        index = _ROTARY_CACHE_INPUT.get(node.op_type) if node.domain == "com.microsoft" else None
+        if index is None or len(node.inputs) <= index or node.inputs[index] is None:
+            continue
+        if node.op_type == "GroupQueryAttention" and not ("do_rotary" in node.attributes and node.attributes["do_rotary"].value):
+            continue
+        cache = node.inputs[index]
+        shape = cache.shape if cache.const_value is None else cache.const_value.shape
+        if (cache.const_value is not None or cache.is_initializer()) and shape is not None and len(shape) >= 1 and isinstance(shape[0], int):
+            found.append(PositionRange(int(shape[0]), cache.name or "", node.name or ""))
+    return found
 
 
 def phase_shapes(model_path: Path, options: LatencyOptions) -> list[Shape]:
