@@ -23,7 +23,9 @@ gets ``s A @ B`` added once per branch, each time to the original ``W``); ``fuse
 widened weights per graph; the strip reference points each ``B`` GEMM at new zeros. The original
 initializers stay in the main graph while any graph still reads them. Identical constants the
 rewrite created in two graphs (the two branches' merged ``W``) are then kept once
-(:func:`share_created`): exact, the content compared bytewise.
+(:func:`share_created`): exact, the content compared bytewise; the constants a fused group or a
+widened projection records for strip of a compiled model stay one per graph (that strip finds
+them by name and expects one reader each).
 """
 
 from __future__ import annotations
@@ -151,13 +153,29 @@ def _innermost_first(parts: list) -> list:
 
 def rewrite(model: ir.Model, the_plan: ModelPlan) -> None:
     """Apply each graph's plan through a view of that graph, innermost graphs first; then keep
-    once each constant the rewrite created twice (:func:`share_created`)."""
+    once each constant the rewrite created in two graphs (:func:`share_created`)."""
     before = set(model.graph.initializers)
     for scope, part in _innermost_first(the_plan.parts):
         if len(part):
             families.rewrite(OnnxGraph(model, scope.graph), part)
     if sum(1 for _, part in the_plan.parts if len(part)) > 1:
-        share_created(model, before)
+        records = [step.compiled for step in the_plan if isinstance(getattr(step, "compiled", None), dict)]
+        # what strip of a compiled model finds by name and expects one reader of (fused, widened, grouped)
+        separable = {v for r in records if r.get("kind") != "merged" for v in _strings(r)}
+        kept = share_created(model, before, separable)
+        for record in records:
+            if record.get("kind") == "merged" and record.get("weight") in kept:
+                record["weight"] = kept[record["weight"]]
+
+
+def _strings(value) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return {s for v in value.values() for s in _strings(v)}
+    if isinstance(value, (list, tuple)):
+        return {s for v in value for s in _strings(v)}
+    return set()
 
 
 def disable_adapters(model: ir.Model, detection: ModelDetection) -> None:
@@ -168,26 +186,27 @@ def disable_adapters(model: ir.Model, detection: ModelDetection) -> None:
             families.disable_adapters(OnnxGraph(model, scope.graph), found)
 
 
-def share_created(model: ir.Model, before: set[str]) -> int:
+def share_created(model: ir.Model, before: set[str], separate: set[str] = frozenset()) -> dict[str, str]:
     """Initializers created since ``before`` (names) with equal dtype, shape and bytes are kept
     once: every reader of a copy reads the first. The two branches of optimum's merged decoder
-    share ``W``; merged, each branch gets its own ``W + s A @ B``, the same numbers. Returns how
-    many copies were removed."""
+    share ``W``; merged, each branch gets its own ``W + s A @ B``, the same numbers. Names in
+    ``separate`` stay as they are (a compiled model's record names them, one reader each).
+    Returns ``{removed copy: kept name}``."""
     initializers = model.graph.initializers
-    created = [v for name, v in initializers.items() if name not in before and v.const_value is not None]
+    created = [v for name, v in initializers.items() if name not in before and name not in separate and v.const_value is not None]
     keys: dict[tuple, ir.Value] = {}
-    removed = 0
+    kept: dict[str, str] = {}
     for value in created:
         tensor = value.const_value
-        array = np.ascontiguousarray(tensor.numpy())
-        key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(array.tobytes()).hexdigest())
+        data = np.ascontiguousarray(tensor.numpy()).tobytes()
+        key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data).hexdigest())
         first = keys.get(key)
         if first is None:
             keys[key] = value
             continue
-        if np.ascontiguousarray(first.const_value.numpy()).tobytes() != array.tobytes():
+        if np.ascontiguousarray(first.const_value.numpy()).tobytes() != data:
             continue  # same digest, different bytes: kept apart
         value.replace_all_uses_with(first)
         del initializers[value.name]
-        removed += 1
-    return removed
+        kept[value.name] = first.name
+    return kept
