@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from zflora_compile.families import dora, gaws, lanes, linear, lora, lowrank, widening, zflora
-from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Accounting, AdapterSite, Detection, GroupedSite, LinearSite, Rejection, Unrecognized, WidenedSite
+from zflora_compile.families import dora, gaws, lanes, linear, lora, lowrank, runtime, widening, zflora
+from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Accounting, AdapterSite, Detection, GroupedSite, LinearSite, Rejection, RuntimeSite, Unrecognized, WidenedSite
 
-#: detection order: LoRA first (it is the most specific about its own adds), then the lane families,
-#: then DoRA, GAWS, factored linear branches (BD-LoRA, VeRA: densified to LoRA), then any linear
-#: branch no named family claimed (it also tallies what is accounted for)
-FAMILIES = (lora, lanes, zflora, dora, gaws, lowrank, linear)
-#: site record type -> the module with ``plan(sites, strategy)`` and ``disable(graph, site)``
-PLANNERS = {AdapterSite: lora, WidenedSite: widening, GroupedSite: gaws, LinearSite: linear}
+#: detection order: LoRA first (it is the most specific about its own adds), then LoRA with weights
+#: fed at run time or a quantized base (it takes what LoRA rejected for exactly those reasons, before
+#: the lane families read a graph-input B as a lane), then the lane families, then DoRA, GAWS,
+#: factored linear branches (BD-LoRA, VeRA: densified to LoRA), then any linear branch no named
+#: family claimed (it also tallies what is accounted for)
+FAMILIES = (lora, runtime, lanes, zflora, dora, gaws, lowrank, linear)
+#: site record type -> the module with ``plan(sites, strategy)`` and ``disable(graph, site)`` (exact
+#: types: a RuntimeSite is an AdapterSite, planned by its own module)
+PLANNERS = {AdapterSite: lora, RuntimeSite: runtime, WidenedSite: widening, GroupedSite: gaws, LinearSite: linear}
 
 
 @dataclasses.dataclass

@@ -180,6 +180,11 @@ def detect(view: GraphView, found) -> None:
             reason = f"it shares projection '{view.name(top.anchor.node)}' with another family's adapter"
         elif shared is not None:
             reason = f"its node '{view.name(shared)}' belongs to site {held[id(shared)]}, which another family rewrites"
+        elif top.anchor.kind == "quantized":
+            reason = (
+                f"it is added to the quantized projection '{view.name(top.anchor.node)}' ({view.op(top.anchor.node)}): only a LoRA chain "
+                "is recognised there (a measured update cannot be merged into a quantized weight)"
+            )
         else:
             try:
                 site = _site(view, top, len(found.linear), found.max_rank_ratio, allowed)

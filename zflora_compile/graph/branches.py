@@ -1,7 +1,8 @@
 """Adapter-shaped structure, whatever family it belongs to: the compiler's safety net.
 
 - An **adapter-shaped branch** is an add joining a projection's output (a GEMM with a constant
-  2-D weight, with or without a bias; or an embedding ``Gather`` of a constant table) with a value
+  2-D weight, with or without a bias; a quantized projection, ``MatMulNBits`` or ``MatMul`` of
+  ``DequantizeLinear``; or an embedding ``Gather`` of a constant table) with a value
   computed from that projection's input through constant-parameter ops only (at least one of them
   a GEMM). A branch may read the projection's own output (DoRA's ``(c - 1) * (x @ W)``), and the
   projection's output may already carry other branches (two adapters active at once: the lower
@@ -36,7 +37,7 @@ class Anchor:
     """What a branch is added to: a projection (``x`` its input, up to casts and views) or an
     embedding lookup (``x`` the ids)."""
 
-    kind: str  # "projection" | "embedding"
+    kind: str  # "projection" | "embedding" | "quantized" (a MatMulNBits / QDQ projection)
     x: object
     output: object  # the projection's output after its bias add / the Gather's output
     node: object  # the GEMM / the Gather
@@ -81,6 +82,10 @@ def _anchor(view: GraphView, value, stacked: dict) -> tuple[Anchor, "Branch | No
     if projection is not None:
         gemm = projection.gemm
         return Anchor("projection", view.peel(gemm.x), projection.output, gemm.node, projection=projection), None
+    quantized = view.quantized_projection(view.peel(value, casts=False))
+    if quantized is not None:  # MatMulNBits / QDQ: its weight is no float constant (never measured nor merged)
+        gemm = quantized.gemm
+        return Anchor("quantized", view.peel(gemm.x), quantized.output, gemm.node, projection=quantized), None
     found = view.embedding(view.peel(value, casts=False))
     if found is not None and view.is_constant(found[0]) and len(view.constant_shape(found[0])) == 2:
         table, ids, node = found
@@ -219,17 +224,21 @@ def find_lane_reads(view: GraphView, max_rank_ratio: float) -> list[tuple[object
 
     def gemm_of(value):
         try:
-            return view.gemm(value)
+            found = view.gemm(value)
         except Reject:
             return None
+        return found if found is not None else view.quantized_gemm(value)
 
     def weight_shape(gemm):  # [in, out] of a constant weight, or of a weight fed as a graph input
         if gemm.shape is not None:
             return gemm.shape
         dims = view.dims(gemm.weight)
-        if dims is None or len(dims) != 2 or None in dims or view.producer(gemm.weight) is not None:
+        if dims is None or len(dims) != 2 or view.producer(gemm.weight) is not None:
             return None
-        return (dims[1], dims[0]) if gemm.transposed else (dims[0], dims[1])
+        dims = (dims[1], dims[0]) if gemm.transposed else (dims[0], dims[1])
+        if dims[1] is None:
+            return None
+        return dims  # a symbolic first axis: a rank fed at run time (Olive's lora_r), small by construction
 
     for add, operands in view.adds():
         for base, other in (operands, operands[::-1]):
@@ -237,6 +246,8 @@ def find_lane_reads(view: GraphView, max_rank_ratio: float) -> list[tuple[object
             if base_gemm is None:
                 found_bias = view.bias_add(view.peel(base, casts=False))
                 base_gemm = gemm_of(view.peel(found_bias[0], casts=False)) if found_bias is not None else None
+            if base_gemm is None and view.quantized_projection(view.peel(base, casts=False)) is not None:
+                base_gemm = view.quantized_projection(view.peel(base, casts=False)).gemm
             b = gemm_of(through_scales(other))
             if b is None or b is base_gemm:
                 continue
@@ -247,7 +258,7 @@ def find_lane_reads(view: GraphView, max_rank_ratio: float) -> list[tuple[object
             if shape is None or base_shape is None or None in base_shape:
                 continue
             rank, out = shape
-            if out == base_shape[1] and rank <= max_rank_ratio * min(base_shape):
+            if out == base_shape[1] and (rank is None or rank <= max_rank_ratio * min(base_shape)):
                 # added to a GEMM's output, or (a low-rank chain on the stream itself) to any value
                 found.append((add, base_gemm.node if base_gemm is not None else add))
                 break

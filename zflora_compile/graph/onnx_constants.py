@@ -4,6 +4,11 @@ A weight may reach a MatMul as an initializer, a ``Constant`` node, or behind ``
 ``Cast``, ``CastLike``, ``Identity``, ``Reshape``, ``Squeeze`` or ``Unsqueeze`` of a constant
 (``torch.onnx.export(dynamo=True, optimize=False)`` writes ``MatMul(x, Transpose(W))``).
 :func:`constant_array` evaluates those chains with numpy, lazily, without touching the graph.
+
+A graph input is never a constant, with or without an initializer of the same name: that
+initializer is only its default, which a caller may override at run time (Olive's
+``ExtractAdapters`` and ONNX Runtime's multi-LoRA feed adapter weights that way, with empty
+defaults). Folding, measuring or concatenating its default would freeze one adapter into the model.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def _constant_node_array(node: ir.Node) -> np.ndarray | None:
 def constant_source(value: ir.Value | None) -> ir.Value | None:
     """The initializer or Constant output at the root of a layout-op chain, or None."""
     while value is not None:
+        if value.is_graph_input():
+            return None  # overridable at run time, whatever its default
         if value.const_value is not None:
             return value
         node = value.producer()
@@ -59,8 +66,8 @@ def is_constant(value: ir.Value | None) -> bool:
 
 def constant_getter(value: ir.Value | None) -> Callable[[], np.ndarray] | None:
     """A function that evaluates ``value`` as a numpy array, or None when it is not constant."""
-    if value is None:
-        return None
+    if value is None or value.is_graph_input():
+        return None  # a graph input is fed at run time, even where an initializer gives its default
     if value.const_value is not None:
         tensor = value.const_value
         return lambda: tensor.numpy()

@@ -11,6 +11,15 @@ are ``Cast``/``Identity``; scales are ``Mul``/``Div`` by a constant scalar; the 
 Constants are initializers or ``Constant`` nodes, behind layout ops (:mod:`.onnx_constants`),
 evaluated lazily. Only the default domain is matched, ``FusedMatMul`` (and a few activations) aside;
 new GEMMs are always plain ``MatMul``.
+
+Quantized projections are seen apart from :meth:`OnnxGraph.gemm` (no family may fold or measure
+their weights as floats): :meth:`OnnxGraph.quantized_gemm` reads ONNX Runtime's
+``com.microsoft::MatMulNBits`` (constant packed ``B [N, k_blocks, blob]``, ``scales``, optional
+``zero_points`` and ``bias``; attributes ``K``, ``N``, ``bits``, ``block_size``, ``accuracy_level``) and
+``MatMul(x, DequantizeLinear(q, scale, zero_point))`` of constants (QDQ). Graph inputs are never
+constants (:mod:`.onnx_constants`); :meth:`OnnxGraph.runtime_weight` says what such a weight is.
+The emitter builds what a run-time fusion needs: ``Concat`` of weights, ``Pad``, and MatMulNBits
+nodes packed along ``N`` (:meth:`OnnxGraph.nbits_project`).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import onnx_ir.passes.common as common_passes
 
 from zflora_compile.graph import onnx_eval
 from zflora_compile.graph.onnx_constants import constant_dtype, constant_getter, constant_shape, is_constant, scalar_value
-from zflora_compile.graph.protocol import Gemm, Reject, last_axis_bounds
+from zflora_compile.graph.protocol import Gemm, Projection, Reject, last_axis_bounds
 from zflora_compile.graph.records import LazyArray, clean_label, numpy_dtype
 
 GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")  # FusedMatMul in com.microsoft, the others in the default domain
@@ -55,6 +64,18 @@ def _fused(node: ir.Node | None) -> bool:
 
 def _is_gemm(node: ir.Node | None) -> bool:
     return _default(node, "MatMul", "Gemm") or _fused(node)
+
+
+def _nbits(node: ir.Node | None) -> bool:
+    return node is not None and node.domain == _MS and node.op_type == "MatMulNBits"
+
+
+#: MatMulNBits operands after the activation: packed B, scales, zero_points, g_idx, bias
+_NBITS_OPERANDS = ("B", "scales", "zero_points", "g_idx", "bias")
+
+
+def _attrs(node: ir.Node) -> dict:
+    return {k: a.value for k, a in node.attributes.items()}
 
 
 def _alpha(node: ir.Node) -> float:
@@ -295,6 +316,102 @@ class OnnxGraph:
                     return data
         return None
 
+    # ------------------------------------------------------------------ quantized projections, run-time weights
+    def quantized_gemm(self, value):
+        """A ``Gemm`` record (``kind`` "MatMulNBits" or "QDQ") for ``value`` computed by a quantized
+        projection whose parameters are all constant: ``MatMulNBits(x, B, scales[, zero_points][, g_idx][, bias])``
+        (``shape`` ``(K, N)``, ``weight`` the packed B, ``bias`` its bias operand) or ``MatMul(x,
+        DequantizeLinear(q, scale[, zero_point]))`` with a 2-D ``q`` (``shape`` ``q``'s); else None."""
+        node = self.producer(value)
+        if _nbits(node) and len(node.inputs) >= 3 and node.outputs[0] is value:
+            params = [v for v in node.inputs[1:] if v is not None]
+            attrs = _attrs(node)
+            if not all(is_constant(v) for v in params) or "K" not in attrs or "N" not in attrs:
+                return None
+            bias = node.inputs[5] if len(node.inputs) > 5 else None
+            return Gemm(node, "MatMulNBits", node.inputs[0], value, node.inputs[1], bias, (int(attrs["K"]), int(attrs["N"])), False, 1, node.inputs[0])
+        if _default(node, "MatMul") and len(node.inputs) == 2:
+            weight = node.inputs[1]
+            dq = self.producer(weight)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", _MS):
+                return None
+            if not all(v is None or is_constant(v) for v in dq.inputs):
+                return None
+            shape = constant_shape(dq.inputs[0])
+            if len(shape) != 2:
+                return None
+            return Gemm(node, "QDQ", node.inputs[0], value, weight, None, (int(shape[0]), int(shape[1])), False, 1, node.inputs[0])
+        return None
+
+    def quantized_projection(self, value):
+        """The quantized projection producing ``value`` (a :class:`~.protocol.Projection` whose
+        ``gemm`` comes from :meth:`quantized_gemm`), optionally followed by an add of a constant
+        bias; None when ``value`` is anything else."""
+        reached, bias, bias_add = value, None, None
+        found = self.bias_add(value)
+        if found is not None and self.quantized_gemm(found[0]) is not None:
+            reached, bias, bias_add = found
+        gemm = self.quantized_gemm(reached)
+        if gemm is None:
+            return None
+        if gemm.bias is not None:
+            if bias is not None:
+                return None  # two biases: not a projection this view rewrites
+            bias = gemm.bias
+        return Projection(gemm, value if bias_add is not None else gemm.out, bias, bias_add)
+
+    def nbits_key(self, gemm: Gemm):
+        """What two MatMulNBits must share to be packed into one along ``N`` (bit-exact: each output
+        column is computed from its own rows of B, scales and zero points): ``K``, ``bits``,
+        ``block_size``, ``accuracy_level``, the per-row shapes and dtypes of the packed operands,
+        and the same ``g_idx``; None for anything that is not a packable MatMulNBits."""
+        node = gemm.node
+        if not _nbits(node):
+            return None
+        attrs = _attrs(node)
+        if len(node.inputs) > 4 and node.inputs[4] is not None:
+            return None  # g_idx (act-order) reorders K: not packed
+        rows = []
+        for value in node.inputs[1:4]:
+            if value is None:
+                rows.append(None)
+                continue
+            shape = constant_shape(value)
+            n = int(attrs["N"])
+            if not shape or shape[0] != n and int(np.prod(shape)) % n:
+                return None
+            rows.append((len(shape), int(np.prod(shape)) // n, constant_dtype(value)))
+        return (int(attrs["K"]), int(attrs.get("bits", 4)), int(attrs.get("block_size", 0)), int(attrs.get("accuracy_level", 0)), *rows)
+
+    def quantization(self, gemm: Gemm) -> dict:
+        """How a quantized GEMM (:meth:`quantized_gemm`) stores its weight, for reports."""
+        if gemm.kind == "MatMulNBits":
+            attrs = _attrs(gemm.node)
+            return {"op": "MatMulNBits", "bits": int(attrs.get("bits", 4)), "block_size": int(attrs.get("block_size", 0)), "accuracy_level": int(attrs.get("accuracy_level", 0))}
+        dq = self.producer(gemm.weight)
+        return {"op": "DequantizeLinear", "weight_dtype": constant_dtype(dq.inputs[0])}
+
+    def runtime_weight(self, gemm: Gemm):
+        """``(kind, dims)`` for a GEMM's weight that is not a constant but a caller-fed value: "graph
+        input" (Olive's ExtractAdapters, ONNX Runtime's multi-LoRA; a default initializer only makes
+        it optional) or "dequantized" (``DequantizeLinear`` of constants); ``dims`` ``[in, out]``, a
+        symbolic axis by its name (None when unnamed). None for anything else, or a transposed layout."""
+        weight = gemm.weight
+        if weight is None or gemm.transposed or _fused(gemm.node) or gemm.kind != "MatMul":
+            return None
+        if weight.is_graph_input():
+            kind = "graph input"
+        else:
+            dq = self.producer(weight)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", _MS) or not all(v is None or is_constant(v) for v in dq.inputs):
+                return None
+            kind = "dequantized"
+        shape = weight.shape if weight.shape is not None else (constant_shape(self.producer(weight).inputs[0]) if kind == "dequantized" else None)
+        if shape is None or len(shape) != 2:
+            return None
+        dims = [int(d) if isinstance(d, int) else (getattr(d, "value", None) if not isinstance(d, str) else d) for d in shape]
+        return kind, dims
+
     # ------------------------------------------------------------------ constants
     def is_constant(self, value) -> bool:
         return is_constant(value)
@@ -459,9 +576,9 @@ class OnnxGraph:
         finally:
             self._anchor, self._stem = saved
 
-    def _node(self, op: str, inputs, what: str, num_outputs: int = 1, **attrs):
+    def _node(self, op: str, inputs, what: str, num_outputs: int = 1, domain: str = "", **attrs):
         name = f"{self._stem}/{what}"
-        node = ir.node(op, inputs, attributes=attrs or None, num_outputs=num_outputs, name=self._name(name))
+        node = ir.node(op, inputs, attributes=attrs or None, domain=domain, num_outputs=num_outputs, name=self._name(name))
         for i, output in enumerate(node.outputs):
             output.name = self._name(f"{name}_out{i}" if num_outputs > 1 else f"{name}_out")
         self.graph.insert_before(self._anchor, node)
@@ -490,6 +607,65 @@ class OnnxGraph:
         x = self.resolve(x)
         out = self._node("MatMul", [x, self.constant(name, array)], "MatMul").outputs[0]
         return out if bias is None else self.add(out, self.constant(f"{name}_bias", bias))
+
+    def matmul(self, a, b):
+        """``a @ b`` of two values (a weight fed at run time)."""
+        return self._node("MatMul", [self.resolve(a), self.resolve(b)], "MatMul").outputs[0]
+
+    def concat_axis(self, values, axis: int):
+        """``Concat`` of values (run-time weights) along ``axis``."""
+        return self._node("Concat", [self.resolve(v) for v in values], "Concat", axis=axis).outputs[0]
+
+    def pad_columns(self, value, before: int, after: int):
+        """A 2-D ``value`` with ``before`` zero columns in front and ``after`` behind (``Pad``)."""
+        pads = self.constant("pads", np.asarray([0, before, 0, after], dtype=np.int64))
+        return self._node("Pad", [self.resolve(value), pads], "Pad", mode="constant").outputs[0]
+
+    def nbits_project(self, x, gemms: list[Gemm]):
+        """``x @ [W_1 | .. | W_n]`` as one ``MatMulNBits``: the packed B, scales, zero points and biases
+        of ``gemms`` (MatMulNBits with equal :meth:`nbits_key`) concatenated along ``N``, row by row,
+        as new initializers; one GEMM reads ``x`` with ``N = sum N_i``. A missing bias is zeros."""
+        first = gemms[0].node
+        attrs = _attrs(first)
+        ns = [int(_attrs(g.node)["N"]) for g in gemms]
+        inputs = [self.resolve(x)]
+        for index, role in enumerate(_NBITS_OPERANDS[:3], start=1):
+            values = [g.node.inputs[index] if len(g.node.inputs) > index else None for g in gemms]
+            if values[0] is None:
+                inputs.append(None)
+                continue
+            getters = [constant_getter(v) for v in values]
+            shapes = [constant_shape(v) for v in values]
+            one_d = len(shapes[0]) == 1
+            rows = [int(np.prod(s)) // n for s, n in zip(shapes, ns)]
+            tail = tuple(shapes[0][1:]) if not one_d else ()
+            shape = (sum(ns) * rows[0],) if one_d else (sum(ns), *tail)
+            dtype = numpy_dtype(constant_dtype(values[0]))
+
+            def packed(getters=getters, ns=ns, shape=shape):
+                return np.concatenate([np.asarray(get()).reshape(n, -1) for get, n in zip(getters, ns)], axis=0).reshape(shape)
+
+            inputs.append(self.constant(f"packed_{role}", LazyArray(shape, dtype, packed)))
+        biases = [g.node.inputs[5] if len(g.node.inputs) > 5 else None for g in gemms]
+        if any(b is not None for b in biases):
+            while len(inputs) < 5:
+                inputs.append(None)
+            scale_dtype = np.dtype(constant_dtype(first.inputs[2]))
+
+            def bias(biases=[constant_getter(b) if b is not None else None for b in biases], ns=ns, dtype=scale_dtype):
+                return np.concatenate([np.asarray(get()).reshape(n).astype(dtype) if get else np.zeros(n, dtype) for get, n in zip(biases, ns)])
+
+            inputs.append(self.constant("packed_bias", LazyArray((sum(ns),), scale_dtype, bias)))
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        kept = {k: v for k, v in attrs.items() if k != "N"}
+        if _MS not in self.model.opset_imports:
+            self.model.opset_imports[_MS] = 1
+        return self._node("MatMulNBits", inputs, "MatMulNBits", domain=_MS, N=sum(ns), **kept).outputs[0]
+
+    def nbits_apply(self, x, gemm: Gemm):
+        """The MatMulNBits ``gemm`` (constants and attributes unchanged) applied to ``x``."""
+        return self._node("MatMulNBits", [self.resolve(x), *gemm.node.inputs[1:]], "MatMulNBits", domain=_MS, **_attrs(gemm.node)).outputs[0]
 
     def add(self, a, b):
         return self._node("Add", [self.resolve(a), self.resolve(b)], "Add").outputs[0]

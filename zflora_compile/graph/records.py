@@ -87,6 +87,57 @@ class AdapterSite(_Site):
 
 
 @dataclasses.dataclass
+class RuntimeSite(AdapterSite):
+    """A LoRA site whose weights the compiler must not fold into constants: ``y = P(x) + s * ((x @ A) @ B)``
+    where A or B is fed at run time (a graph input, with or without a default initializer: Olive's
+    ExtractAdapters, ONNX Runtime's multi-LoRA; or a ``DequantizeLinear`` output) or the base ``P`` is a
+    quantized projection (``MatMulNBits``, or ``MatMul`` of ``DequantizeLinear``), or both.
+
+    ``rank``: an int, or the name of the run-time rank axis (``"lora_r"``); ``base``: "float",
+    "MatMulNBits" or "QDQ"; ``a_kind`` / ``b_kind``: "constant", "graph input", "dequantized" or
+    "MatMulNBits"; ``switchable``: an adapter weight is a graph input (a caller binds adapters at run
+    time, and every rewrite keeps it so); ``quantization``: the base's bits / block size, if quantized.
+    ``weight``, ``lora_a``, ``lora_b`` are set only where they are float constants (else None).
+    """
+
+    base: str = "float"
+    a_kind: str = "constant"
+    b_kind: str = "constant"
+    quantization: dict | None = None
+
+    @property
+    def switchable(self) -> bool:
+        return "graph input" in (self.a_kind, self.b_kind)
+
+    def kind(self) -> str:
+        """One line: what makes the site a run-time one."""
+        parts = []
+        if self.switchable:
+            parts.append("adapter weights are graph inputs")
+        elif "dequantized" in (self.a_kind, self.b_kind):
+            parts.append("adapter weights are dequantized at run time")
+        if self.base != "float":
+            q = self.quantization or {}
+            bits = f"{q['bits']}-bit " if q.get("bits") else ""
+            parts.append(f"the base projection is a {bits}{self.base}")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict:
+        extra = {"quantization": dict(self.quantization)} if self.quantization else {}
+        return self._json(
+            group=self.group,
+            rank=self.rank,
+            scale=self.scale,
+            bias=self.has_bias,
+            switchable=self.switchable,
+            base=self.base,
+            weights={"A": self.a_kind, "B": self.b_kind},
+            kind=self.kind(),
+            **extra,
+        )
+
+
+@dataclasses.dataclass
 class LinearSite(_Site):
     """Adapter branches added to one projection (or embedding table) that no named family claims,
     each linear in the projection's input: ``y = x @ W (+ bias) + sum_i f_i(x)``, ``f_i(x) = x @ dW_i``.

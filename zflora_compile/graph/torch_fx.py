@@ -509,6 +509,18 @@ class FxGraph:
         return None
 
     # ------------------------------------------------------------------ constants
+    def quantized_gemm(self, value):
+        """ATen programs carry no ONNX Runtime quantized GEMM (MatMulNBits, QDQ): None."""
+        return None
+
+    def quantized_projection(self, value):
+        return None
+
+    def runtime_weight(self, gemm):
+        """A user input as a weight is not a form this front-end rewrites: None (the LoRA family
+        rejects it as not constant)."""
+        return None
+
     def is_constant(self, value) -> bool:
         return isinstance(value, Node) and self.constants.is_constant(value)
 
