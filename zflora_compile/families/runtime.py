@@ -40,7 +40,11 @@ Plan. For the sites of one group (one input ``x``, one dtype, A's and B's of one
   else into one of their own; float A's and B's are concatenated (constants at compile time, fed
   weights at run time) as above. MatMulNBits B's are kept, one per site, each reading its own
   ``r_i`` lanes of ``z`` (a block-diagonal B would have to be re-quantized with other blocks).
-  QDQ bases and bases that cannot be packed are left as they are: only the adapter GEMMs fuse.
+  QDQ (``MatMul(x, DequantizeLinear(q, scale, zero_point))``, blocked along K or per column) is
+  packed the same way: ``q``, scales and zero points concatenated along ``N`` into one
+  DequantizeLinear (ONNX Runtime fuses each pair into a MatMulNBits, column for column as before);
+  QDQ B's are kept per site. Bases that cannot be packed are left as they are: only the adapter
+  GEMMs fuse.
 - **merge** refuses, with the reason: a weight fed at run time would be frozen (the model would
   ignore the adapter a caller binds), a quantized base would have to be re-quantized
   (``W + s A@B`` in int4 is not the model). The sites are listed under ``unfused_sites``.
@@ -101,8 +105,8 @@ class RuntimeBinding:
     b: Part
     bias_add: object = None  # the projection's separate bias add, if any
     bias_value: object = None  # its constant bias (a separate add's or MatMulNBits' own)
-    nbits_key: tuple | None = None  # the base's packing key (MatMulNBits), else None
-    a_key: tuple | None = None  # the A's packing key (MatMulNBits), else None
+    nbits_key: tuple | None = None  # the base's packing key (MatMulNBits, or QDQ's DequantizeLinear), else None
+    a_key: tuple | None = None  # the A's packing key (MatMulNBits, or a packable DequantizeLinear), else None
 
 
 # ---------------------------------------------------------------- pattern and check
@@ -208,8 +212,8 @@ def _match_site(view, add, base_value, low_value, max_rank_ratio: float, index: 
         in_w, out_w = gemm.shape
         dtype = activation or "float32"
     rank = _rank(view, add, (in_w, out_w), a, b, max_rank_ratio)
-    if b.kind == "MatMulNBits" and not isinstance(rank, int):
-        raise Reject(f"B of '{view.name(b.gemm.node)}' is MatMulNBits but the rank is symbolic")
+    if b.kind in ("MatMulNBits", "dequantized") and not isinstance(rank, int):
+        raise Reject(f"B of '{view.name(b.gemm.node)}' is quantized ({b.kind}) but the rank is symbolic")
     for part, role in ((a, "A"), (b, "B")):
         if part.kind != "MatMulNBits" and part.dtype is not None and activation is not None and part.dtype != activation:
             raise Reject(f"low-rank {role} of '{view.name(part.gemm.node)}' is {part.dtype}, the activations {activation}: the chain is computed in another precision")
@@ -248,16 +252,16 @@ def _match_site(view, add, base_value, low_value, max_rank_ratio: float, index: 
             add, gemm, base_value, b.gemm, list(nodes), low_value, a, b,
             bias_add=projection.bias_add,
             bias_value=projection.bias,
-            nbits_key=view.nbits_key(gemm) if base_kind == "MatMulNBits" else None,
-            a_key=view.nbits_key(a.gemm) if a.kind == "MatMulNBits" else None,
+            nbits_key=view.nbits_key(gemm) if base_kind == "MatMulNBits" else view.qdq_key(gemm) if base_kind == "QDQ" else None,
+            a_key=view.nbits_key(a.gemm) if a.kind == "MatMulNBits" else view.qdq_key(a.gemm) if a.kind == "dequantized" else None,
         ),
     )
 
 
 def _group_key(site: RuntimeSite):
     b = site.binding
-    a_mode = ("nbits", b.a_key) if b.a.kind == "MatMulNBits" else ("float", b.a.dtype)
-    b_mode = "nbits" if b.b.kind == "MatMulNBits" else ("float", b.b.dtype)
+    a_mode = ("nbits", b.a_key) if b.a.kind == "MatMulNBits" else ("qdq", b.a_key) if b.a_key is not None else ("float", b.a.dtype)
+    b_mode = b.b.kind if b.b.kind in ("MatMulNBits", "dequantized") else ("float", b.b.dtype)
     return (id(b.gemm.x), site.dtype, a_mode, b_mode)
 
 
@@ -328,9 +332,9 @@ class FuseRuntime:
     section: ClassVar[str] = "fused_groups"
     name: str
     sites: list[RuntimeSite]
-    base_mode: str  # "widened" (constant float W) | "packed" (MatMulNBits) | "kept"
-    a_mode: str  # "with base" | "constant" | "packed" | "run-time concat"
-    b_mode: str  # "constant" | "run-time" | "per site"
+    base_mode: str  # "widened" (constant float W) | "packed" (MatMulNBits) | "packed dequantized" (QDQ) | "kept"
+    a_mode: str  # "with base" | "constant" | "packed" | "packed dequantized" | "run-time concat"
+    b_mode: str  # "constant" | "run-time" | "per site" (quantized B's)
 
     @property
     def out_splits(self) -> list[int]:
@@ -365,9 +369,9 @@ class FuseRuntime:
                 wide_width = width + (sum(ranks) if self.a_mode == "with base" else 0)
                 weight = LazyArray((sites[0].in_features, wide_width), dtype, lambda g=getters: np.concatenate([f().astype(dtype) for f in g], axis=1))
                 wide = graph.project(x, weight, like=first.gemm, name="fused_weight")
-            elif self.base_mode == "packed":
+            elif self.base_mode in ("packed", "packed dequantized"):
                 gemms = [b.gemm for b in bindings] + ([b.a.gemm for b in bindings] if self.a_mode == "with base" else [])
-                wide = graph.nbits_project(x, gemms)
+                wide = graph.nbits_project(x, gemms) if self.base_mode == "packed" else graph.qdq_project(x, gemms)
             if self.base_mode != "kept":
                 if self.a_mode == "with base":
                     base_lanes, z = graph.split_last(wide, [width, sum(ranks)])
@@ -381,7 +385,8 @@ class FuseRuntime:
                 lanes = graph.split_last(z, ranks)
                 parts = []
                 for site, lane in zip(sites, lanes):
-                    part = graph.nbits_apply(lane, site.binding.b.gemm)
+                    b_gemm = site.binding.b.gemm
+                    part = graph.nbits_apply(lane, b_gemm) if b_gemm.kind == "MatMulNBits" else graph.matmul(lane, b_gemm.weight)
                     parts.append(part if site.scale == 1.0 else graph.scale(part, float(site.scale)))
                 base_parts = graph.split_last(base_lanes, outs) if base_lanes is not None else [b.base_output for b in bindings]
                 results = [graph.add(base, part) for base, part in zip(base_parts, parts)]
@@ -418,6 +423,8 @@ class FuseRuntime:
         parts = [b.a for b in bindings]
         if self.a_mode == "packed":
             return graph.nbits_project(ax, [p.gemm for p in parts])
+        if self.a_mode == "packed dequantized":
+            return graph.qdq_project(ax, [p.gemm for p in parts])
         if self.a_mode == "constant":
             weight = LazyArray((self.sites[0].in_features, sum(ranks)), dtype, lambda g=[p.getter for p in parts]: np.concatenate([f().astype(dtype) for f in g], axis=1))
             return graph.project(ax, weight, name="lora_a")
@@ -531,8 +538,9 @@ def _modes(sites: list[RuntimeSite]) -> tuple[str, str, str]:
     bases = {s.base for s in sites}
     if bases == {"float"}:
         base_mode = "widened"
-    elif bases == {"MatMulNBits"} and len({b.nbits_key for b in bindings}) == 1 and None not in {b.nbits_key for b in bindings}:
-        base_mode = "packed" if len(sites) > 1 or bindings[0].a_key == bindings[0].nbits_key else "kept"
+    elif len(bases) == 1 and len({b.nbits_key for b in bindings}) == 1 and None not in {b.nbits_key for b in bindings}:
+        packs = len(sites) > 1 or bindings[0].a_key == bindings[0].nbits_key
+        base_mode = ("packed" if bases == {"MatMulNBits"} else "packed dequantized") if packs else "kept"
     else:
         base_mode = "kept"
     a_kinds = {b.a.kind for b in bindings}
@@ -540,10 +548,12 @@ def _modes(sites: list[RuntimeSite]) -> tuple[str, str, str]:
         a_mode = "with base" if base_mode == "packed" and {b.a_key for b in bindings} == {bindings[0].nbits_key} else "packed"
     elif a_kinds == {"constant"}:
         a_mode = "with base" if base_mode == "widened" else "constant"
+    elif a_kinds == {"dequantized"} and len({b.a_key for b in bindings}) == 1 and bindings[0].a_key is not None:
+        a_mode = "with base" if base_mode == "packed dequantized" and bindings[0].a_key == bindings[0].nbits_key else "packed dequantized"
     else:
         a_mode = "run-time concat"
     b_kinds = {b.b.kind for b in bindings}
-    b_mode = "per site" if b_kinds == {"MatMulNBits"} else "constant" if b_kinds == {"constant"} else "run-time"
+    b_mode = "per site" if b_kinds in ({"MatMulNBits"}, {"dequantized"}) else "constant" if b_kinds == {"constant"} else "run-time"
     return base_mode, a_mode, b_mode
 
 

@@ -110,7 +110,8 @@ class OnnxGraph:
         return dict(sorted(collections.Counter(n.op_type for n in self.graph.all_nodes()).items()))
 
     def gemm_count(self) -> int:
-        return sum(1 for node in self.graph.all_nodes() if _is_gemm(node))
+        """GEMMs: MatMul, Gemm, FusedMatMul and ONNX Runtime's quantized MatMulNBits."""
+        return sum(1 for node in self.graph.all_nodes() if _is_gemm(node) or _nbits(node))
 
     # ------------------------------------------------------------------ structure
     def nodes(self):
@@ -391,6 +392,34 @@ class OnnxGraph:
         dq = self.producer(gemm.weight)
         return {"op": "DequantizeLinear", "weight_dtype": constant_dtype(dq.inputs[0])}
 
+    def qdq_key(self, gemm: Gemm):
+        """What two ``MatMul(x, DequantizeLinear(q, scale[, zero_point]))`` must share to be packed along
+        ``N`` (``q [K, N]``; ``scale`` / ``zero_point`` blocked along K, ``[K / block, N]``, or per column,
+        ``[N]`` with ``axis=1``): K, the attributes and dtypes; None for any other layout."""
+        dq = self.producer(gemm.weight) if gemm.weight is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", _MS) or gemm.kind not in ("MatMul", "QDQ"):
+            return None
+        if not all(v is None or is_constant(v) for v in dq.inputs):
+            return None
+        attrs = _attrs(dq)
+        q = constant_shape(dq.inputs[0])
+        if len(q) != 2:
+            return None
+        axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+        layouts = []
+        for value in dq.inputs[1:]:
+            if value is None:
+                layouts.append(None)
+                continue
+            shape = constant_shape(value)
+            if block and axis in (0, -2) and len(shape) == 2 and shape[1] == q[1]:
+                layouts.append(("blocked", shape[0], constant_dtype(value)))
+            elif not block and axis in (1, -1) and len(shape) == 1 and shape[0] == q[1]:
+                layouts.append(("column", constant_dtype(value)))
+            else:
+                return None
+        return (q[0], constant_dtype(dq.inputs[0]), dq.domain, axis, block, *layouts)
+
     def runtime_weight(self, gemm: Gemm):
         """``(kind, dims)`` for a GEMM's weight that is not a constant but a caller-fed value: "graph
         input" (Olive's ExtractAdapters, ONNX Runtime's multi-LoRA; a default initializer only makes
@@ -662,6 +691,31 @@ class OnnxGraph:
         if _MS not in self.model.opset_imports:
             self.model.opset_imports[_MS] = 1
         return self._node("MatMulNBits", inputs, "MatMulNBits", domain=_MS, N=sum(ns), **kept).outputs[0]
+
+    def qdq_project(self, x, gemms: list[Gemm]):
+        """``x @ DequantizeLinear([q_1 | .. | q_n], [scale_i], [zero_point_i])``: the quantized weights of
+        ``gemms`` (equal :meth:`qdq_key`) and their scales and zero points concatenated along ``N`` as
+        new initializers (each column keeps its own numbers: ONNX Runtime fuses the pair into one
+        MatMulNBits as it did each original)."""
+        dqs = [self.producer(g.weight) for g in gemms]
+        inputs = []
+        for index in range(len(dqs[0].inputs)):
+            values = [dq.inputs[index] for dq in dqs]
+            if values[0] is None:
+                inputs.append(None)
+                continue
+            getters = [constant_getter(v) for v in values]
+            shapes = [constant_shape(v) for v in values]
+            shape = (*shapes[0][:-1], sum(sh[-1] for sh in shapes))
+            dtype = numpy_dtype(constant_dtype(values[0]))
+
+            def packed(getters=getters):
+                return np.concatenate([np.asarray(get()) for get in getters], axis=-1)
+
+            inputs.append(self.constant(f"packed_{('q', 'scale', 'zero_point')[index]}", LazyArray(shape, dtype, packed)))
+        first = dqs[0]
+        weight = self._node("DequantizeLinear", inputs, "DequantizeLinear", domain=first.domain, **_attrs(first)).outputs[0]
+        return self.matmul(x, weight)
 
     def nbits_apply(self, x, gemm: Gemm):
         """The MatMulNBits ``gemm`` (constants and attributes unchanged) applied to ``x``."""
