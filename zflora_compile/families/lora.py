@@ -1,28 +1,49 @@
-"""LoRA (PEFT and compatible): ``y = x @ W (+ bias) + s * ((x @ A) @ B)``.
+"""LoRA (PEFT and compatible): ``y = x @ W (+ bias) + s * ((x @ A) @ B (+ b_B))``.
 
 Pattern: an add, in either operand order, of
 
 - ``P = x @ W (+ bias)``: a GEMM with a constant 2-D weight, optionally followed by an add of a
   constant bias;
-- ``C = s * ((x @ A) @ B)``: two GEMMs with constant ``A: [in, r]`` and ``B: [r, out]``, optional
-  constant scalar multiplies / divides (before or after ``B``) and casts;
+- ``C = s * ((x @ A) @ B (+ b_B))``: two GEMMs with constant ``A: [in, r]`` and ``B: [r, out]``,
+  optional constant scalar multiplies / divides (before or after ``B``) and casts, and optionally
+  a constant per-column bias ``b_B`` on ``B`` (PEFT ``lora_bias=True``; the scales after it scale it);
 
 both reading the same tensor ``x`` (up to casts) with ``r`` small relative to ``in`` and ``out``.
 Every add with a low-rank chain on one side that fails a check is a rejection with the reason.
 
+PEFT's spellings the pattern reads besides the plain one:
+
+- ``autocast_adapter_dtype`` (PEFT's default on an fp16 / bf16 base): the adapter is kept in fp32,
+  so the add is ``y = narrow(wide(P) + C)``: ``P`` (in W's dtype) is widened losslessly to the
+  adapter's float type, ``C`` is computed there from ``wide(x)``, and the add's only reader is a
+  cast back to W's dtype (the *tail*; without it, or through a lossy or integer cast, the site is
+  rejected). The rewrites replace the tail's output.
+- ``fan_in_fan_out`` (GPT-2 ``Conv1D``, exported as ``addmm`` / ``Gemm``): ``P = unflatten(flatten(x)
+  @ W + bias)`` where the reshapes only regroup the leading axes (same static last axis in and out,
+  :func:`~zflora_compile.graph.protocol.row_view_input`) and the unflattened result has ``x``'s
+  leading axes; the site reads ``x`` itself (an N-D GEMM does not need the 2-D view).
+- ``lora_bias``: ``b_B`` as above.
+
 Plan (weights computed lazily; accumulated in fp32, cast back to ``W``'s dtype):
 
-- ``merge``: ``W' = W + s * A @ B``.
+- ``merge``: ``W' = W + s * A @ B``; with a B bias also ``b' = b + s * b_B`` (the projection is
+  then written anew as ``x @ W' + b'``). Under autocast that is ``narrow(W + s A@B)`` computed in
+  fp32: one rounding of the merged weight, where PEFT's own merge rounds ``s A@B`` first.
 - ``fuse``: for the sites of one group (same input ``x``, same dtype), with ``D = sum(out_i)`` and
   ``R = sum(r_i)``::
 
       Y      = x @ [W_1 | ... | W_n | A_1 | ... | A_n]                  # one GEMM, [.., D + R]
-      y      = Y[.., :D] + [b_1 | ... | b_n] + Y[.., D:] @ blockdiag(s_1 B_1, ..., s_n B_n)
+      y      = Y[.., :D] + [b_1 + s_1 b_B1 | ... ] + Y[.., D:] @ blockdiag(s_1 B_1, ..., s_n B_n)
       y_i    = y[.., offset_i : offset_i + out_i]
 
   The adapter lanes ``Y[.., D:]`` are cut off right after the first GEMM, so no consumer of any
-  ``y_i`` (reshape into heads, RoPE, split, attention) ever sees them.
-- ``strip``: ``y = x @ W + b``, the base model.
+  ``y_i`` (reshape into heads, RoPE, split, attention) ever sees them. One GEMM has one dtype, so
+  the lanes run in W's dtype: under autocast ``A`` and ``s * B`` (scaled in fp32) are rounded to
+  W's dtype once and ``x @ A`` is held in it, where PEFT computes them in fp32 -- an error of a few
+  units in the last place of W's dtype on the adapter term only (the result is rounded to W's
+  dtype by the tail anyway); the pipeline verifies it at that dtype's tolerance.
+- ``strip``: ``y = x @ W + b``, the base model (``b_B`` goes with the adapter; under autocast the
+  tail's output reads ``P`` itself: the cast round trip is exact).
 """
 
 from __future__ import annotations
@@ -35,6 +56,7 @@ import numpy as np
 from zflora_compile import metadata
 from zflora_compile.graph.protocol import (
     Gemm,
+    Projection,
     GraphView,
     NotACandidate,
     Reject,
@@ -45,6 +67,7 @@ from zflora_compile.graph.protocol import (
     match_projection,
     matrix_shape,
     produced_by,
+    row_view_input,
     single_use,
     zero_branch,
 )
@@ -58,11 +81,14 @@ class LoraBinding:
     """The graph handles a LoRA rewrite needs (opaque to everything but the view that made them)."""
 
     add: object
-    gemm: Gemm  # the base GEMM
+    gemm: Gemm  # the base GEMM (``x``: the site's N-D input, row views peeled)
     base_output: object  # the add's base operand (after its bias add): what strip and merge keep
     b_gemm: Gemm | None  # the GEMM applying B (zeroed for the strip reference)
     chain_nodes: list
-    branch: object = None  # the add's adapter operand, where B is no single GEMM (zeroed whole instead)
+    branch: object = None  # the add's adapter operand, where B is no single GEMM or has a bias (zeroed whole instead)
+    tail: object = None  # autocast: the cast of the add's output back to W's dtype (what the rewrites replace)
+    narrow_output: object = None  # autocast: the projection's output in W's dtype, below the widening cast
+    adapter_bias: object = None  # lora_bias: ``s * b_B`` as an fp32 ``[out]`` getter
 
 
 @dataclasses.dataclass
@@ -72,42 +98,145 @@ class Chain:
     scale: float
     source: object  # x, up to casts
     nodes: list
+    bias: object = None  # B's bias (a constant handle), lora_bias
+    bias_scale: float = 1.0  # the scales applied after B's bias
+
+
+def replaced(graph, binding) -> tuple:
+    """``(old, base)``: the value a merge or strip replaces and the base projection's value that
+    takes its place (autocast: the tail and the projection below the widening cast)."""
+    tail = getattr(binding, "tail", None)
+    if tail is not None:
+        return tail, binding.narrow_output
+    return graph.output(binding.add), binding.base_output
+
+
+def adapter_bias(site: AdapterSite):
+    """``s * b_B`` in fp32 (``[out]``) for a LoRA with a bias on B, else None."""
+    getter = getattr(site.binding, "adapter_bias", None)
+    return getter() if getter is not None else None
 
 
 # ---------------------------------------------------------------- pattern and check
 
 
-def match_chain(view: GraphView, value) -> Chain:
-    """``s * ((x @ A) @ B)`` ending at ``value``; raises NotACandidate or Reject."""
+def match_chain(view: GraphView, value, *, b_bias: bool = False) -> Chain:
+    """``s * ((x @ A) @ B (+ b_B))`` ending at ``value``; raises NotACandidate or Reject. ``b_bias``:
+    accept a constant bias on B (else a B bias add is no chain, and a B GEMM with a bias is rejected)."""
     reached, scale_after, nodes = view.walk_back(value)
     b = view.gemm(reached)
+    bias = bias_node = None
+    scale_mid = 1.0
     if b is None:
-        raise NotACandidate
+        found = view.bias_add(reached) if b_bias else None
+        if found is None:
+            raise NotACandidate
+        data, bias, bias_node = found
+        inner, scale_mid, more = view.walk_back(data)
+        b = view.gemm(inner)
+        if b is None:
+            raise NotACandidate
+        nodes += [bias_node, *more]
     nodes.append(b.node)
     reached, scale_between, more = view.walk_back(b.operand)
     nodes += more
     a = view.gemm(reached)
     if a is None:
+        if bias is not None:  # a biased GEMM reading something else: a layer of the base model, no chain
+            raise NotACandidate
         inner = view.activation_input(reached)
         below = view.gemm(view.walk_back(inner)[0]) if inner is not None else None
         if below is not None and view.is_constant(below.weight):
             raise Reject(f"{view.describe(reached)} sits between the low-rank GEMMs '{view.name(below.node)}' and '{view.name(b.node)}' (not linear)")
         raise NotACandidate
+    if bias is not None and not (view.is_constant(a.weight) and view.is_constant(b.weight)):
+        raise NotACandidate
     nodes.append(a.node)
-    if a.bias is not None or b.bias is not None:
+    if a.bias is not None or (b.bias is not None and not b_bias):
         raise Reject(f"low-rank GEMM '{view.name((a if a.bias is not None else b).node)}' has a bias")
+    if b.bias is not None:  # B as one GEMM with its own bias (Gemm's C)
+        if bias is not None:
+            raise Reject(f"low-rank GEMM '{view.name(b.node)}' has two biases")
+        if not view.is_constant(b.bias):
+            raise Reject(f"bias of the low-rank GEMM '{view.name(b.node)}' is not constant")
+        bias = b.bias
     for gemm, role in ((a, "A"), (b, "B")):
         if not view.is_constant(gemm.weight):
             raise Reject(f"low-rank {role} '{view.value_name(gemm.weight)}' of '{view.name(gemm.node)}' is not constant ({produced_by(view, gemm.weight)})")
     source = view.peel(a.x)
     check_casts(view, a.x, source, view.dtype(a.weight), "the input of A")
     check_casts(view, b.operand, a.out, view.dtype(b.weight), "the lanes between A and B")
-    return Chain(a, b, scale_after * scale_between, source, nodes)
+    return Chain(a, b, scale_after * scale_mid * scale_between, source, nodes, bias, scale_after)
+
+
+@dataclasses.dataclass
+class Base:
+    """The base side of a LoRA add, through PEFT's spellings (see the module docstring)."""
+
+    projection: Projection
+    gemm: Gemm  # the projection's GEMM, ``x`` its N-D input (row views peeled)
+    nodes: list  # between the add and the projection: widening casts, the unflattening reshape
+    tail: object = None
+    narrow_output: object = None
+
+
+def _match_base(view: GraphView, add, base_value) -> Base:
+    """The projection ``base_value`` is: plain, widened to the adapter's dtype (autocast, with its
+    tail), and/or unflattened from a 2-D GEMM over the flattened input (Conv1D)."""
+    if view.is_constant(base_value):
+        raise NotACandidate  # a constant added to a low-rank product: B's own bias; the add reading it is the site
+    out = view.output(add)
+    inner = view.peel(base_value)
+    nodes, tail = [], None
+    if inner is not view.peel(base_value, casts=False):  # casts between the add and the projection
+        check_casts(view, base_value, inner, None, "the base projection output")
+        wide, narrow = view.value_dtype(base_value), view.value_dtype(inner)
+        if wide is None or narrow is None:
+            raise Reject(f"cannot tell the dtypes around the cast of the base projection output '{view.value_name(inner)}' at '{view.name(add)}'")
+        value = base_value
+        while value is not inner and view.producer(value) is not None and len(nodes) < 10_000:
+            nodes.append(view.producer(value))
+            value = view.data_input(nodes[-1])
+        if wide != narrow:  # PEFT autocast: the sum is computed in the adapter's dtype and cast back
+            tail = _tail(view, add, out, wide, narrow)
+    else:
+        inner = base_value
+    below = row_view_input(view, inner)
+    x = None
+    if below is not None:
+        projection = match_projection(view, below)
+        x = row_view_input(view, projection.gemm.x, matrix_shape(view, projection.gemm, "weight")[0])  # x's width: checked against A's
+        if x is None:
+            raise Reject(f"'{view.name(view.producer(inner))}' reshapes the output of '{view.name(projection.node)}', whose input '{view.value_name(projection.gemm.x)}' is no flattened view of a tensor")
+        lead, x_lead = view.leading_shape(inner), view.leading_shape(x)
+        if lead is None or x_lead is None or lead != x_lead:
+            raise Reject(
+                f"cannot tell that '{view.name(view.producer(inner))}' restores the leading axes of '{view.value_name(x)}' "
+                f"(shapes {lead} and {x_lead}) around '{view.name(projection.node)}'"
+            )
+        nodes.append(view.producer(inner))
+    else:
+        projection = match_projection(view, inner)
+    gemm = projection.gemm if x is None else dataclasses.replace(projection.gemm, x=x)
+    return Base(projection, gemm, nodes, tail, inner if tail is not None else None)
+
+
+def _tail(view: GraphView, add, out, wide: str, narrow: str):
+    """The cast of the add's ``wide`` output back to ``narrow`` (W's dtype), its only reader."""
+    users = view.users(out)
+    tail = view.output(users[0]) if len(users) == 1 and not view.is_graph_output(out) else None
+    if tail is None or view.peel(tail) is not out or view.value_dtype(tail) != narrow:
+        what = f"{len(users)} nodes" if len(users) != 1 else (f"'{view.name(users[0])}' ({view.value_dtype(tail)})" if users else "a graph output")
+        raise Reject(
+            f"the {wide} sum '{view.value_name(out)}' of a {narrow} projection and its adapter is read by {what}, "
+            f"not only by a cast back to {narrow}: a rewrite in {narrow} cannot replace it"
+        )
+    return tail
 
 
 def _match_site(view: GraphView, add, base_value, chain: Chain, max_rank_ratio: float, index: int) -> AdapterSite:
-    projection = match_projection(view, base_value)
-    gemm, bias = projection.gemm, projection.bias
+    base = _match_base(view, add, base_value)
+    projection, gemm, bias = base.projection, base.gemm, base.projection.bias
     if view.peel(gemm.x) is not chain.source:
         raise Reject(
             f"low-rank chain reads '{view.value_name(chain.source)}' but the projection '{view.name(gemm.node)}' "
@@ -132,6 +261,13 @@ def _match_site(view: GraphView, add, base_value, chain: Chain, max_rank_ratio: 
             raise Reject(f"bias of '{view.name(gemm.node)}' {problem}")
         getter = view.constant_array(bias)
         bias_getter = lambda g=getter, n=out_w: g().reshape(n)  # noqa: E731
+    b_bias = None
+    if chain.bias is not None:
+        problem = bias_problem(view, chain.bias, out_w, chain.b.operand)
+        if problem:
+            raise Reject(f"bias of the low-rank GEMM '{view.name(chain.b.node)}' {problem}")
+        getter = view.constant_array(chain.bias)
+        b_bias = lambda g=getter, n=out_w, s=chain.bias_scale: g().astype(np.float32).reshape(n) * np.float32(s)  # noqa: E731
     out = view.output(add)
     x_shape, out_shape = view.shape_key(gemm.x), view.shape_key(out)
     if (x_shape is None or out_shape is None) and view.requires_shapes:
@@ -139,24 +275,29 @@ def _match_site(view: GraphView, add, base_value, chain: Chain, max_rank_ratio: 
     if x_shape is not None and out_shape is not None and (x_shape[:-1] != out_shape[:-1] or out_shape[-1] != str(out_w)):
         raise Reject(f"shape mismatch at '{view.name(add)}': input {x_shape} but output {out_shape}")
     bias_add = [projection.bias_add] if projection.bias_add is not None else []
+    tail = [view.producer(base.tail)] if base.tail is not None else []
     return AdapterSite(
         site_id=f"lora{index}",
         family=NAME,
         label=view.label(gemm.node, gemm.weight),
         input_name=view.value_name(gemm.x),
-        output_name=view.value_name(out),
+        output_name=view.value_name(base.tail if base.tail is not None else out),
         in_features=in_w,
         out_features=out_w,
         rank=rank,
         scale=chain.scale,
         dtype=view.dtype(gemm.weight),
         has_bias=bias is not None,
-        nodes=[view.name(n) for n in [gemm.node, *bias_add, *reversed(chain.nodes), add]],
+        nodes=[view.name(n) for n in [gemm.node, *bias_add, *reversed(base.nodes), *reversed(chain.nodes), add, *tail]],
         weight=view.weight(gemm),
         lora_a=view.weight(chain.a),
         lora_b=view.weight(chain.b),
         bias=bias_getter,
-        binding=LoraBinding(add, gemm, base_value, chain.b, list(chain.nodes)),
+        binding=LoraBinding(
+            add, gemm, base_value, chain.b, list(chain.nodes),
+            branch=view.output(chain.nodes[0]) if chain.bias is not None else None,
+            tail=base.tail, narrow_output=base.narrow_output, adapter_bias=b_bias,
+        ),
     )
 
 
@@ -165,7 +306,7 @@ def detect(view: GraphView, found) -> None:
     sites: list[AdapterSite] = []
     for add, operands in view.adds():
         def match(base, lowrank, add=add):
-            return _match_site(view, add, base, match_chain(view, lowrank), found.max_rank_ratio, len(sites))
+            return _match_site(view, add, base, match_chain(view, lowrank, b_bias=True), found.max_rank_ratio, len(sites))
 
         site, reason = either_order(match, operands)
         if site is not None:
@@ -192,6 +333,13 @@ def merged_weight(site: AdapterSite, dtype: np.dtype) -> np.ndarray:
     if site.column_scale is not None:
         merged *= site.column_scale().astype(np.float32).reshape(1, -1)
     return merged.astype(dtype)
+
+
+def total_bias(site: AdapterSite) -> np.ndarray:
+    """``b + s * b_B`` in fp32 (zeros for what is absent): the bias a fused or merged site adds."""
+    total = site.bias().astype(np.float32).reshape(-1) if site.bias else np.zeros(site.out_features, dtype=np.float32)
+    extra = adapter_bias(site)
+    return total if extra is None else total + extra
 
 
 @dataclasses.dataclass
@@ -240,7 +388,8 @@ class FuseGroup:
                     base_lanes = graph.add(base_lanes, bias := graph.constant("fused_bias", self.bias))
                 fused = graph.add(base_lanes, low)
             for binding, output in zip(bindings, graph.split_last(fused, self.out_splits)):
-                graph.redirect(graph.output(binding.add), output)
+                tail = getattr(binding, "tail", None)
+                graph.redirect(tail if tail is not None else graph.output(binding.add), output)
         metadata.note(state, self, self.record(wide, low, scaled, bias))
 
     def record(self, wide, low, scaled, bias) -> dict:
@@ -264,21 +413,31 @@ class FuseGroup:
 
 @dataclasses.dataclass
 class MergeSite:
-    """``W' = W + s * A @ B``; the add passes the projection through."""
+    """``W' = W + s * A @ B``; the add passes the projection through. With a bias on B
+    (``lora_bias``) the projection is written anew as ``x @ W' + b'``, ``b' = b + s * b_B``."""
 
     section: ClassVar[str] = "merged_sites"
     site: AdapterSite
     weight: LazyArray  # [in, out]
+    bias: LazyArray | None = None  # [out]: b', where B has a bias
 
     def to_json(self) -> str:
         return self.site.site_id
 
     def emit(self, graph, state: dict) -> None:
         binding = self.site.binding
+        old, base = replaced(graph, binding)
+        node = binding.gemm.node
         with graph.at(binding.add, self.site.label or self.site.site_id):
-            graph.replace_weight(binding.gemm, self.weight, name="merged_weight")
-            graph.redirect(graph.output(binding.add), binding.base_output)
-        metadata.note(state, self, metadata.merged_record(self.site, binding.gemm.node))
+            if self.bias is None:
+                graph.replace_weight(binding.gemm, self.weight, name="merged_weight")
+                graph.redirect(old, base)
+            else:
+                merged = graph.project(binding.gemm.x, self.weight, like=binding.gemm, bias=self.bias, name="merged_weight")
+                graph.redirect(old, merged)
+                product = metadata.producer_input(merged, 0)  # ONNX: the MatMul under the bias Add
+                node = product.producer() if product is not None and callable(getattr(product, "producer", None)) else None
+        metadata.note(state, self, metadata.merged_record(self.site, node))
 
 
 @dataclasses.dataclass
@@ -292,8 +451,7 @@ class StripSite:
         return self.site.site_id
 
     def emit(self, graph, state: dict) -> None:
-        binding = self.site.binding
-        graph.redirect(graph.output(binding.add), binding.base_output)
+        graph.redirect(*replaced(graph, self.site.binding))
 
 
 def _group_name(sites: list[AdapterSite], fallback: str) -> str:
@@ -323,10 +481,10 @@ def fuse_group(sites: list[AdapterSite], name: str) -> FuseGroup:
         return block.astype(dtype)
 
     bias = None
-    if any(s.has_bias for s in sites):
+    if any(s.has_bias or adapter_bias(s) is not None for s in sites):
 
         def bias_fn() -> np.ndarray:
-            return np.concatenate([(s.bias() if s.bias else np.zeros(s.out_features)).astype(dtype) for s in sites])
+            return np.concatenate([total_bias(s).astype(dtype) for s in sites])
 
         bias = LazyArray((width,), dtype, bias_fn)
     column_scale = None
@@ -344,7 +502,13 @@ def plan(sites: list[AdapterSite], strategy: str) -> list:
         return [StripSite(site) for site in sites]
     if strategy == "merge":
         return [
-            MergeSite(site, LazyArray((site.in_features, site.out_features), numpy_dtype(site.dtype), lambda s=site: merged_weight(s, numpy_dtype(s.dtype))))
+            MergeSite(
+                site,
+                LazyArray((site.in_features, site.out_features), numpy_dtype(site.dtype), lambda s=site: merged_weight(s, numpy_dtype(s.dtype))),
+                LazyArray((site.out_features,), numpy_dtype(site.dtype), lambda s=site: total_bias(s).astype(numpy_dtype(s.dtype)))
+                if getattr(site.binding, "adapter_bias", None) is not None
+                else None,
+            )
             for site in sites
         ]
     groups: dict[str, list[AdapterSite]] = {}

@@ -203,6 +203,30 @@ def match_projection(view: GraphView, value: Value, *, one_bias: bool = True) ->
     return Projection(gemm, output, bias, bias_add)
 
 
+#: ONNX ops that may only regroup leading axes (checked: the same static last axis in and out)
+_ROW_VIEWS = ("Reshape", "Flatten")
+
+
+def row_view_input(view: GraphView, value: Value, width: int | None = None) -> Value | None:
+    """The tensor that ``value`` is a row-preserving reshape of, else None: an ONNX ``Reshape`` /
+    ``Flatten`` whose input and output have the same static last axis only regroups the leading
+    axes (``[B, S, d] <-> [B*S, d]``, what exporters write around a 2-D ``Gemm`` such as GPT-2's
+    ``Conv1D`` addmm), so row ``i`` of the output is row ``i`` of the input in row-major order.
+    ``width``: the last axis both tensors must have anyway (the caller checks it: the rows of the
+    GEMM weight that reads the reshape, and of the one that reads its input), used where the graph
+    records none (a symbolic axis); otherwise an unknown last axis is no evidence. (The FX view
+    peels such views itself: :meth:`GraphView.peel`, :meth:`GraphView.gemm`.)"""
+    node = view.producer(value)
+    if node is None or view.op(node) not in _ROW_VIEWS:
+        return None
+    data = view.inputs(node)[0] if view.inputs(node) else None
+    if data is None or view.is_constant(data):
+        return None
+    out_last, in_last = view.last_dim(value), view.last_dim(data)
+    out_last, in_last = (width if out_last is None else out_last), (width if in_last is None else in_last)
+    return data if out_last is not None and out_last == in_last else None
+
+
 def check_path(view: GraphView, top: Value, node: Node, consumer: Node, what: str) -> None:
     """Every value from ``top`` (read by ``consumer``) down to ``node``'s output (through views, casts
     and a bias add) feeds only the next step."""
