@@ -153,7 +153,7 @@ def _write_and_build(model: ir.Model, staging: Path, report: Report, options: Co
     with steps.step("write"):
         written = save_model(model, model_path, external=True if report.input.external_data else None)
         report.output.files = [p.name for p in written] + ["report.json"]
-    shapes = phase_shapes(model_path, options.latency)
+    shapes = phase_shapes(model_path, options.latency, model)
     with steps.step(f"build target {target.name}"):
         try:
             report.target = target.build(model_path, staging, shapes)
@@ -171,7 +171,7 @@ def _write_and_build(model: ir.Model, staging: Path, report: Report, options: Co
         report.target["shapes_clamped"] = clamped
     if options.verify:
         with steps.step(f"check the {target.name} artifact against the model"):
-            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed)
+            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed, model)
             report.target["check"] = check
             if not check["passed"]:
                 raise VerificationError(f"the {target.name} artifact does not match model.onnx: {check['failure']}")

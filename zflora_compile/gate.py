@@ -134,15 +134,16 @@ def _offset(value) -> int:
     return offset
 
 
-def position_range(model_path: Path) -> PositionRange | None:
+def position_range(model_path: Path, model=None) -> PositionRange | None:
     """The positions the model has learned, read structurally: a ``Gather`` of a constant table
     whose indices come from the position ids (a ``position_ids`` / ``cache_position`` input, a
     ``Range`` or a ``CumSum`` of the mask), not from the token ids; the table's rows along the
     gathered axis, less a constant added on the way. The smallest such range; ``None`` when the
-    model has none (rotary positions are computed, they have no table)."""
+    model has none (rotary positions are computed, they have no table). ``model``: the file as
+    an ``onnx_ir.Model``, when the caller holds it."""
     import onnx_ir as ir
 
-    model = ir.load(str(model_path))
+    model = model if model is not None else ir.load(str(model_path))
     found = []
     for node in model.graph.all_nodes():
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
@@ -183,7 +184,7 @@ def _rotary_caches(model) -> list[PositionRange]:
     return found
 
 
-def phase_shapes(model_path: Path, options: LatencyOptions) -> list[Shape]:
+def phase_shapes(model_path: Path, options: LatencyOptions, model=None) -> list[Shape]:
     """The input shapes of the phases, as this model's signature admits them, kept within the
     positions it has learned (``past + seq <= positions``; :func:`position_range`): a shape that
     asks for more is clamped and says so."""
@@ -191,7 +192,7 @@ def phase_shapes(model_path: Path, options: LatencyOptions) -> list[Shape]:
     if not any(not isinstance(d, int) for s in specs for d in s.shape):
         return [Shape("static", 0, 0)]
     cache = has_kv_cache(specs)
-    limit = position_range(model_path)
+    limit = position_range(model_path, model)
     decode_past, prefill = options.past if cache else 0, options.prefill
     notes = {"decode": "", "prefill": ""}
     if limit is not None and decode_past + 1 > limit.positions:

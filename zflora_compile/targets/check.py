@@ -80,10 +80,10 @@ def _dequantized_by(value: ir.Value) -> tuple[str, float] | None:
     return producer.name or "", float(np.max(np.abs(np.asarray(scale.numpy(), dtype=np.float64))))
 
 
-def output_tolerances(target: Target, model_path: Path) -> dict[str, dict]:
+def output_tolerances(target: Target, model_path: Path, model: ir.Model | None = None) -> dict[str, dict]:
     """``{output: {"atol", "rtol", "why"}}``: each output's artifact-check tolerance (the rules
-    of this module's docstring)."""
-    model = ir.load(str(model_path))  # external weights stay on disk; only DequantizeLinear scales are read
+    of this module's docstring); ``model`` is the file as an ``onnx_ir.Model`` when the caller holds it."""
+    model = model if model is not None else ir.load(str(model_path))  # external weights stay on disk
     quantized = quantized_ops(model)
     computed_in = weight_precision(model_path)
     floor_atol, floor_rtol = target.artifact_tolerance
@@ -117,10 +117,10 @@ def output_tolerances(target: Target, model_path: Path) -> dict[str, dict]:
     return tolerances
 
 
-def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab: int | None, seed: int) -> dict:
+def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab: int | None, seed: int, model: ir.Model | None = None) -> dict:
     """Run the target's artifact and ONNX Runtime CPU on the same inputs, for every shape it serves;
     returns the report's ``target.check`` section (with the tolerance of every output and why)."""
-    tolerances = output_tolerances(target, model_path)
+    tolerances = output_tolerances(target, model_path, model)
     reference = session(model_path)
     names = [o.name for o in reference.get_outputs()]
     specs = input_specs(model_path)
