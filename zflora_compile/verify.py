@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -390,6 +391,15 @@ def verify_models(
     try:
         reference_session = session(original)
     except Exception as error:  # noqa: BLE001
+        from zflora_compile.errors import DependencyError
+        from zflora_compile.targets.ort import cpu_kernel_gap  # lazy: targets import this module
+
+        gap = cpu_kernel_gap(Path(original))
+        if gap:
+            raise DependencyError(
+                f"{original}: this model cannot run on this machine, so it cannot be verified: {gap}; verification runs it in "
+                "ONNX Runtime on CPU; --no-verify compiles it without running it"
+            ) from None
         raise InputError(f"{original}: ONNX Runtime cannot load the original model ({first_line(error)}); use --no-verify to skip verification") from None
     candidate_session = session(rewritten)
     computed_in = weight_precision(rewritten)
