@@ -6,7 +6,8 @@ hold the with-past and without-past decoders; their nodes read the weights from 
 (:class:`~zflora_compile.graph.onnx_ir.OnnxGraph` views the main graph or one subgraph; values of
 enclosing graphs are read like any other value), so this module
 
-- lists the model's graphs as :class:`Scope` records, the main graph first, then every subgraph
+- lists the model's graphs as :class:`Scope` records (each viewed through :class:`ScopedGraph`,
+  whose readers of a value are nodes of that graph alone), the main graph first, then every subgraph
   in node order, depth first, each with its path (``If:/model/If_0/then_branch``; nested:
   ``If:/model/If_0/then_branch/Loop:/loop/body``);
 - detects each graph on its own and joins the results into one :class:`ModelDetection`: the
@@ -45,11 +46,16 @@ from zflora_compile.planner import plan as plan_sites
 
 @dataclasses.dataclass
 class Scope:
-    """One graph of a model: the main graph (``path`` "", ``depth`` 0) or a subgraph."""
+    """One graph of a model: the main graph (``path`` "", ``depth`` 0) or a subgraph;
+    ``owners``: id(subgraph) -> the node holding it, for every subgraph of the model."""
 
     path: str
     graph: ir.Graph
     depth: int = 0
+    owners: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def view(self, model: ir.Model) -> "ScopedGraph":
+        return ScopedGraph(model, self.graph, self.owners)
 
     def name(self, local: str) -> str:
         """``local`` (a site id, group or node name of this graph) as named model-wide."""
@@ -59,25 +65,71 @@ class Scope:
 def scopes(model: ir.Model) -> list[Scope]:
     """The main graph, then every subgraph (``GRAPH`` / ``GRAPHS`` attributes), depth first."""
     out: list[Scope] = []
+    owners: dict[int, ir.Node] = {}
 
     def visit(graph: ir.Graph, path: str, depth: int) -> None:
-        out.append(Scope(path, graph, depth))
+        out.append(Scope(path, graph, depth, owners))
         for index, node in enumerate(graph):
             where = f"{node.op_type}:{node.name or f'#{index}'}"
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.GRAPH:
+                    owners[id(attr.as_graph())] = node
                     visit(attr.as_graph(), f"{path}/{where}/{attr.name}" if path else f"{where}/{attr.name}", depth + 1)
                 elif attr.type == ir.AttributeType.GRAPHS:
                     for i, sub in enumerate(attr.as_graphs()):
+                        owners[id(sub)] = node
                         visit(sub, f"{path}/{where}/{attr.name}[{i}]" if path else f"{where}/{attr.name}[{i}]", depth + 1)
 
     visit(model.graph, "", 0)
     return out
 
 
+class ScopedGraph(OnnxGraph):
+    """:class:`OnnxGraph` of one graph whose readers are that graph's nodes: a value read inside a
+    subgraph of it is read by the node holding that subgraph (the ``If`` reads what its branches
+    read, as ONNX has it), and a read in a graph outside this one (an outer value the other ``If``
+    branch reads too) is no node of this view. (onnx-ir lists every use of a value, in any graph:
+    the families would take the other branch's GEMMs for candidates of this one.) A rewrite only
+    changes nodes of its own graph and never removes a node another graph reads, so leaving those
+    reads out cannot make a rewrite wrong."""
+
+    def __init__(self, model: ir.Model, graph: ir.Graph | None = None, owners: dict | None = None):
+        super().__init__(model, graph)
+        self._owners = owners or {}
+
+    def _local(self, node: ir.Node) -> ir.Node | None:
+        """``node``, or the node of this graph holding the subgraph ``node`` is in (None: neither)."""
+        for _ in range(1000):
+            if node.graph is self.graph:
+                return node
+            node = self._owners.get(id(node.graph))
+            if node is None:
+                return None
+        return None
+
+    def _readers(self, values) -> list[ir.Node]:
+        out, seen = [], set()
+        for value in values:
+            for user, _ in value.uses():
+                local = self._local(user)
+                if local is not None and id(local) not in seen:
+                    seen.add(id(local))
+                    out.append(local)
+        return out
+
+    def users(self, value):
+        return self._readers([value])
+
+    def successors(self, node):
+        return self._readers(node.outputs)
+
+    def gemm_readers(self, value):
+        return [gemm for gemm in super().gemm_readers(value) if gemm.node.graph is self.graph]
+
+
 def views(model: ir.Model) -> list[tuple[str, OnnxGraph]]:
     """``(path, view)`` for every graph of the model (:func:`scopes`' order)."""
-    return [(scope.path, OnnxGraph(model, scope.graph)) for scope in scopes(model)]
+    return [(scope.path, scope.view(model)) for scope in scopes(model)]
 
 
 @dataclasses.dataclass
@@ -118,7 +170,7 @@ def detect(model: ir.Model, max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO) -> M
     """Every adapter site of every graph of ``model`` (the families run on each graph on its own)."""
     parts = []
     for scope in scopes(model):
-        found = families.detect(OnnxGraph(model, scope.graph), max_rank_ratio=max_rank_ratio)
+        found = families.detect(scope.view(model), max_rank_ratio=max_rank_ratio)
         _name_records(scope, found)
         parts.append((scope, found))
     if len(parts) == 1:  # no subgraph: the main graph's detection as it is
@@ -157,7 +209,7 @@ def rewrite(model: ir.Model, the_plan: ModelPlan) -> None:
     before = set(model.graph.initializers)
     for scope, part in _innermost_first(the_plan.parts):
         if len(part):
-            families.rewrite(OnnxGraph(model, scope.graph), part)
+            families.rewrite(scope.view(model), part)
     if sum(1 for _, part in the_plan.parts if len(part)) > 1:
         records = [step.compiled for step in the_plan if isinstance(getattr(step, "compiled", None), dict)]
         # what strip of a compiled model finds by name and expects one reader of (fused, widened, grouped)
@@ -183,7 +235,7 @@ def disable_adapters(model: ir.Model, detection: ModelDetection) -> None:
     site: a B two graphs share is replaced in both, never edited in place)."""
     for scope, found in _innermost_first(detection.parts):
         if len(found):
-            families.disable_adapters(OnnxGraph(model, scope.graph), found)
+            families.disable_adapters(scope.view(model), found)
 
 
 def share_created(model: ir.Model, before: set[str], separate: set[str] = frozenset()) -> dict[str, str]:
