@@ -28,10 +28,13 @@ __all__ = [
     "ALL_TARGETS",
     "ARCHS",
     "EXPORTERS",
+    "PEFT_SPELLINGS",
     "PEFT_VARIANTS",
     "build_base_model",
     "build_lora_model",
+    "build_peft_spelling",
     "build_peft_variant",
+    "adapted_module_count",
     "export_onnx",
     "export_program",
     "tiny_config",
@@ -267,6 +270,72 @@ def build_peft_variant(kind: str, arch: str = "llama", *, r: int = 4, seed: int 
             model.base_model.set_adapter([name for name, _ in configs])
     _randomize_adapter(model, seed)
     return model.to(dtype).eval()
+
+
+PEFT_SPELLINGS = ("autocast_fp16", "autocast_bf16", "conv1d", "lora_bias")
+_GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # c_proj: attention's and the MLP's
+
+
+def tiny_gpt2_config(*, n_embd: int = 64, n_layer: int = 1, n_head: int = 4, vocab_size: int = 128, **overrides):
+    """A tiny ``GPT2Config`` (eager attention, 128 positions, in-vocabulary special tokens)."""
+    kwargs = dict(
+        n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size, n_positions=128,
+        bos_token_id=1, eos_token_id=2, attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    return transformers.GPT2Config(**kwargs)
+
+
+def build_peft_spelling(kind: str, *, r: int = 4, alpha: float = 6, seed: int = 0, num_hidden_layers: int = 1, disabled: bool = False):
+    """A PEFT LoRA model written in one of PEFT's spellings other than the plain fp32 ``Linear``, eval mode.
+
+    ``kind`` is one of ``PEFT_SPELLINGS``:
+
+    * ``autocast_fp16`` / ``autocast_bf16``: a Llama base in fp16 / bf16 with LoRA on every
+      projection under PEFT's default ``autocast_adapter_dtype=True`` (A and B stay fp32; the
+      forward casts ``x`` up, adds in fp32 and casts the sum back);
+    * ``conv1d``: GPT-2 (``Conv1D``, weight ``[in, out]``, ``addmm``) with ``fan_in_fan_out=True``
+      LoRA on ``c_attn``, both ``c_proj`` and ``c_fc``;
+    * ``lora_bias``: a Llama base with biased projections (``attention_bias``, ``mlp_bias``) and
+      ``lora_bias=True`` (a bias on every ``lora_B``) on every projection.
+
+    Every adapter parameter is re-drawn from a generator seeded with ``seed`` (A ~ N(0, 1/in),
+    B and B's bias ~ N(0, 0.05^2)), and so are the base projections' biases (N(0, 0.02^2); the
+    models initialise them to zero). ``disabled``: the same model (same weights) whose forward
+    skips the adapter, by PEFT's own switch -- the reference for ``strip``.
+    """
+    if kind not in PEFT_SPELLINGS:
+        raise ValueError(f"unknown PEFT spelling {kind!r}; expected one of {PEFT_SPELLINGS}")
+    lora = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", init_lora_weights=False)
+    if kind == "conv1d":
+        with _seeded(seed):
+            base = transformers.GPT2LMHeadModel(tiny_gpt2_config(n_layer=num_hidden_layers))
+        config = LoraConfig(target_modules=list(_GPT2_TARGETS), fan_in_fan_out=True, **lora)
+    elif kind == "lora_bias":
+        base = build_base_model("llama", seed=seed, num_hidden_layers=num_hidden_layers, attention_bias=True, mlp_bias=True)
+        config = LoraConfig(target_modules=list(ALL_TARGETS["llama"]), lora_bias=True, **lora)
+    else:
+        dtype = torch.float16 if kind == "autocast_fp16" else torch.bfloat16
+        base = build_base_model("llama", seed=seed, dtype=dtype, num_hidden_layers=num_hidden_layers)
+        config = LoraConfig(target_modules=list(ALL_TARGETS["llama"]), **lora)  # autocast_adapter_dtype=True: PEFT's default
+    with _quiet():
+        model = get_peft_model(base.eval(), config)
+    _randomize_adapter(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("base_layer.bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    if disabled:
+        for module in model.modules():
+            if hasattr(module, "enable_adapters") and hasattr(module, "lora_A"):
+                module.enable_adapters(False)
+    return model.eval()
+
+
+def adapted_module_count(model) -> int:
+    """How many modules of a PEFT model carry an active LoRA adapter (the sites a compile should find)."""
+    return sum(1 for module in model.modules() if hasattr(module, "lora_A") and len(module.lora_A) and not module.disable_adapters)
 
 
 class _ExportWrapper(torch.nn.Module):
