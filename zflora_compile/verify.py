@@ -108,14 +108,16 @@ def make_cases(session: ort.InferenceSession, vocab: int | None, *, seed: int = 
         plans = [(None, 0)]
     else:
         plans = [(n, 0) for n in DEFAULT_SEQ_LENS]
-    overridable = [i for i in session.get_overridable_initializers() if np.issubdtype(_ORT_TYPES.get(i.type, np.int64), np.floating)]
+    overridable = with_fixed_dims([i for i in session.get_overridable_initializers() if np.issubdtype(_ORT_TYPES.get(i.type, np.int64), np.floating)], fixed or {})
     cases = []
     for case_index, (seq, past) in enumerate(plans):
         feeds = make_feeds(inputs, vocab, seq=seq, past=past, seed=seed + case_index)
         name = "static shapes" if seq is None else f"seq={seq}" + (f",past={past}" if has_cache else "")
         optional = has_cache and (seq, past) in OPTIONAL_CACHE_CASES
         for flags, flagged in bool_variants(inputs, feeds):
-            cases.append(InputCase(name + flags, flagged, optional=optional))
+            # with run-time adapter inputs, the defaults may not run at all (Olive's empty defaults
+            # beside recorded rank-8 shapes): then the fed case below is the check
+            cases.append(InputCase(name + flags, flagged, optional=optional or bool(overridable)))
             if overridable:
                 fed = make_feeds(overridable, vocab, seq=seq or 4, past=past, seed=seed + 1000 + case_index)
                 cases.append(InputCase(name + flags + ",defaulted inputs fed", {**flagged, **fed}, optional=optional))
@@ -329,7 +331,7 @@ def check_finite_weights(detection, strategy: str, model=None) -> None:
 def session(path: str | os.PathLike) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failing run raises with the message; a skipped optional case must not print it
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -515,6 +517,23 @@ def fixed_dims(proto) -> dict[str, int]:
                 last = inputs[name].type.tensor_type.shape.dim[-1]
                 if not last.HasField("dim_value") and last.dim_param:
                     fixed[last.dim_param] = head
+    fixed.update(_ranks_recorded(proto, inputs))
+    return fixed
+
+
+def _ranks_recorded(proto, inputs) -> dict[str, int]:
+    """Symbolic axes of run-time weight inputs (``A: [in, "lora_r"]``) that the exporter's recorded
+    intermediate shapes fix: the last axis of ``x @ A`` recorded as a number (Olive records the
+    rank the adapter was exported with; ONNX Runtime then insists on it)."""
+    recorded = {v.name: v.type.tensor_type.shape.dim for v in proto.graph.value_info}
+    fixed = {}
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in inputs:
+            continue
+        last = inputs[node.input[1]].type.tensor_type.shape.dim
+        out = recorded.get(node.output[0])
+        if last and not last[-1].HasField("dim_value") and last[-1].dim_param and out and out[-1].HasField("dim_value") and out[-1].dim_value > 0:
+            fixed.setdefault(last[-1].dim_param, out[-1].dim_value)
     return fixed
 
 
