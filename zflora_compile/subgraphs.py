@@ -108,14 +108,8 @@ class ScopedGraph(OnnxGraph):
         return None
 
     def _readers(self, values) -> list[ir.Node]:
-        out, seen = [], set()
-        for value in values:
-            for user, _ in value.uses():
-                local = self._local(user)
-                if local is not None and id(local) not in seen:
-                    seen.add(id(local))
-                    out.append(local)
-        return out
+        """One entry per use, as :class:`OnnxGraph` has it (a node reading a value twice counts twice)."""
+        return [local for value in values for user, _ in value.uses() if (local := self._local(user)) is not None]
 
     def users(self, value):
         return self._readers([value])
