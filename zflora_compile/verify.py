@@ -245,7 +245,7 @@ def _non_finite_tensor(model, site) -> str | None:
     """The name of a non-finite constant read by the site's nodes (or one step before them)."""
     if model is None:
         return None
-    nodes = {n.name: n for n in model.graph}
+    nodes = {n.name: n for n in model.graph.all_nodes()}  # subgraph sites too (names may repeat across branches: best effort)
     seen = set()
     frontier = [v for name in site.nodes if name in nodes for v in nodes[name].inputs if v is not None]
     for _ in range(4):
