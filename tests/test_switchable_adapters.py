@@ -264,3 +264,14 @@ def test_olive_fixture_fused_switchable_and_exact():
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-5, rtol=0)
     assert json.dumps(report)  # strict JSON
     assert os.path.exists(model_path)
+
+
+def test_strip_of_the_fused_model_refuses():
+    """The fused model records its run-time groups: strip of it refuses (exit 2) rather than writing
+    the fused model (the adapter GEMMs still in it) as the base."""
+    from zflora_compile.errors import InputError
+
+    fused, _ = _compile(olive_model(), "fuse")
+    with pytest.raises(InputError, match="fed at run time or a quantized base") as error:
+        _compile(fused, "strip")
+    assert error.value.exit_code == 2

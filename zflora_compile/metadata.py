@@ -8,6 +8,9 @@ widened weight and how many rows / columns are lanes. :func:`write` stores them,
 version, strategy and sites, in the model's ``metadata_props`` under :data:`KEY`; a model compiled
 twice keeps every compilation, in order (``compilations``).
 
+A run-time fused group (:mod:`~zflora_compile.families.runtime`: adapter weights fed as graph inputs,
+quantized bases) is recorded under ``runtime_groups``; strip of a compiled model refuses it.
+
 ``strip`` of a compiled model (:func:`strip_compiled`) uses the record, not the families: each
 fused group's add of ``rank_lanes @ lowrank`` (and DoRA's per-column multiply) is bypassed and the
 widened weight is sliced back to its first ``D`` columns, so the group stays one packed GEMM
@@ -130,6 +133,7 @@ def compilation(strategy: str, detection, plan, removed: dict | None = None) -> 
         "sites": [site_json(site) for site in detection.all_sites],
         "groups": [s for s in steps if s and s["kind"] == "fused_group"],
         **({"grouped": grouped} if (grouped := [s for s in steps if s and s["kind"] == "grouped"]) else {}),
+        **({"runtime_groups": runtime} if (runtime := [s for s in steps if s and s["kind"] == "runtime_group"]) else {}),
         "widened": [s for s in steps if s and s["kind"] == "widened"],
         "merged": [s for s in steps if s and s["kind"] == "merged"],
         **({"unrecorded": unrecorded} if (unrecorded := [s for s in steps if s and s["kind"] == "unrecorded"]) else {}),
@@ -206,6 +210,12 @@ def check_separable(record: dict | None) -> list[dict]:
             raise InputError(
                 f"the adapter was merged into the weights by zflora-compile {entry.get('version')}; a merged adapter cannot be separated "
                 f"({len(entry['merged'])} merged site(s), e.g. '{entry['merged'][0].get('label') or entry['merged'][0].get('site')}')"
+            )
+        for group in entry.get("runtime_groups", []):
+            raise InputError(
+                f"strip of a compiled model: group '{group.get('name')}' (sites {', '.join(group.get('sites', []))}) was fused by zflora-compile "
+                f"{entry.get('version')} from adapter weights fed at run time or a quantized base; its adapter GEMMs are not separable "
+                "from the record; strip the model it was compiled from"
             )
         for step in entry.get("unrecorded", []):
             raise InputError(
