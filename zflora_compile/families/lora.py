@@ -180,25 +180,26 @@ class Base:
     narrow_output: object = None
 
 
-def _match_base(view: GraphView, add, base_value) -> Base:
+def _match_base(view: GraphView, add, base_value, *, checks: bool = True) -> Base:
     """The projection ``base_value`` is: plain, widened to the adapter's dtype (autocast, with its
-    tail), and/or unflattened from a 2-D GEMM over the flattened input (Conv1D)."""
+    tail), and/or unflattened from a 2-D GEMM over the flattened input (Conv1D). ``checks=False``:
+    the structure only (no cast, tail or leading-axes checks; ``add`` unused)."""
     if view.is_constant(base_value):
         raise NotACandidate  # a constant added to a low-rank product: B's own bias; the add reading it is the site
-    out = view.output(add)
     inner = view.peel(base_value)
     nodes, tail = [], None
     if inner is not view.peel(base_value, casts=False):  # casts between the add and the projection
-        check_casts(view, base_value, inner, None, "the base projection output")
         wide, narrow = view.value_dtype(base_value), view.value_dtype(inner)
-        if wide is None or narrow is None:
-            raise Reject(f"cannot tell the dtypes around the cast of the base projection output '{view.value_name(inner)}' at '{view.name(add)}'")
+        if checks:
+            check_casts(view, base_value, inner, None, "the base projection output")
+            if wide is None or narrow is None:
+                raise Reject(f"cannot tell the dtypes around the cast of the base projection output '{view.value_name(inner)}' at '{view.name(add)}'")
         value = base_value
         while value is not inner and view.producer(value) is not None and len(nodes) < 10_000:
             nodes.append(view.producer(value))
             value = view.data_input(nodes[-1])
-        if wide != narrow:  # PEFT autocast: the sum is computed in the adapter's dtype and cast back
-            tail = _tail(view, add, out, wide, narrow)
+        if checks and wide != narrow:  # PEFT autocast: the sum is computed in the adapter's dtype and cast back
+            tail = _tail(view, add, view.output(add), wide, narrow)
     else:
         inner = base_value
     below = row_view_input(view, inner)
@@ -206,10 +207,10 @@ def _match_base(view: GraphView, add, base_value) -> Base:
     if below is not None:
         projection = match_projection(view, below)
         x = row_view_input(view, projection.gemm.x, matrix_shape(view, projection.gemm, "weight")[0])  # x's width: checked against A's
-        if x is None:
+        if x is None and checks:
             raise Reject(f"'{view.name(view.producer(inner))}' reshapes the output of '{view.name(projection.node)}', whose input '{view.value_name(projection.gemm.x)}' is no flattened view of a tensor")
-        lead, x_lead = view.leading_shape(inner), view.leading_shape(x)
-        if lead is None or x_lead is None or lead != x_lead:
+        lead, x_lead = view.leading_shape(inner), view.leading_shape(x) if x is not None else None
+        if checks and (lead is None or x_lead is None or lead != x_lead):
             raise Reject(
                 f"cannot tell that '{view.name(view.producer(inner))}' restores the leading axes of '{view.value_name(x)}' "
                 f"(shapes {lead} and {x_lead}) around '{view.name(projection.node)}'"
@@ -217,8 +218,20 @@ def _match_base(view: GraphView, add, base_value) -> Base:
         nodes.append(view.producer(inner))
     else:
         projection = match_projection(view, inner)
-    gemm = projection.gemm if x is None else dataclasses.replace(projection.gemm, x=x)
+    gemm = projection.gemm if below is None else dataclasses.replace(projection.gemm, x=x)
     return Base(projection, gemm, nodes, tail, inner if tail is not None else None)
+
+
+def base_gemm(view: GraphView, value) -> Gemm | None:
+    """The base GEMM a LoRA add's base operand ``value`` is, as :func:`_match_base` reads PEFT's
+    spellings (widening casts, a bias add, an unflattening reshape), its ``x`` the N-D input; None
+    where it is none. The structure only, checks aside: for another family's "this add is plain
+    LoRA, the LoRA family's (with its reason)" exit."""
+    try:
+        base = _match_base(view, None, value, checks=False)
+    except (Reject, NotACandidate):
+        return None
+    return base.gemm if base.gemm.x is not None else None
 
 
 def _tail(view: GraphView, add, out, wide: str, narrow: str):
