@@ -32,7 +32,7 @@ def region_nodes(feeds: list[ir.Value], output: ir.Value) -> tuple[list[ir.Node]
             continue
         node = value.producer()
         if node is None:
-            if value.const_value is not None:
+            if value.const_value is not None and not value.is_graph_input():  # a default a caller may override: no constant
                 constants[id(value)] = value
             elif for_shape:
                 shaped[id(value)] = value

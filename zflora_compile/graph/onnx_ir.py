@@ -584,7 +584,9 @@ class OnnxGraph:
     def _name(self, base: str) -> str:
         if self._taken is None:
             main = self.model.graph
-            self._taken = {v.name for v in main.initializers.values()} | {v.name for v in main.inputs} | {v.name for v in self.graph.inputs}
+            self._taken = {v.name for v in main.initializers.values()}
+            for graph in self.model.graphs():  # every graph's inputs: a loop body's iteration inputs too
+                self._taken |= {v.name for v in graph.inputs}
             for node in main.all_nodes():
                 self._taken.update(o.name for o in node.outputs if o.name)
                 if node.name:
