@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from zflora_compile.api import detect_adapters
-from zflora_compile.errors import UnrecognizedAdapterError
+from zflora_compile.errors import PlanError, UnrecognizedAdapterError
 from zflora_compile.options import CompileOptions
 from zflora_compile.pipeline import compile_model
 
@@ -152,11 +152,9 @@ def test_strip_is_the_quantized_base_and_merge_refuses():
     for want, got in zip(_outputs(base), _outputs(stripped)):
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     assert max(float(np.abs(a - b).max()) for a, b in zip(_outputs(quantized), _outputs(base))) > 0.1  # the adapter mattered
-    merged, report = _compile(quantized, "merge")
-    unfused = report["plan"]["unfused_sites"]
-    assert report["plan"]["merged_sites"] == [] and len(unfused) == 3
-    assert all("re-quantized" in u["reason"] and "MatMulNBits" in u["reason"] for u in unfused)
-    assert _gemms(merged) == 9
+    with pytest.raises(PlanError, match=r"MatMulNBits.*re-quantized") as caught:  # exit 2, nothing written
+        _compile(quantized, "merge")
+    assert caught.value.exit_code == 2
 
 
 def test_nonlinear_chain_on_quantized_base_is_reported():

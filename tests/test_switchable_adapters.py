@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from zflora_compile.api import detect_adapters
-from zflora_compile.errors import UnrecognizedAdapterError
+from zflora_compile.errors import PlanError, UnrecognizedAdapterError
 from zflora_compile.graph.onnx_constants import is_constant
 from zflora_compile.options import CompileOptions
 from zflora_compile.pipeline import compile_model
@@ -166,12 +166,10 @@ def test_strip_removes_chains_keeps_inputs():
 
 
 def test_merge_refuses_with_reason():
-    original = olive_model()
-    merged, report = _compile(original, "merge")
-    plan = report["plan"]
-    assert plan["merged_sites"] == [] and len(plan["unfused_sites"]) == 3
-    assert all("graph inputs" in u["reason"] and "freeze" in u["reason"] for u in plan["unfused_sites"])
-    assert _gemms(merged) == 9
+    """Exit 2 (PlanError), nothing written: merging would freeze one adapter into the weights."""
+    with pytest.raises(PlanError, match=r"site lora_rt0 .*graph inputs .*freeze") as caught:
+        _compile(olive_model(), "merge")
+    assert caught.value.exit_code == 2
 
 
 def test_fuse_is_idempotent():

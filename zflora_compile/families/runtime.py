@@ -45,15 +45,17 @@ Plan. For the sites of one group (one input ``x``, one dtype, A's and B's of one
   DequantizeLinear (ONNX Runtime fuses each pair into a MatMulNBits, column for column as before);
   QDQ B's are kept per site. Bases that cannot be packed are left as they are: only the adapter
   GEMMs fuse.
-- **merge** refuses, with the reason: a weight fed at run time would be frozen (the model would
-  ignore the adapter a caller binds), a quantized base would have to be re-quantized
-  (``W + s A@B`` in int4 is not the model). The sites are listed under ``unfused_sites``.
+- **merge** refuses (``PlanError``, exit 2, nothing written) and says why: a weight fed at run
+  time would be frozen (the model would ignore the adapter a caller binds), a quantized base
+  would have to be re-quantized (``W + s A@B`` in int4 is not the model).
 - **strip**: ``y = P(x)``, the base model. Adapter graph inputs stay as (unused) inputs with their
   defaults: ONNX Runtime refuses a feed for an input the model does not have, so callers that bind
   adapters keep working.
 """
 
 from __future__ import annotations
+
+from zflora_compile.errors import PlanError
 
 import dataclasses
 from typing import ClassVar
@@ -493,21 +495,6 @@ def _bias_inside(binding: RuntimeBinding) -> bool:
 
 
 @dataclasses.dataclass
-class KeepRuntime:
-    """Not merged: the reason says why (the sites stay as they are)."""
-
-    section: ClassVar[str] = "unfused_sites"
-    site: RuntimeSite
-    reason: str
-
-    def to_json(self) -> dict:
-        return {"site": self.site.site_id, "reason": self.reason}
-
-    def emit(self, graph, state: dict) -> None:
-        return None
-
-
-@dataclasses.dataclass
 class StripRuntime:
     """The add passes the base projection through: the base model (fed adapter inputs stay, unused)."""
 
@@ -570,8 +557,13 @@ def _group_name(sites: list[RuntimeSite], fallback: str) -> str:
 def plan(sites: list[RuntimeSite], strategy: str) -> list:
     if strategy == "strip":
         return [StripRuntime(site) for site in sites]
-    if strategy == "merge":
-        return [KeepRuntime(site, merge_refusal(site)) for site in sites]
+    if strategy == "merge" and sites:
+        first = sites[0]
+        label = f" ({first.label})" if first.label else ""
+        raise PlanError(
+            f"merge cannot fold {len(sites)} adapter site(s) into their weights; first, site {first.site_id}{label}: "
+            f"{merge_refusal(first)}; fuse keeps such adapters as they are meant to run (switchable, on the quantized base), strip removes them"
+        )
     groups: dict[str, list[RuntimeSite]] = {}
     for site in sites:
         groups.setdefault(site.group or site.site_id, []).append(site)
