@@ -88,3 +88,24 @@ def test_strip_gives_the_builders_base_model(capsys, tmp_path):
     assert tokens == base_tokens
     np.testing.assert_allclose(logits, base_logits, atol=1e-5, rtol=1e-5)
     assert report["output"]["gemm_count"] == 2 * 7 + 1
+
+
+LORA_INT4 = FIXTURES / "genai_llama_lora_int4"
+
+
+@pytest.mark.skipif(not LORA_INT4.is_dir(), reason="fixture genai_llama_lora_int4 missing")
+def test_int4_folder_fuses_on_the_quantized_base(capsys, tmp_path):
+    """The builder's int4 build: every projection, LoRA A and B included, is a MatMulNBits. fuse
+    packs each group's base and A weights along N into one MatMulNBits (bit-exact: each output
+    column reads only its own packed rows) and keeps the quantized B's per site. The tolerance is
+    the int4 kernel's own: atol 1e-3 on logits of magnitude ~1 (measured: 0)."""
+    original = generate(LORA_INT4)
+    out, report = compile_folder(capsys, tmp_path, LORA_INT4, "fuse")
+    assert len(report["sites"]) == 14 and report["unrecognized"] == []
+    assert report["input"]["op_counts"]["MatMulNBits"] == 43
+    assert report["output"]["op_counts"]["MatMulNBits"] < 43
+    tokens, logits = generate(out)
+    assert tokens == original[0]
+    np.testing.assert_allclose(logits, original[1], atol=1e-3, rtol=0)
+    code = main(["compile", str(LORA_INT4), "-o", str(tmp_path / "merged"), "--strategy", "merge"])
+    assert code == 2 and "re-quantized" in capsys.readouterr().err and not (tmp_path / "merged").exists()
