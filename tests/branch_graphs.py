@@ -256,14 +256,14 @@ def token_pairs(seed: int = 0):
 
 
 def constant_term(seed: int = 0):
-    """``x @ A @ B + c``: affine, not linear."""
+    """``(x @ A + c) @ B``: affine, not linear (a constant after ``B`` is PEFT's ``lora_bias``: a LoRA site)."""
     rng = _rng(seed)
     W, b, nodes, inits, proj = _base(rng, False)
-    inits.update(A=rng.standard_normal((IN, 2)).astype(np.float32), B=rng.standard_normal((2, OUT)).astype(np.float32), c=np.ones(OUT, dtype=np.float32))
+    inits.update(A=rng.standard_normal((IN, 2)).astype(np.float32), B=rng.standard_normal((2, OUT)).astype(np.float32), c=np.ones(2, dtype=np.float32))
     nodes += [
         helper.make_node("MatMul", ["hidden", "A"], ["z"], name="a"),
-        helper.make_node("MatMul", ["z", "B"], ["zb"], name="b"),
-        helper.make_node("Add", ["zb", "c"], ["out"], name="plus_c"),
+        helper.make_node("Add", ["z", "c"], ["zc"], name="plus_c"),
+        helper.make_node("MatMul", ["zc", "B"], ["out"], name="b"),
         helper.make_node("Add", [proj, "out"], ["y"], name="adapter_add"),
     ]
     return _model(nodes, inits), Numbers(W, b, None)
