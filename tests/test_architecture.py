@@ -15,7 +15,7 @@ from pathlib import Path
 
 import zflora_compile
 from zflora_compile import families
-from zflora_compile.graph.records import AdapterSite, GroupedSite, LinearSite, WidenedSite
+from zflora_compile.graph.records import AdapterSite, GroupedSite, LinearSite, RuntimeSite, WidenedSite
 
 PACKAGE = Path(zflora_compile.__file__).parent
 
@@ -91,6 +91,6 @@ def test_one_module_per_family_and_one_planner_per_site_kind():
     assert family_files == sorted(registered + shared), "every module under families/ is a registered family or a shared rewrite"
     for family in families.FAMILIES:
         assert callable(family.detect) and family.__doc__ and "Pattern" in family.__doc__, family.__name__
-    assert set(families.PLANNERS) == {AdapterSite, WidenedSite, GroupedSite, LinearSite}
+    assert set(families.PLANNERS) == {AdapterSite, WidenedSite, GroupedSite, LinearSite, RuntimeSite}
     for module in families.PLANNERS.values():
         assert callable(module.plan) and callable(module.disable)

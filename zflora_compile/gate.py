@@ -21,7 +21,7 @@ import numpy as np
 from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, summarize
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
-from zflora_compile.verify import _role, has_kv_cache, input_specs, make_feeds
+from zflora_compile.verify import input_role, has_kv_cache, input_specs, make_feeds
 
 
 class Variant(NamedTuple):
@@ -92,7 +92,7 @@ def _index_sources(value) -> tuple[set[str], set[str]]:
         producer = current.producer()
         if producer is None:
             if current.const_value is None and current.name:
-                roles.add(_role(current.name))
+                roles.add(input_role(current.name))
             continue
         ops.add(producer.op_type)
         if producer.op_type not in _SHAPE_ONLY:

@@ -53,7 +53,7 @@ class InputCase:
     optional: bool = False
 
 
-def _role(name: str) -> str:
+def input_role(name: str) -> str:
     lowered = name.lower()
     if "past" in lowered and ("key" in lowered or "value" in lowered or lowered.endswith("kv")):
         return "past"
@@ -150,12 +150,12 @@ def bool_variants(inputs, feeds: dict[str, np.ndarray]) -> list[tuple[str, dict[
 
 
 def has_kv_cache(inputs) -> bool:
-    return any(_role(i.name) == "past" for i in inputs)
+    return any(input_role(i.name) == "past" for i in inputs)
 
 
 def symbol_values(inputs, *, seq: int | None, past: int) -> dict[str, int]:
     """The value of every symbolic input dimension for ``seq`` new tokens after ``past`` cached ones."""
-    return _symbols(inputs, {i.name: _role(i.name) for i in inputs}, seq, past)
+    return _symbols(inputs, {i.name: input_role(i.name) for i in inputs}, seq, past)
 
 
 def make_feeds(inputs, vocab: int | None, *, seq: int | None, past: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -165,7 +165,7 @@ def make_feeds(inputs, vocab: int | None, *, seq: int | None, past: int, seed: i
     and ``shape`` (ints and symbolic names).
     """
     rng = np.random.default_rng(seed)
-    roles = {i.name: _role(i.name) for i in inputs}
+    roles = {i.name: input_role(i.name) for i in inputs}
     symbols = _symbols(inputs, roles, seq, past)
     feeds = {}
     for info in inputs:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from zflora_compile.families import lora
+from zflora_compile.families.lora import base_gemm
 from zflora_compile.families.widening import WidenedSites, check_read, widening_problem
 from zflora_compile.graph.protocol import Gemm, GraphView, NotACandidate, Projection, Reject, check_casts, check_rank, either_order, match_projection, matrix_shape
 from zflora_compile.graph.records import LaneWrite, Rejection
@@ -78,7 +78,7 @@ def _match_read(view: GraphView, add, base_value, lowrank_value, claimed) -> _Re
     a = view.gemm(z)
     if view.last_axis_slice(z) is not None or a is None or not view.is_constant(a.weight):
         raise NotACandidate
-    base = lora.base_gemm(view, base_value)
+    base = base_gemm(view, base_value)
     if base is not None and view.peel(base.x) is view.peel(a.x):
         raise NotACandidate  # plain LoRA (the LoRA family's, with its own checks and reasons)
     projection = match_projection(view, base_value, one_bias=False)
