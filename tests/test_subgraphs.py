@@ -548,3 +548,43 @@ def test_real_optimum_t5_merged_decoder(strategy, gemm_after):
     base = zero_rank8_b(model)
     assert differs(model, base, feeds[True]) and differs(model, base, feeds[False])
     assert_same(out, base if strategy == "strip" else model, feeds)
+
+
+# ---------------------------------------------------------------- a site across the branch boundary
+
+
+def outer_base_model(lora: bool = True, relu: bool = True, int_condition: bool = False) -> onnx.ModelProto:
+    """The base ``x @ W`` in the main graph, the LoRA chain and its add in ``then_branch``, the
+    ``else_branch`` reading the base alone (``relu=False``: the add is the branch's output). A merge
+    into ``W`` would hand the adapter to the else branch too (found by review: with an int64
+    condition no bool switch exposes it)."""
+    rng = np.random.default_rng(0)
+    w, a, b = (rng.standard_normal(s).astype(np.float32) for s in ((D, D), (D, 2), (2, D)))
+    tail = [h.make_node("Relu", ["t1"], ["then_out"])] if relu else [h.make_node("Identity", ["t1"], ["then_out"])]
+    then_nodes = ([h.make_node("MatMul", ["x", "A"], ["za"]), h.make_node("MatMul", ["za", "B"], ["zb"]), h.make_node("Add", ["base", "zb"], ["t1"])] if lora else [h.make_node("Identity", ["base"], ["t1"])]) + tail
+    then_graph = h.make_graph(then_nodes, "then", [], [h.make_tensor_value_info("then_out", T.FLOAT, None)])
+    else_graph = h.make_graph([h.make_node("Relu" if relu else "Identity", ["base"], ["else_out"])], "else", [], [h.make_tensor_value_info("else_out", T.FLOAT, None)])
+    condition = [h.make_node("Equal", ["mode", "zero"], ["cond"])] if int_condition else []
+    nodes = condition + [h.make_node("MatMul", ["x", "W"], ["base"], name="base_mm"), h.make_node("If", ["cond"], ["y"], name="if0", then_branch=then_graph, else_branch=else_graph)]
+    inits = [numpy_helper.from_array(w, "W")] + ([numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")] if lora else [])
+    inits += [numpy_helper.from_array(np.array(0, np.int64), "zero")] if int_condition else []
+    switch = h.make_tensor_value_info("mode", T.INT64, []) if int_condition else h.make_tensor_value_info("cond", T.BOOL, [])
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["b", D]), switch], [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=9)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("int_condition", [False, True])
+def test_a_site_whose_base_is_outside_the_branch_is_left_and_reported(relu, int_condition):
+    model = outer_base_model(relu=relu, int_condition=int_condition)
+    x = np.random.default_rng(1).standard_normal((3, D)).astype(np.float32)
+    switch = (lambda v: {"mode": np.array(0 if v else 1, np.int64)}) if int_condition else (lambda v: {"cond": np.array(v)})
+    feeds = {flag: {"x": x, **switch(flag)} for flag in (True, False)}
+    for strategy in ("fuse", "merge"):
+        out, report = compiled(model, strategy, verify=False)
+        assert report.to_json()["sites"] == []
+        assert_same(model, out, feeds)  # nothing rewritten: in particular W, which the else branch reads, is unchanged
+    found = detect(ir.from_proto(model))
+    assert [u.node for u in found.unrecognized] == [f"If:if0/then_branch:{found.unrecognized[0].node.rsplit(':', 1)[-1]}"]
+    with pytest.raises(UnrecognizedAdapterError):
+        compiled(model, "strip", verify=False)

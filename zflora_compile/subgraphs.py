@@ -89,9 +89,10 @@ class ScopedGraph(OnnxGraph):
     subgraph of it is read by the node holding that subgraph (the ``If`` reads what its branches
     read, as ONNX has it), and a read in a graph outside this one (an outer value the other ``If``
     branch reads too) is no node of this view. (onnx-ir lists every use of a value, in any graph:
-    the families would take the other branch's GEMMs for candidates of this one.) A rewrite only
-    changes nodes of its own graph and never removes a node another graph reads, so leaving those
-    reads out cannot make a rewrite wrong."""
+    the families would take the other branch's GEMMs for candidates of this one.) Likewise a value
+    an enclosing graph computes has no producer here. A rewrite therefore only changes nodes of its
+    own graph and never removes a node another graph reads, so leaving those reads out cannot make
+    a rewrite wrong."""
 
     def __init__(self, model: ir.Model, graph: ir.Graph | None = None, owners: dict | None = None):
         super().__init__(model, graph)
@@ -111,6 +112,13 @@ class ScopedGraph(OnnxGraph):
         """One entry per use, as :class:`OnnxGraph` has it (a node reading a value twice counts twice)."""
         return [local for value in values for user, _ in value.uses() if (local := self._local(user)) is not None]
 
+    def producer(self, value):
+        """The node of this graph computing ``value``; a value an enclosing graph computes is an
+        input here (None): a site is made of this graph's nodes only, so a rewrite never edits a
+        node other branches read (merging into an outer GEMM would change them too)."""
+        node = super().producer(value)
+        return node if node is not None and node.graph is self.graph else None
+
     def users(self, value):
         return self._readers([value])
 
@@ -118,7 +126,7 @@ class ScopedGraph(OnnxGraph):
         return self._readers(node.outputs)
 
     def gemm_readers(self, value):
-        return [gemm for gemm in super().gemm_readers(value) if gemm.node.graph is self.graph]
+        return [gemm for gemm in super().gemm_readers(value) if gemm is not None and gemm.node.graph is self.graph]
 
 
 def views(model: ir.Model) -> list[tuple[str, OnnxGraph]]:

@@ -14,13 +14,12 @@ import math
 import numpy as np
 
 from zflora_compile.graph.onnx_eval import RegionError
-from zflora_compile.graph.protocol import GraphView
+from zflora_compile.graph.protocol import FLOAT_HOLDS, GraphView
 from zflora_compile.graph.records import numpy_dtype
 
 #: relative tolerance of the linearity check, by the dtype the region computes in
 LINEAR_RTOL = {"float64": 1e-6, "float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
 _CASTS = {"Cast", "CastLike", "_to_copy", "to", "convert_element_type", "type_as"}
-_FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
 
 
 class NotLinear(Exception):
@@ -75,16 +74,15 @@ def _run_rows(view: GraphView, source, target, inputs: np.ndarray, leading: list
 
 def lossy_cast(view: GraphView, source, target, nodes: list):
     """The first cast among ``nodes`` that loses information: to an integer type, or to a float
-    narrower than both ends of the region (merged into ``W``, the region would read its input
+    that holds the values of neither its input nor an end of the region (merged into ``W``, the region would read its input
     unrounded). None when every cast keeps the values."""
-    ends = [_FLOAT_BITS[d] for d in (view.value_dtype(source), view.value_dtype(target)) if d in _FLOAT_BITS]
-    floor = min(ends) if ends else 0
+    ends = [d for d in (view.value_dtype(source), view.value_dtype(target)) if d in FLOAT_HOLDS]
     for node in nodes:
         inputs = view.inputs(node)
         if view.op(node) not in _CASTS or not inputs:
             continue
         held, came = view.value_dtype(view.output(node)), view.value_dtype(inputs[0])
-        if came in _FLOAT_BITS and held is not None and (held not in _FLOAT_BITS or _FLOAT_BITS[held] < min(floor, _FLOAT_BITS[came])):
+        if came in FLOAT_HOLDS and held is not None and (held not in FLOAT_HOLDS or not any(d in FLOAT_HOLDS[held] for d in [came, *ends])):
             return node
     return None
 

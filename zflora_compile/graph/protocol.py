@@ -257,13 +257,20 @@ def bias_problem(view: GraphView, bias: Value, out: int, x: Value) -> str | None
     return None
 
 
-_FLOAT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+#: the float types whose every value a float type holds (float16 and bfloat16 hold each other's
+#: values only in part: neither is a pass-through for the other)
+FLOAT_HOLDS = {
+    "float16": {"float16"},
+    "bfloat16": {"bfloat16"},
+    "float32": {"float16", "bfloat16", "float32"},
+    "float64": {"float16", "bfloat16", "float32", "float64"},
+}
 
 
 def lossy_cast(view: GraphView, top: Value, bottom: Value, into: str | None) -> Node | None:
     """The first node on the pass-through path from ``top`` up to ``bottom`` that loses information
-    (a value held in an integer type, or in a float narrower than both ends), or a ``top`` narrower
-    than ``bottom`` unless it is ``into`` (the dtype of the GEMM reading the path: a chain computed
+    (a value held in an integer type, or in a float that holds the values of neither end: float16
+    and bfloat16 do not hold each other's), or a ``top`` that does not hold ``bottom``'s values unless it is ``into`` (the dtype of the GEMM reading the path: a chain computed
     in another precision), else None. Unknown dtypes are no evidence either way."""
     reader, path, value, seen = view.value_dtype(top), [], top, 0
     while value is not None and value is not bottom and seen < 10_000:
@@ -275,15 +282,15 @@ def lossy_cast(view: GraphView, top: Value, bottom: Value, into: str | None) -> 
         value, seen = source, seen + 1
     if not path:
         return None
-    if reader is not None and reader not in _FLOAT_BITS:
+    if reader is not None and reader not in FLOAT_HOLDS:
         return path[0][0]
     low = view.value_dtype(path[-1][1])
-    ends = [_FLOAT_BITS[d] for d in (reader, low) if d in _FLOAT_BITS]
+    ends = [d for d in (reader, low) if d in FLOAT_HOLDS]
     for producer, source in path[:-1]:  # values strictly between top and bottom
         held = view.value_dtype(source)
-        if held is not None and (held not in _FLOAT_BITS or (ends and _FLOAT_BITS[held] < min(ends))):
+        if held is not None and (held not in FLOAT_HOLDS or (ends and not any(end in FLOAT_HOLDS[held] for end in ends))):
             return view.producer(source)
-    if reader in _FLOAT_BITS and low in _FLOAT_BITS and _FLOAT_BITS[reader] < _FLOAT_BITS[low] and reader != into:
+    if reader in FLOAT_HOLDS and low in FLOAT_HOLDS and low not in FLOAT_HOLDS[reader] and reader != into:
         return path[0][0]
     return None
 
