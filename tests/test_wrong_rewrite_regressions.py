@@ -546,3 +546,23 @@ def test_lanes_and_a_reader_of_another_rank_are_refused_without_recorded_shapes(
     _, report = compile_model(ir.from_proto(proto), CompileOptions(strategy=strategy, verify=True))
     assert not report.detection.widened
     assert any("leading axes" in r.reason for r in report.detection.rejections)
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_a_lane_read_left_unfused_still_waits_for_the_lanes_host(strategy):
+    """Fuzzer seed 20763: mm_76 hosts the lanes of lanesA_47 and reads crossA_63's lanes, hosted by
+    mm_67; mm_67 reads add_61 = mm_56 + (lanesA_47 lanes) @ B, a read refused (mm_56 is an adapter's
+    B) yet still reading lanesA_47's output, which widening makes a split of mm_76: a cycle, as
+    the cycle check only counted the fused readers as depending on a host."""
+    try:
+        import fuzz_graphs
+    except ImportError:  # tests/ became a package
+        from tests import fuzz_graphs
+
+    case = fuzz_graphs.generate(20763)
+    verdict = fuzz_graphs.judge(case, strategy)
+    assert verdict.cls == "exact", verdict.detail
+    from zflora_compile.pipeline import detect
+
+    detection = detect(ir.from_proto(case.model))  # with shapes inferred, as compile_model does
+    assert any(r.node == "add_81" and "cycle" in r.reason for r in detection.rejections)

@@ -157,11 +157,13 @@ def _without_cycles(view: GraphView, hosted: list, found) -> list:
     """(group, host) for the lane groups whose widening keeps the graph acyclic. Widened, a reader
     depends on its lanes' host; a host reachable from one of its group's readers (through the graph
     and the other groups' new dependencies) would depend on its own output: the next candidate
-    host is tried, and a group with none left is refused."""
+    host is tried, and a group with none left is refused. Widened, A's output is a split of its
+    host, so everything reading the lanes (a read left unfused too) depends on the host."""
     kept = [(group, list(hosts)) for group, hosts in hosted]
     while True:
         extra: dict[int, list] = {}
         for group, hosts in kept:
+            extra.setdefault(id(hosts[0].node), []).append(group[0].a.node)
             for read in group:
                 extra.setdefault(id(hosts[0].node), []).append(read.projection.node)
                 extra.setdefault(id(group[0].a.node), []).append(read.projection.node)
