@@ -192,3 +192,32 @@ def test_genai_int4_fixture():
         np.testing.assert_allclose(g, w, atol=ATOL, rtol=0)
     stripped, report = _compile(original, "strip")
     assert _ops(stripped)["MatMulNBits"] == 15 and len(report["plan"]["stripped_sites"]) == 14
+
+
+def test_a_quantized_A_with_g_idx_is_not_packed():
+    """Found by review: fuse packed a MatMulNBits A that carries ``g_idx`` (act-order) and dropped
+    the ``g_idx`` operand (max diff 10). Such an A is left as it is; the output stays exact."""
+    rng = np.random.default_rng(1)
+    k, n, r, block = 32, 32, 4, 16
+    blocks = k // block
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.integers(0, 256, (r, blocks, block // 2), dtype=np.uint8), "A.B"),
+        numpy_helper.from_array((rng.random(r * blocks) * 0.1 + 0.01).astype(np.float32), "A.scales"),
+        numpy_helper.from_array(rng.integers(0, 256, (r * ((blocks * 4 + 7) // 8),), dtype=np.uint8), "A.zp"),
+        numpy_helper.from_array(rng.permutation(np.repeat(np.arange(blocks, dtype=np.int32), block)), "A.gidx"),
+        numpy_helper.from_array(rng.standard_normal((r, n)).astype(np.float32), "Bw"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["base"], name="base"),
+        helper.make_node("MatMulNBits", ["x", "A.B", "A.scales", "A.zp", "A.gidx"], ["za"], domain="com.microsoft", name="A", K=k, N=r, bits=4, block_size=block),
+        helper.make_node("MatMul", ["za", "Bw"], ["zb"], name="bmm"),
+        helper.make_node("Add", ["base", "zb"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    fused, _ = _compile(model, "fuse")
+    assert any(list(node.input)[-1] == "A.gidx" for node in fused.graph.node if node.op_type == "MatMulNBits")
+    x = {"x": rng.standard_normal((3, k)).astype(np.float32)}
+    for want, got in zip(_session(model).run(None, x), _session(fused).run(None, x)):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)

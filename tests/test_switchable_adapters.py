@@ -273,3 +273,59 @@ def test_strip_of_the_fused_model_refuses():
     with pytest.raises(InputError, match="fed at run time or a quantized base") as error:
         _compile(fused, "strip")
     assert error.value.exit_code == 2
+
+
+# ---------------------------------------------------------------- found by review
+
+
+def _fed_adapters(*, scale_input: bool = False, fp16_inputs: bool = False) -> onnx.ModelProto:
+    """Two q/k-like projections of ``x`` with Olive-style fed A / B (``lora_r`` axis); the scale
+    a fed scalar with a default (``scale_input``), or A / B fed in fp16 and cast to fp32
+    (``fp16_inputs``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    d, fed = 16, TensorProto.FLOAT16 if fp16_inputs else TensorProto.FLOAT
+    inputs, inits, nodes, outputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])], [], [], []
+    for i, out in enumerate((16, 8)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((d, out)).astype(np.float32), f"W{i}"))
+        inputs += [helper.make_tensor_value_info(f"A{i}", fed, [d, "lora_r"]), helper.make_tensor_value_info(f"B{i}", fed, ["lora_r", out])]
+        a, b = f"A{i}", f"B{i}"
+        if fp16_inputs:
+            nodes += [helper.make_node("Cast", [a], [a + "f"], to=TensorProto.FLOAT), helper.make_node("Cast", [b], [b + "f"], to=TensorProto.FLOAT)]
+            a, b = a + "f", b + "f"
+        nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"p{i}"]), helper.make_node("MatMul", ["x", a], [f"za{i}"]), helper.make_node("MatMul", [f"za{i}", b], [f"zb{i}"])]
+        low = f"zb{i}"
+        if scale_input:
+            inputs.append(helper.make_tensor_value_info(f"s{i}", TensorProto.FLOAT, []))
+            inits.append(numpy_helper.from_array(np.array(2.0, np.float32), f"s{i}"))
+            nodes.append(helper.make_node("Mul", [low, f"s{i}"], [f"zs{i}"]))
+            low = f"zs{i}"
+        nodes.append(helper.make_node("Add", [f"p{i}", low], [f"y{i}"], name=f"p{i}/add"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["batch", out]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_a_scale_fed_at_run_time_is_reported_and_strip_refuses():
+    """It was silent: 0 branches found, strip wrote the adapted model as the base (exit 0)."""
+    found = detect_adapters(_fed_adapters(scale_input=True))
+    assert found.sites == [] and len(found.unrecognized) == 2
+    assert all("is no constant" in u.reason for u in found.unrecognized)
+    with pytest.raises(UnrecognizedAdapterError):
+        _compile(_fed_adapters(scale_input=True), "strip")
+
+
+def test_adapter_inputs_fed_in_fp16_and_cast_are_switchable():
+    """Rejected before ('not constant (produced by node Cast)') and strip said nothing was found."""
+    original = _fed_adapters(fp16_inputs=True)
+    fused, report = _compile(original, "fuse", verify=True)
+    assert len(report["sites"]) == 2 and all(s["switchable"] for s in report["sites"])
+    assert _gemms(fused) < _gemms(original)
+    rng = np.random.default_rng(4)
+    feeds = {"x": rng.standard_normal((3, 16)).astype(np.float32)}
+    for i, out in enumerate((16, 8)):
+        feeds[f"A{i}"] = rng.standard_normal((16, 5)).astype(np.float16)
+        feeds[f"B{i}"] = rng.standard_normal((5, out)).astype(np.float16)
+    for want, got in zip(_session(original).run(None, feeds), _session(fused).run(None, feeds)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -144,15 +144,42 @@ def _chain(view, value):
     reached, scale_after, nodes = view.walk_back(value)
     b = _weight_gemm(view, reached)
     if b is None:
+        _refuse_run_time_scale(view, reached)
         raise NotACandidate
     nodes.append(b.node)
     reached, scale_between, more = view.walk_back(b.operand)
     nodes += more
     a = _weight_gemm(view, reached)
     if a is None:
+        _refuse_run_time_scale(view, reached)
         raise NotACandidate
     nodes.append(a.node)
     return _part(view, a, "A"), _part(view, b, "B"), scale_after * scale_between, nodes
+
+
+def _scaled_gemm(view, value):
+    """``(gemm, factor)`` where ``value`` is a run-time weight's GEMM (or a quantized one) times a
+    factor that is no constant (walked back through what :meth:`walk_back` passes); else None."""
+    node = view.producer(value)
+    if node is None or view.op(node) not in ("Mul", "Div") or len(view.inputs(node)) != 2:
+        return None
+    for i, operand in enumerate(view.inputs(node)):
+        try:
+            gemm = _weight_gemm(view, view.walk_back(operand)[0])
+        except Reject:
+            gemm = None
+        if gemm is not None and (gemm.kind == "MatMulNBits" or (gemm.weight is not None and view.runtime_weight(gemm) is not None)):
+            return gemm, view.inputs(node)[1 - i]
+    return None
+
+
+def _refuse_run_time_scale(view, value) -> None:
+    """A chain of run-time weights scaled by a factor fed at run time: no fused form here; say so
+    (the add is adapter-shaped: strip refuses while it stays)."""
+    scaled = _scaled_gemm(view, value)
+    if scaled is not None:
+        gemm, factor = scaled
+        raise Reject(f"the scale '{view.value_name(factor)}' of the adapter GEMM '{view.name(gemm.node)}' is no constant (fed or computed at run time): not fused, merged or stripped here")
 
 
 def _base(view, value):
@@ -214,6 +241,8 @@ def _match_site(view, add, base_value, low_value, max_rank_ratio: float, index: 
         in_w, out_w = gemm.shape
         dtype = activation or "float32"
     rank = _rank(view, add, (in_w, out_w), a, b, max_rank_ratio)
+    if a.kind in ("MatMulNBits", "dequantized") and (view.nbits_key(a.gemm) if a.kind == "MatMulNBits" else view.qdq_key(a.gemm)) is None:
+        raise Reject(f"quantized A '{view.name(a.gemm.node)}' cannot be packed (g_idx, or a layout the packing does not handle): left as it is")
     if b.kind in ("MatMulNBits", "dequantized") and not isinstance(rank, int):
         raise Reject(f"B of '{view.name(b.gemm.node)}' is quantized ({b.kind}) but the rank is symbolic")
     for part, role in ((a, "A"), (b, "B")):
@@ -287,6 +316,7 @@ def detect(view, found) -> None:
             found.claim(add, b.gemm.node, *b.chain_nodes, *([b.bias_add] if b.bias_add is not None else []))
         elif reason and _runtime_shaped(view, operands):
             found.reject(Rejection(node=view.name(add), reason=reason, label=view.label(add)))
+            found.shaped.add(id(add))  # adapter-shaped: unrecognised unless another family takes it
     groups: dict[tuple, str] = {}
     for site in sites:
         site.group = groups.setdefault(_group_key(site), f"rt{len(groups)}")
@@ -306,6 +336,8 @@ def _runtime_shaped(view, operands) -> bool:
                 gemm = _weight_gemm(view, reached)
             except Reject:
                 gemm = None
+            if gemm is None and _scaled_gemm(view, reached) is not None:
+                return True
             if gemm is None:
                 break
             if gemm.kind == "MatMulNBits" or (gemm.weight is not None and view.runtime_weight(gemm) is not None):

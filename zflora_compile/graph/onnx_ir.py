@@ -428,8 +428,13 @@ class OnnxGraph:
         weight = gemm.weight
         if weight is None or gemm.transposed or _fused(gemm.node) or gemm.kind != "MatMul":
             return None
-        if weight.is_graph_input():
+        source = weight
+        while _default(source.producer(), "Cast", "Identity") and self.producer(source) is not None:
+            source = source.producer().inputs[0]  # fed in another dtype and cast: still the caller's
+        if source.is_graph_input():
             kind = "graph input"
+            if weight.shape is None:
+                weight = source
         else:
             dq = self.producer(weight)
             if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", _MS) or not all(v is None or is_constant(v) for v in dq.inputs):
