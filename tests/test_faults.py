@@ -458,3 +458,24 @@ def test_a_float64_output_of_float32_weights_is_judged_at_float32_tolerance():
     model.graph.outputs[0] = cast.outputs[0]
     for strategy in ("fuse", "merge"):
         fuse_adapters(ir.to_proto(model), strategy=strategy)
+
+
+def test_no_verify_blames_an_unloadable_input_not_the_rewrite(tmp_path, capsys):
+    """With ``--no-verify`` nothing loads the input before the target loads the written model: an
+    input ONNX Runtime cannot load (an operator typo) said "ONNX Runtime cannot load the model" of
+    the compiled output, exit 1 (found by review). It is the input's fault: exit 2, nothing written."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMull", ["x", "W"], ["y"])],
+        "typo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")],
+    )
+    path = tmp_path / "typo.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    code = main(["compile", str(path), "-o", str(tmp_path / "out"), "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load the input model" in err and "MatMull" in err
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from zflora_compile import genai
-from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError
+from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError, first_line
 from zflora_compile.gate import Variant, gate_failure_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
 from zflora_compile.options import CompileOptions
@@ -97,7 +97,12 @@ def compile_file(
         where[:] = [destination.parent, "writing the output"]
         staging = _make_staging(destination)
         where[:] = [staging, "writing the output"]
-        shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
+        try:
+            shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
+        except VerificationError:
+            if not options.verify:  # nothing loaded the input: a model ONNX Runtime cannot load is the input's fault
+                _refuse_unloadable_input(source)
+            raise
         report.output.files += genai.carry_over(source, staging, MODEL_NAME)  # a GenAI folder stays a GenAI folder
         report.succeed()
         if report.target.get("not_run"):
@@ -176,6 +181,22 @@ def _write_and_build(model: ir.Model, staging: Path, report: Report, options: Co
             if not check["passed"]:
                 raise VerificationError(f"the {target.name} artifact does not match model.onnx: {check['failure']}")
     return shapes
+
+
+def _refuse_unloadable_input(source: Path) -> None:
+    """``InputError`` (exit 2) when ONNX Runtime cannot load the *input* either (with ``--no-verify``
+    the failure surfaces first on the written model, and would be blamed on the rewrite)."""
+    if source.suffix != ".onnx":
+        return
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"{source}: ONNX Runtime cannot load the input model ({first_line(error)})") from None
 
 
 def _not_built(target: Target, reason: str) -> dict:
