@@ -23,6 +23,8 @@ BAD = [
     (["--past", "-5"], "--past"),
     (["--prefill", "0"], "--prefill"),
     (["--max-overhead", "nan"], "--max-overhead"),
+    (["--gate-budget-s", "-1"], "--gate-budget-s"),
+    (["--gate-budget-s", "inf"], "--gate-budget-s"),
     (["--atol", "-1"], "--atol"),
     (["--rtol", "inf"], "--rtol"),
     (["--atol", "nan"], "--atol"),
@@ -78,6 +80,7 @@ def test_bad_max_rank_ratio_for_inspect(capsys, unreadable_model):
         lambda: LatencyOptions(decode_rounds=0),
         lambda: LatencyOptions(past=-5),
         lambda: LatencyOptions(phases=()),
+        lambda: LatencyOptions(budget_s=float("nan")),
     ],
 )
 def test_options_validate_themselves(make):

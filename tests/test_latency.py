@@ -1,10 +1,13 @@
-"""The interleaved timing harness: rotation, counts and statistics (no timing is asserted)."""
+"""The interleaved timing harness: rotation, pairing, counts and statistics; the gate's paired
+ratio interval and verdict on synthetic samples (seeded bootstrap: deterministic; no timing is asserted)."""
 
 from __future__ import annotations
 
 import pytest
 
-from zflora_compile.latency import interleaved, rotated, summarize
+import numpy as np
+
+from zflora_compile.latency import interleaved, paired_orders, paired_ratio_interval, rotated, summarize, verdict
 
 
 def test_rounds_rotate_and_warmup_is_not_timed():
@@ -26,3 +29,55 @@ def test_summary_statistics():
     assert stats["fused"]["ratio_to_base"] == pytest.approx(12.0 / 11.0)
     assert stats["fused"]["paired_ratio_to_base_median"] == pytest.approx(1.1)  # 1.1, 1.0, 1.2
     assert (stats["fused"]["min_ms"], stats["fused"]["max_ms"]) == (11.0, 13.2)
+
+
+def test_paired_rounds_keep_base_and_fused_adjacent_in_alternating_order():
+    calls = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("base", "unfused", "fused")}
+    times, orders = interleaved(runners, rounds=8, warmup=0, pair=("base", "fused"))
+    assert calls == [name for order in orders for name in order]
+    for index, order in enumerate(orders):
+        assert sorted(order) == ["base", "fused", "unfused"]
+        at = order.index("base"), order.index("fused")
+        assert abs(at[0] - at[1]) == 1
+        assert (at[0] < at[1]) == (index % 2 == 0)  # base first in even rounds, fused first in odd ones
+    assert {tuple(o) for o in orders} == {tuple(paired_orders(["base", "unfused", "fused"], ("base", "fused"), i)) for i in range(4)}
+    assert len({o.index("unfused") for o in orders}) == 2  # unfused runs before and after the pair
+    _, more = interleaved(runners, rounds=2, warmup=0, pair=("base", "fused"), start=8)
+    assert more == orders[:2]  # a further batch continues the alternation
+
+
+def _noisy(center: float, spread: float, rounds: int, seed: int):
+    rng = np.random.default_rng(seed)
+    base = 10.0 * (1 + rng.uniform(0, 0.5, rounds))  # the machine's load moves both alike
+    return list(base), list(base * (center + rng.normal(0, spread, rounds)))
+
+
+def test_paired_interval_is_the_seeded_bootstrap_of_the_median_ratio():
+    base, fused = _noisy(1.0, 0.02, 40, 1)
+    first = paired_ratio_interval(base, fused, seed=3)
+    assert first == paired_ratio_interval(base, fused, seed=3)  # deterministic
+    assert first["rounds"] == 40 and first["resamples"] == 2000 and first["confidence"] == 0.95
+    assert first["median"] == pytest.approx(float(np.median(np.asarray(fused) / np.asarray(base))))
+    assert first["low"] <= first["median"] <= first["high"]
+    assert first["ratios"] == pytest.approx([f / b for f, b in zip(fused, base)], abs=1e-6)
+    with pytest.raises(ValueError):
+        paired_ratio_interval([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("center", "expected"),
+    [(0.90, "pass"), (1.25, "regression"), (1.02, "inconclusive")],
+)
+def test_verdict_on_synthetic_rounds(center, expected):
+    """Threshold 1.02 (--max-overhead 2): clearly faster passes, clearly slower is a regression,
+    noise around the threshold itself straddles it."""
+    base, fused = _noisy(center, 0.03, 30, 7)
+    interval = paired_ratio_interval(base, fused, seed=0)
+    assert verdict(interval, 1.02) == expected, interval
+
+
+def test_verdict_bounds():
+    assert verdict({"low": 0.9, "high": 1.02}, 1.02) == "pass"
+    assert verdict({"low": 1.0201, "high": 1.1}, 1.02) == "regression"
+    assert verdict({"low": 1.02, "high": 1.1}, 1.02) == "inconclusive"

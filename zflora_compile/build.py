@@ -20,8 +20,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from zflora_compile import genai
-from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, VerificationError, ZcompileError, first_line
-from zflora_compile.gate import Variant, gate_failure_message, phase_shapes, run_gate
+from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, LatencyInconclusive, VerificationError, ZcompileError, first_line
+from zflora_compile.gate import Variant, gate_failure_message, gate_inconclusive_message, phase_shapes, run_gate
 from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
 from zflora_compile.options import CompileOptions
 from zflora_compile.pipeline import compile_model, compile_onnx
@@ -56,7 +56,7 @@ def compile_file(
     runtime (exit 2), failed verification and a failed latency gate (exit 1), with the report
     attached as ``error.report``; any other exception (a bug, an :class:`Interrupted`) carries the
     report too. A failed gate still writes the complete output directory (its report says
-    ``latency_gate_failed``); every other failure writes nothing and leaves nothing behind.
+    ``latency_gate_failed``, exit 1, or ``latency_gate_inconclusive``, exit 4); every other failure writes nothing and leaves nothing behind.
 
     The output directory is claimed exclusively for the whole run (a lock file inside it, held
     with ``flock``), so two runs on one directory cannot both write it; a symlinked output
@@ -119,6 +119,8 @@ def compile_file(
         staging = None
         if report.status == "latency_gate_failed":
             raise LatencyGateError(report.message)
+        if report.status == "latency_gate_inconclusive":
+            raise LatencyInconclusive(report.message)
         return report.to_json()
     except ZcompileError as error:
         if staging is not None:  # the hidden staging directory is gone: name the output directory
@@ -223,7 +225,8 @@ def _latency_gate(report: Report, staging: Path, input_path: Path, target: Targe
         latency = run_gate(target, variants, shapes, options.latency, vocab, seed=options.seed, progress=steps.progress)
     latency_chart(latency, staging / "latency.png")
     report.output.files.append("latency.png")
-    report.record_gate(latency, None if latency["passed"] else gate_failure_message(latency))
+    verdict = latency["verdict"]
+    report.record_gate(latency, gate_failure_message(latency) if verdict == "regression" else None, gate_inconclusive_message(latency) if verdict == "inconclusive" else None)
 
 
 def _gate_variants(input_path: Path, tmp: Path, target: Target, shapes: list[Shape], options: CompileOptions, progress) -> dict[str, Variant]:

@@ -2,11 +2,12 @@
 
     zcompile inspect MODEL                     table of adapter sites (and what was rejected, why)
     zcompile [compile] MODEL -o DIR [--strategy fuse|merge|strip] [--target ort|qnn|trt]
-                       [--check-latency [--max-overhead PCT]]
+                       [--check-latency [--max-overhead PCT] [--gate-budget-s S] [--gate-calibrate]]
 
-Exit codes: 0 success (also when no adapter site is found), 1 verification or latency gate
-failed, 2 unusable input, bad arguments, a refusing environment (full disk, read-only
-filesystem) or missing dependency (e.g. TensorRT), 3 internal error (a bug), 128 + N on signal
+Exit codes: 0 success (also when no adapter site is found), 1 verification failed or latency
+gate regression, 2 unusable input, bad arguments, a refusing environment (full disk, read-only
+filesystem) or missing dependency (e.g. TensorRT), 3 internal error (a bug), 4 latency gate
+inconclusive (the interval straddles --max-overhead), 128 + N on signal
 N (130 SIGINT, 143 SIGTERM, 129 SIGHUP; temporary files are removed first).
 Subcommands share argument groups, in the manner of Polygraphy. Heavy modules (ONNX Runtime,
 onnx-ir, the compiler) are imported only after the arguments are parsed: ``--version`` is fast.
@@ -35,7 +36,7 @@ EXIT_INTERNAL = 3
 
 
 #: flags that take no value: ``zcompile -q MODEL ...`` is still short for ``zcompile compile -q MODEL ...``
-_BARE_FLAGS = {"-q", "--quiet", "--json", "--debug", "--force", "--no-verify", "--check-latency", "--refit"}
+_BARE_FLAGS = {"-q", "--quiet", "--json", "--debug", "--force", "--no-verify", "--check-latency", "--gate-calibrate", "--refit"}
 
 
 def _output_args() -> argparse.ArgumentParser:
@@ -79,8 +80,10 @@ def _compile_args() -> argparse.ArgumentParser:
     )
     _target_args(parent)
     latency = parent.add_argument_group("latency gate")
-    latency.add_argument("--check-latency", action="store_true", help="build base (strip), unfused and fused on the target, time them interleaved, fail (exit 1) above --max-overhead")
+    latency.add_argument("--check-latency", action="store_true", help="build base (strip), unfused and fused on the target, time them in paired rounds; the 95%% bootstrap interval of the median fused/base ratio decides: pass (exit 0), regression above --max-overhead (exit 1), inconclusive (exit 4)")
     latency.add_argument("--max-overhead", type=float, default=2.0, metavar="PCT", help="largest allowed fused/base - 1 per phase, in percent (default %(default)s)")
+    latency.add_argument("--gate-budget-s", type=float, default=60.0, metavar="S", help="seconds of further rounds a phase may spend while its verdict is inconclusive (default %(default)s; 0: none)")
+    latency.add_argument("--gate-calibrate", action="store_true", help="also time base against itself (A/A) the same way and report it beside the gate: the noise floor")
     latency.add_argument("--prefill", type=int, default=128, metavar="N", help="prompt tokens of the prefill phase (default %(default)s)")
     latency.add_argument("--past", type=int, default=128, metavar="N", help="KV-cache length of the decode phase (default %(default)s)")
     latency.add_argument("--phases", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"], help="phases to time and, for static-shape targets, to build (default: both)")
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zcompile",
         description="Find adapter (LoRA) subgraphs in an ONNX LLM, fuse / merge / strip them exactly, verify, and write the model.",
-        epilog="Exit codes: 0 ok, 1 verification or latency gate failed, 2 bad input, bad arguments, environment (disk full, read-only) or missing dependency, 3 internal error, 128+N on signal N.",
+        epilog="Exit codes: 0 ok, 1 verification failed or latency gate regression, 2 bad input, bad arguments, environment (disk full, read-only) or missing dependency, 3 internal error, 4 latency gate inconclusive (more rounds: --rounds, --gate-budget-s), 128+N on signal N.",
     )
     parser.add_argument("--version", action="version", version=f"zcompile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +279,8 @@ def _compile_options(args) -> CompileOptions:
                 prefill_rounds=args.prefill_rounds,
                 warmup=args.warmup,
                 phases=tuple(args.phases),
+                budget_s=args.gate_budget_s,
+                calibrate=args.gate_calibrate,
             ),
             check_latency=args.check_latency,
         )
@@ -310,15 +315,23 @@ def _latency_table(latency: dict):
     from rich.table import Table
 
     emulated = " (HTP emulator: not NPU latency)" if latency.get("emulated") else ""
-    table = Table(title=f"latency on {latency['target']}{emulated}: medians of interleaved runs")
+    table = Table(title=f"latency on {latency['target']}{emulated}: medians of interleaved runs; fused/base: median per-round ratio, 95% interval")
     for column in ("phase", "variant", "median ms", "min ms", "max ms", "x base"):
         table.add_column(column, justify="left" if column in ("phase", "variant") else "right")
     for name, phase in latency["phases"].items():
         for index, (variant, stats) in enumerate(phase["variants"].items()):
             label = f"{name} ({phase['seq']} tok, past {phase['past']})" if index == 0 else ""
             table.add_row(label, variant, f"{stats['median_ms']:.3f}", f"{stats['min_ms']:.3f}", f"{stats['max_ms']:.3f}", f"{stats['ratio_to_base']:.3f}")
-    verdict = "[green]passed[/green]" if latency["passed"] else "[red]FAILED[/red]"
-    table.caption = f"gate {verdict}: worst fused overhead {latency['worst_overhead_pct']:+.1f}% (max {latency['max_overhead_pct']:g}%)"
+        if "ratio_interval" in phase:
+            low, high = phase["ratio_interval"]
+            table.add_row("", "fused/base", "", "", "", f"{phase['ratio_median']:.3f} [{low:.3f}, {high:.3f}] {phase['verdict']}, {phase['rounds']} rounds")
+        aa = phase.get("calibration")
+        if aa:
+            low, high = aa["ratio_interval"]
+            table.add_row("", "A/A base/base", "", "", "", f"{aa['ratio_median']:.3f} [{low:.3f}, {high:.3f}] (noise floor)")
+    verdict = latency.get("verdict", "pass" if latency["passed"] else "regression")
+    shown = {"pass": "[green]passed[/green]", "regression": "[red]FAILED[/red]", "inconclusive": "[yellow]INCONCLUSIVE[/yellow]"}[verdict]
+    table.caption = f"gate {shown}: worst fused overhead {latency['worst_overhead_pct']:+.1f}% (max {latency['max_overhead_pct']:g}%)"
     return table
 
 

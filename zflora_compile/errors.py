@@ -1,6 +1,7 @@
 """Errors that map to zcompile's exit codes.
 
-0 success, 1 verification (or a later gate) failed, 2 unusable input or missing dependency.
+0 success, 1 verification (or a later gate) failed, 2 unusable input or missing dependency,
+4 latency gate inconclusive (the interval straddles the threshold).
 Every error carries a one-line message that names the file, node or tensor at fault.
 """
 
@@ -63,6 +64,13 @@ class LatencyGateError(ZcompileError):
     """The fused model's latency overhead over the base model exceeds ``--max-overhead``."""
 
     exit_code = 1
+
+
+class LatencyInconclusive(LatencyGateError):
+    """The latency gate cannot decide: the interval of the fused/base ratio straddles the
+    threshold after the rounds the budget allowed (exit 4; the output is written, like a failed gate)."""
+
+    exit_code = 4
 
 
 class EnvironmentProblem(ZcompileError):

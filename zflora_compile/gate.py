@@ -4,21 +4,26 @@ The file pipeline (:mod:`zflora_compile.build`) builds three artifacts with the 
 ``base`` (the input with every adapter stripped: the exact base model), ``unfused`` (the input
 as given) and ``fused`` (the compiled model). This module only times and decides: each phase
 (decode: 1 new token on a ``past``-token KV cache; prefill: ``prefill`` tokens on an empty
-cache) runs them interleaved after warm-up (:func:`zflora_compile.latency.interleaved`) on the
-same seeded inputs. The overhead of a phase is ``median(fused) / median(base) - 1``; the gate
-fails (exit 1) when any phase's overhead exceeds ``max_overhead_pct``.
+cache) runs them in rounds after warm-up (:func:`zflora_compile.latency.interleaved`) on the
+same seeded inputs, ``base`` and ``fused`` back to back in every round in alternating order.
+The statistic of a phase is the per-round ratio fused / base: its median with a seeded 95%
+bootstrap interval (:func:`zflora_compile.latency.paired_ratio_interval`). Against the ratio
+allowed, ``1 + max_overhead_pct / 100``: pass when the whole interval is at or below it,
+regression (exit 1) when the whole interval is above it, inconclusive (exit 4) when it straddles
+it; an inconclusive phase runs further batches of rounds while ``budget_s`` allows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, summarize
+from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, paired_ratio_interval, summarize, verdict
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
 from zflora_compile.verify import input_role, has_kv_cache, input_specs, make_feeds
@@ -40,6 +45,10 @@ class LatencyOptions:
     prefill_rounds: int = 10
     warmup: int = 3
     phases: tuple[str, ...] = ("decode", "prefill")
+    #: seconds of further rounds a phase may spend while its verdict is inconclusive
+    budget_s: float = 60.0
+    #: also run base against itself (A/A), the same way: the noise floor beside the gate
+    calibrate: bool = False
 
     def __post_init__(self):
         from zflora_compile.errors import InputError
@@ -50,6 +59,8 @@ class LatencyOptions:
 
         if not (isinstance(self.max_overhead_pct, (int, float)) and math.isfinite(self.max_overhead_pct)):
             raise InputError(f"--max-overhead must be a finite number, got {self.max_overhead_pct}")
+        if not (isinstance(self.budget_s, (int, float)) and not isinstance(self.budget_s, bool) and math.isfinite(self.budget_s) and self.budget_s >= 0):
+            raise InputError(f"--gate-budget-s must be a finite number >= 0, got {self.budget_s}")
         whole("--prefill", self.prefill, 1)
         whole("--past", self.past, 0)
         whole("--rounds", self.decode_rounds, 1)
@@ -205,6 +216,66 @@ def phase_shapes(model_path: Path, options: LatencyOptions, model=None) -> list[
     return [shapes[p] for p in options.phases]
 
 
+def measure_pair(runners: dict, pair: tuple[str, str], *, rounds: int, warmup: int, threshold: float, budget_s: float, seed: int = 0, progress=None, label: str = "") -> dict:
+    """Rounds of ``runners`` with ``pair`` (base, candidate) back to back, then the verdict of the
+    per-round ratio candidate / base against ``threshold``; while it is inconclusive, further
+    batches of up to ``rounds`` rounds as long as they fit in ``budget_s`` seconds (estimated from
+    the rounds so far). Returns ``times`` (ms per runner), ``interval``, ``verdict``,
+    ``rounds_requested``, ``extra_rounds``, ``extra_seconds`` and ``stopped_by_budget``."""
+    progress = progress or NullProgress()
+    with progress.bar(f"{label}, {rounds} interleaved rounds", rounds) as advance:
+        started = time.perf_counter()
+        times, _ = interleaved(runners, rounds=rounds, warmup=warmup, progress=advance, pair=pair)
+        per_round = (time.perf_counter() - started) / rounds
+    interval = paired_ratio_interval(times[pair[0]], times[pair[1]], seed=seed)
+    decided = verdict(interval, threshold)
+    extra_rounds, extra_seconds, stopped = 0, 0.0, False
+    while decided == "inconclusive":
+        remaining = budget_s - extra_seconds
+        batch = min(rounds, int(remaining // per_round)) if per_round > 0 else rounds
+        if batch < 1:
+            stopped = True
+            break
+        started = time.perf_counter()  # the budget counts the rounds and the bootstrap
+        with progress.bar(f"{label}: inconclusive, {batch} more rounds", batch) as advance:
+            more, _ = interleaved(runners, rounds=batch, warmup=0, progress=advance, pair=pair, start=len(times[pair[0]]))
+        for name in times:
+            times[name] += more[name]
+        interval = paired_ratio_interval(times[pair[0]], times[pair[1]], seed=seed)
+        decided = verdict(interval, threshold)
+        spent = time.perf_counter() - started
+        extra_rounds, extra_seconds, per_round = extra_rounds + batch, extra_seconds + spent, spent / batch
+    return {
+        "times": times,
+        "interval": interval,
+        "verdict": decided,
+        "rounds_requested": rounds,
+        "extra_rounds": extra_rounds,
+        "extra_seconds": round(extra_seconds, 3),
+        "stopped_by_budget": stopped,
+    }
+
+
+def _gate_fields(measured: dict) -> dict:
+    interval = measured["interval"]
+    return {
+        "verdict": measured["verdict"],
+        "ratio_median": interval["median"],
+        "ratio_interval": [interval["low"], interval["high"]],
+        "overhead_pct": (interval["median"] - 1) * 100,
+        "overhead_interval_pct": [(interval["low"] - 1) * 100, (interval["high"] - 1) * 100],
+        "ratios": interval["ratios"],
+        "rounds": interval["rounds"],
+        "rounds_requested": measured["rounds_requested"],
+        "extra_rounds": measured["extra_rounds"],
+        "extra_seconds": measured["extra_seconds"],
+        "stopped_by_budget": measured["stopped_by_budget"],
+    }
+
+
+_SEVERITY = {"pass": 0, "inconclusive": 1, "regression": 2}
+
+
 def run_gate(
     target: Target,
     variants: dict[str, Variant],
@@ -215,43 +286,61 @@ def run_gate(
     seed: int = 0,
     progress=None,
 ) -> dict:
-    """Time the ``base``, ``unfused`` and ``fused`` artifacts interleaved per shape; the report's ``latency`` section."""
+    """Time the ``base``, ``unfused`` and ``fused`` artifacts interleaved per shape and decide; the report's ``latency`` section."""
     progress = progress or NullProgress()
     specs = input_specs(variants["unfused"].model)
     machine = machine_info()
+    threshold = 1 + options.max_overhead_pct / 100
     phases = {}
     for shape in shapes:
         rounds = options.prefill_rounds if shape.name == "prefill" else options.decode_rounds
         feeds = make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=seed)
         loaded = {name: target.load(variant.dir, variant.model, shape) for name, variant in variants.items()}
         runners = {name: _runner(item, feeds) for name, item in loaded.items()}
-        with progress.bar(f"latency gate: {shape.describe()}, {rounds} interleaved rounds", rounds) as advance:
-            times, _ = interleaved(runners, rounds=rounds, warmup=options.warmup, progress=advance)
+        before = load_average()
+        measured = measure_pair(runners, ("base", "fused"), rounds=rounds, warmup=options.warmup, threshold=threshold, budget_s=options.budget_s, seed=seed, progress=progress, label=f"latency gate: {shape.describe()}")
+        times = measured["times"]
         stats = summarize(times, "base")
+        unfused = paired_ratio_interval(times["base"], times["unfused"], seed=seed)
         phases[shape.name] = {
             "seq": shape.seq,
             "past": shape.past,
-            "rounds": rounds,
             "timer": "device (CUDA events)" if loaded["fused"].timed else "host wall clock around run()",
             "runs_on": loaded["fused"].description,
             "variants": stats,
-            "overhead_pct": (stats["fused"]["ratio_to_base"] - 1) * 100,
-            "unfused_overhead_pct": (stats["unfused"]["ratio_to_base"] - 1) * 100,
+            **_gate_fields(measured),
+            "unfused_overhead_pct": (unfused["median"] - 1) * 100,
+            "load_average_before": before,
+            "load_average_after": load_average(),
         }
+        if options.calibrate:
+            base = runners["base"]
+            aa = measure_pair({"base": base, "base_again": base}, ("base", "base_again"), rounds=rounds, warmup=options.warmup, threshold=threshold, budget_s=options.budget_s, seed=seed, progress=progress, label=f"A/A calibration: {shape.describe()}")
+            phases[shape.name]["calibration"] = _gate_fields(aa)
         if shape.clamped:
             phases[shape.name]["clamped"] = shape.clamped
         del loaded, runners
     worst = max(phases.values(), key=lambda p: p["overhead_pct"])
+    overall = max((p["verdict"] for p in phases.values()), key=_SEVERITY.__getitem__)
     machine["load_average_end"] = load_average()
-    passed = all(p["overhead_pct"] <= options.max_overhead_pct for p in phases.values())
     return {
-        "passed": passed,
+        "passed": overall == "pass",
+        "verdict": overall,
         "max_overhead_pct": options.max_overhead_pct,
+        "threshold_ratio": threshold,
         "worst_overhead_pct": worst["overhead_pct"],
-        "rule": "overhead = median(fused) / median(base) - 1 per phase; fails when any phase exceeds max_overhead_pct",
+        "rule": (
+            "per phase, ratio_i = fused_i / base_i of round i (base and fused back to back, alternating order); "
+            "median of the ratios with a 95% percentile bootstrap interval (2000 resamples, seeded); "
+            "pass: interval high <= 1 + max_overhead_pct / 100, regression: interval low above it, inconclusive: it straddles; "
+            "an inconclusive phase runs more rounds while budget_s allows; the gate takes the worst phase"
+        ),
+        "confidence": 0.95,
+        "budget_s": options.budget_s,
+        "calibrated": options.calibrate,
         "target": target.name,
         "warmup_runs": options.warmup,
-        "interleaving": "every round runs base, unfused and fused once, in an order rotated per round",
+        "interleaving": "every round runs base, unfused and fused once; base and fused adjacent, their order alternating, unfused before or after them",
         "phases": phases,
         "machine": machine,
         "emulated": target.emulated,
@@ -264,6 +353,22 @@ def _runner(loaded, feeds):
     return lambda: loaded.run(feeds)
 
 
+def _phase_line(name: str, phase: dict) -> str:
+    low, high = phase["overhead_interval_pct"]
+    return f"{name} {phase['overhead_pct']:+.1f}% (95% interval {low:+.1f}% .. {high:+.1f}%, {phase['rounds']} rounds)"
+
+
 def gate_failure_message(latency: dict) -> str:
-    bad = [f"{name} {p['overhead_pct']:+.1f}%" for name, p in latency["phases"].items() if p["overhead_pct"] > latency["max_overhead_pct"]]
-    return f"latency gate failed on target {latency['target']}: fused vs base overhead {', '.join(bad)} exceeds --max-overhead {latency['max_overhead_pct']:g}%"
+    """The regression: the phases whose whole interval lies above the threshold."""
+    bad = [_phase_line(name, p) for name, p in latency["phases"].items() if p["verdict"] == "regression"]
+    return f"latency gate failed on target {latency['target']}: fused vs base overhead {', '.join(bad)} exceeds --max-overhead {latency['max_overhead_pct']:g}% (the whole interval lies above it)"
+
+
+def gate_inconclusive_message(latency: dict) -> str:
+    """No phase regressed but some interval straddles the threshold: what it is and what narrows it."""
+    unsure = [_phase_line(name, p) for name, p in latency["phases"].items() if p["verdict"] == "inconclusive"]
+    return (
+        f"latency gate inconclusive on target {latency['target']}: fused vs base overhead {', '.join(unsure)} straddles --max-overhead "
+        f"{latency['max_overhead_pct']:g}% after the --gate-budget-s {latency['budget_s']:g} s of further rounds; more rounds "
+        f"(--rounds, --prefill-rounds, a larger --gate-budget-s) or a quieter machine narrow the interval"
+    )

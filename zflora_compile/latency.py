@@ -1,8 +1,11 @@
 """Interleaved latency measurement, shared by the latency gate and the benchmarks.
 
 Variants run in rounds (A B C, B C A, C A B, ...: the order rotates every round) after warm-up,
-on the same inputs, so that a noisy shared machine slows all variants alike. Results are medians
-and min-max over rounds, and ratios of medians to the baseline; nothing here asserts a timing.
+on the same inputs, so that a noisy shared machine slows all variants alike; with ``pair`` the two
+variants compared run back to back in every round, in alternating order (:func:`paired_orders`).
+Results are medians and min-max over rounds, ratios of medians to the baseline and, for the
+latency gate, the per-round ratio with a bootstrap interval (:func:`paired_ratio_interval`) and
+its three-valued verdict (:func:`verdict`); nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -30,8 +33,28 @@ def rotated(names: list[str], round_index: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def interleaved(runners: dict[str, Runner], *, rounds: int, warmup: int, progress: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], list[list[str]]]:
-    """Warm-up runs, then ``rounds`` rotated rounds; returns wall times in ms and the orders."""
+def paired_orders(names: list[str], pair: tuple[str, str], round_index: int) -> list[str]:
+    """Round ``round_index``'s order: the two names of ``pair`` adjacent, in alternating order
+    (a b, b a, ...), the block's place among the other names rotating every two rounds."""
+    first, second = pair
+    block = [first, second] if round_index % 2 == 0 else [second, first]
+    others = [n for n in names if n not in pair]
+    place = (round_index // 2) % (len(others) + 1)
+    return others[:place] + block + others[place:]
+
+
+def interleaved(
+    runners: dict[str, Runner],
+    *,
+    rounds: int,
+    warmup: int,
+    progress: Callable[[], None] | None = None,
+    pair: tuple[str, str] | None = None,
+    start: int = 0,
+) -> tuple[dict[str, list[float]], list[list[str]]]:
+    """Warm-up runs, then ``rounds`` rounds (rotated; with ``pair``: :func:`paired_orders`,
+    numbered from ``start`` so that further batches continue the alternation); returns wall
+    times in ms and the orders."""
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -42,8 +65,8 @@ def interleaved(runners: dict[str, Runner], *, rounds: int, warmup: int, progres
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for index in range(rounds):
-            order = rotated(names, index)
+        for index in range(start, start + rounds):
+            order = paired_orders(names, pair, index) if pair is not None else rotated(names, index)
             orders.append(order)
             for name in order:
                 start = time.perf_counter()
@@ -79,6 +102,49 @@ def summarize(times: dict[str, list[float]], baseline: str = "base") -> dict[str
             "timings_ms": [round(t, 4) for t in values],
         }
     return stats
+
+
+#: the gate's interval: a percentile bootstrap of the median per-round ratio
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+def paired_ratio_interval(base: list[float], other: list[float], *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """The paired statistic of the latency gate.
+
+    Method: round ``i`` ran ``base`` and ``other`` back to back, so ``ratio_i = other_i / base_i``
+    cancels the load both saw. The estimate is the median of the per-round ratios; its
+    ``confidence`` interval is a percentile bootstrap: ``resamples`` resamples of the rounds with
+    replacement (numpy ``default_rng(seed)``: deterministic for given samples), the median of each,
+    and the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of those medians.
+    Returns ``ratios``, ``median``, ``low``, ``high``, ``rounds``, ``confidence``, ``resamples``.
+    """
+    if len(base) != len(other) or not base:
+        raise ValueError(f"paired samples need the same, nonzero number of rounds, got {len(base)} and {len(other)}")
+    ratios = np.asarray(other, dtype=float) / np.asarray(base, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))], axis=1)
+    low, high = np.quantile(medians, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {
+        "ratios": [round(float(r), 6) for r in ratios],
+        "median": float(np.median(ratios)),
+        "low": float(low),
+        "high": float(high),
+        "rounds": int(len(ratios)),
+        "confidence": confidence,
+        "resamples": resamples,
+    }
+
+
+def verdict(interval: dict, threshold: float) -> str:
+    """``pass`` when the interval's upper bound is <= ``threshold`` (the ratio allowed,
+    ``1 + max_overhead / 100``), ``regression`` when its lower bound is above it, else
+    ``inconclusive`` (the interval straddles the threshold: more rounds narrow it)."""
+    if interval["high"] <= threshold:
+        return "pass"
+    if interval["low"] > threshold:
+        return "regression"
+    return "inconclusive"
 
 
 def machine_info() -> dict:

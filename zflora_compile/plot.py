@@ -1,4 +1,5 @@
-"""``latency.png``: base / unfused / fused median latency per phase, whiskers from min to max."""
+"""``latency.png``: per phase, base / unfused / fused median latency (whiskers from min to max)
+and below it the per-round fused/base ratios, their median, 95% interval and the threshold."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def latency_chart(latency: dict, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     phases = latency["phases"]
-    figure, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 4), squeeze=False)
+    paired = any("ratios" in p for p in phases.values())
+    rows = 2 if paired else 1
+    figure, axes = plt.subplots(rows, len(phases), figsize=(4.2 * len(phases), 4 * rows), squeeze=False)
     for axis, (name, phase) in zip(axes[0], phases.items()):
         variants = [v for v in ("base", "unfused", "fused") if v in phase["variants"]]
         stats = [phase["variants"][v] for v in variants]
@@ -25,9 +28,37 @@ def latency_chart(latency: dict, path: Path, title: str = "") -> Path:
             axis.annotate(f"{median:.3g} ms\n×{stat['ratio_to_base']:.3f}", (index, median), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
         axis.set_title(f"{name} ({phase['seq']} tok, past {phase['past']}): fused {phase['overhead_pct']:+.1f}%", fontsize=9)
         axis.set_ylabel("median latency, ms (whiskers: min-max)")
-    verdict = "passed" if latency["passed"] else "FAILED"
+    if paired:
+        for axis, phase in zip(axes[1], phases.values()):
+            _ratio_panel(axis, phase, latency)
+    verdict = {"pass": "passed", "regression": "FAILED", "inconclusive": "INCONCLUSIVE"}[latency.get("verdict", "pass" if latency["passed"] else "regression")]
     figure.suptitle(title or f"zcompile latency gate on {latency['target']}: {verdict} (max overhead {latency['max_overhead_pct']:g}%)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _ratio_panel(axis, phase: dict, latency: dict) -> None:
+    """The per-round fused/base ratios (in round order, jittered strip), their median, the 95%
+    interval (shaded) and the threshold (1 + max overhead); the A/A ratios beside them with --gate-calibrate."""
+    import numpy as np
+
+    threshold = latency.get("threshold_ratio", 1 + latency["max_overhead_pct"] / 100)
+    groups = [("fused/base", phase, COLORS["fused"])]
+    if phase.get("calibration"):
+        groups.append(("A/A base/base", phase["calibration"], "#888888"))
+    for index, (label, data, color) in enumerate(groups):
+        ratios = np.asarray(data["ratios"], dtype=float)
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(ratios))
+        axis.scatter(index + jitter, ratios, s=10, alpha=0.6, color=color)
+        low, high = data["ratio_interval"]
+        axis.fill_between([index - 0.3, index + 0.3], low, high, color=color, alpha=0.25)
+        axis.hlines(data["ratio_median"], index - 0.3, index + 0.3, color=color, linewidth=2)
+        axis.annotate(f"{data['ratio_median']:.3f}\n[{low:.3f}, {high:.3f}]", (index + 0.32, data["ratio_median"]), fontsize=7, va="center")
+    axis.axhline(threshold, color="#c44e52", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+    axis.set_xticks(range(len(groups)), [g[0] for g in groups])
+    axis.set_xlim(-0.6, len(groups) - 0.1)
+    axis.set_ylabel("per-round ratio (band: 95% interval of the median)")
+    axis.set_title(f"verdict {phase['verdict']} after {phase['rounds']} rounds", fontsize=9)
+    axis.legend(fontsize=7, loc="best")

@@ -150,13 +150,16 @@ class Report:
         text = f"{sites} adapter site(s), strategy {self.plan.strategy}: GEMMs {self.input.graph.gemm_count} -> {self.output.graph.gemm_count}"
         return f"{text} ({tally})" if tally else text
 
-    def record_gate(self, latency: dict, failure: str | None) -> None:
-        """The latency gate's section; ``failure`` (a message) makes the compile fail with exit 1."""
+    def record_gate(self, latency: dict, failure: str | None, inconclusive: str | None = None) -> None:
+        """The latency gate's section; ``failure`` (a message: a regression) makes the compile fail
+        with exit 1, ``inconclusive`` (a message: an interval straddles the threshold) with exit 4."""
         self.latency = latency
         if failure is not None:
             self.status, self.exit_code, self.message = "latency_gate_failed", 1, failure
+        elif inconclusive is not None:
+            self.status, self.exit_code, self.message = "latency_gate_inconclusive", 4, inconclusive
         else:
-            self.message += f"; latency gate passed (worst fused overhead {latency['worst_overhead_pct']:+.1f}% <= {latency['max_overhead_pct']:g}%)"
+            self.message += f"; latency gate passed (worst fused overhead {latency['worst_overhead_pct']:+.1f}% <= {latency['max_overhead_pct']:g}%, every 95% interval at or below it)"
 
     def fail(self, error: ZcompileError) -> None:
         """Record ``error``; a failed latency gate keeps the report it already wrote."""
