@@ -201,3 +201,24 @@ def test_regression_and_inconclusive_messages_on_synthetic_phases():
     message = gate_inconclusive_message(latency)
     assert message.startswith("latency gate inconclusive on target ort: fused vs base overhead prefill +1.5% (95% interval +0.5% .. +3.0%, 30 rounds) straddles --max-overhead 2%")
     assert "more rounds" in message and "--gate-budget-s" in message
+
+
+def test_inconclusive_gate_exits_4_and_writes_the_output(capsys, tmp_path, monkeypatch):
+    """Forced inconclusive (the verdict function says so, no budget for more rounds): exit 4,
+    status latency_gate_inconclusive, the complete output directory and report kept."""
+    from zflora_compile import gate
+
+    monkeypatch.setattr(gate, "verdict", lambda interval, threshold: "inconclusive")
+    out_dir, report_path = tmp_path / "out", tmp_path / "r.json"
+    code, out, err = run(capsys, EXAMPLE, "-o", out_dir, "--check-latency", "--report", report_path, *FAST, "--gate-budget-s", "0", "--phases", "decode")
+    assert code == 4, err
+    assert err.strip().splitlines()[-1].startswith("zcompile: error: latency gate inconclusive on target ort: fused vs base overhead decode")
+    report = json.loads(report_path.read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["status"] == "latency_gate_inconclusive" and report["exit_code"] == 4
+    assert report == json.loads((out_dir / "report.json").read_text())
+    decode = report["latency"]["phases"]["decode"]
+    assert report["latency"]["verdict"] == "inconclusive" and decode["verdict"] == "inconclusive"
+    assert decode["extra_rounds"] == 0 and decode["stopped_by_budget"] is True and decode["rounds"] == 6
+    assert (out_dir / "latency.png").read_bytes()[:8] == PNG_MAGIC and (out_dir / "model.onnx").exists()
+    assert "INCONCLUSIVE" in out
