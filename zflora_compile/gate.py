@@ -26,7 +26,7 @@ import numpy as np
 from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, paired_ratio_interval, summarize, verdict
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
-from zflora_compile.verify import input_role, has_kv_cache, input_specs, make_feeds
+from zflora_compile.verify import ROTARY_COS_CACHE, has_kv_cache, input_role, input_specs, make_feeds
 
 
 class Variant(NamedTuple):
@@ -173,8 +173,6 @@ def position_range(model_path: Path, model=None) -> PositionRange | None:
     return min(found, default=None)
 
 
-#: ONNX Runtime operators that read precomputed rotary caches: the cos cache's input index
-_ROTARY_CACHE_INPUT = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}
 
 
 def _rotary_caches(model) -> list[PositionRange]:
@@ -183,7 +181,7 @@ def _rotary_caches(model) -> list[PositionRange]:
     cache of ``[positions, rotary_dim / 2]``; ONNX Runtime refuses a total length beyond it."""
     found = []
     for node in model.graph.all_nodes():
-        index = _ROTARY_CACHE_INPUT.get(node.op_type) if node.domain == "com.microsoft" else None
+        index = ROTARY_COS_CACHE.get(node.op_type) if node.domain == "com.microsoft" else None
         if index is None or len(node.inputs) <= index or node.inputs[index] is None:
             continue
         if node.op_type == "GroupQueryAttention" and not ("do_rotary" in node.attributes and node.attributes["do_rotary"].value):

@@ -489,6 +489,8 @@ def input_specs(path: str | os.PathLike) -> list[InputSpec]:
     return with_fixed_dims(specs, fixed_dims(proto))
 
 
+#: ONNX Runtime's operators that read a precomputed rotary cos cache: its input index
+ROTARY_COS_CACHE = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}
 #: ONNX Runtime's attention operators that read a KV cache: (past key index, past value index)
 _CACHE_READERS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7)}
 
@@ -509,8 +511,9 @@ def fixed_dims(proto) -> dict[str, int]:
         kv_heads = attrs.get("kv_num_heads") or attrs.get("num_heads")
         key = node.input[1] if len(node.input) > 1 else ""
         head = widths.get(key, 0) // kv_heads if key and kv_heads and widths.get(key) else 0
-        if not head and node.op_type == "GroupQueryAttention" and attrs.get("do_rotary") and len(node.input) > 7 and node.input[7] in shapes:
-            head = 2 * shapes[node.input[7]][-1]
+        cos = ROTARY_COS_CACHE.get(node.op_type, len(node.input))
+        if not head and attrs.get("do_rotary") and len(node.input) > cos and node.input[cos] in shapes:
+            head = 2 * shapes[node.input[cos]][-1]
         for index in _CACHE_READERS[node.op_type]:
             name = node.input[index] if len(node.input) > index else ""
             if head and name in inputs:

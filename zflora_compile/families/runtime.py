@@ -63,6 +63,7 @@ from typing import ClassVar
 import numpy as np
 
 from zflora_compile import metadata
+from zflora_compile.families.lora import StripSite
 from zflora_compile.graph.protocol import (
     Gemm,
     NotACandidate,
@@ -526,21 +527,6 @@ def _bias_inside(binding: RuntimeBinding) -> bool:
     return binding.bias_value is not None and binding.bias_add is None and binding.gemm.kind == "MatMulNBits"
 
 
-@dataclasses.dataclass
-class StripRuntime:
-    """The add passes the base projection through: the base model (fed adapter inputs stay, unused)."""
-
-    section: ClassVar[str] = "stripped_sites"
-    site: RuntimeSite
-
-    def to_json(self) -> str:
-        return self.site.site_id
-
-    def emit(self, graph, state: dict) -> None:
-        binding = self.site.binding
-        graph.redirect(graph.output(binding.add), binding.base_output)
-
-
 def merge_refusal(site: RuntimeSite) -> str:
     reasons = []
     if site.switchable:
@@ -588,7 +574,7 @@ def _group_name(sites: list[RuntimeSite], fallback: str) -> str:
 
 def plan(sites: list[RuntimeSite], strategy: str) -> list:
     if strategy == "strip":
-        return [StripRuntime(site) for site in sites]
+        return [StripSite(site) for site in sites]  # LoRA's: the add's output becomes the base projection's (fed inputs stay, unused)
     if strategy == "merge" and sites:
         first = sites[0]
         label = f" ({first.label})" if first.label else ""
