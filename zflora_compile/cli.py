@@ -2,7 +2,7 @@
 
     zcompile inspect MODEL                     table of adapter sites (and what was rejected, why)
     zcompile [compile] MODEL -o DIR [--strategy fuse|merge|strip] [--target ort|qnn|trt]
-                       [--check-latency [--max-overhead PCT] [--gate-budget-s S] [--gate-calibrate]]
+                       [--check-latency [--max-overhead PCT] [--gate-budget-s S] [--gate-calibrate] [--gate-sessions N] [--gate-cpus LIST]]
 
 Exit codes: 0 success (also when no adapter site is found), 1 verification failed or latency
 gate regression, 2 unusable input, bad arguments, a refusing environment (full disk, read-only
@@ -84,6 +84,8 @@ def _compile_args() -> argparse.ArgumentParser:
     latency.add_argument("--max-overhead", type=float, default=2.0, metavar="PCT", help="largest allowed fused/base - 1 per phase, in percent (default %(default)s)")
     latency.add_argument("--gate-budget-s", type=float, default=60.0, metavar="S", help="seconds of further rounds a phase may spend while its verdict is inconclusive (default %(default)s; 0: none)")
     latency.add_argument("--gate-calibrate", action="store_true", help="also time base against itself (A/A) the same way and report it beside the gate: the noise floor")
+    latency.add_argument("--gate-sessions", type=int, default=2, metavar="N", help="split each phase's rounds over N loads of the artifacts, reversing the load order every time: a session's place in memory favours one variant by a few percent, alternating cancels it (default %(default)s)")
+    latency.add_argument("--gate-cpus", default=None, metavar="LIST", help="pin the process to these CPUs while timing (e.g. 2,3 or 0-3; Linux sched_setaffinity), so the scheduler does not move the runs; the report records the set (default: not pinned)")
     latency.add_argument("--prefill", type=int, default=128, metavar="N", help="prompt tokens of the prefill phase (default %(default)s)")
     latency.add_argument("--past", type=int, default=128, metavar="N", help="KV-cache length of the decode phase (default %(default)s)")
     latency.add_argument("--phases", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"], help="phases to time and, for static-shape targets, to build (default: both)")
@@ -281,6 +283,8 @@ def _compile_options(args) -> CompileOptions:
                 phases=tuple(args.phases),
                 budget_s=args.gate_budget_s,
                 calibrate=args.gate_calibrate,
+                sessions=args.gate_sessions,
+                cpus=args.gate_cpus,
             ),
             check_latency=args.check_latency,
         )

@@ -49,6 +49,10 @@ class LatencyOptions:
     budget_s: float = 60.0
     #: also run base against itself (A/A), the same way: the noise floor beside the gate
     calibrate: bool = False
+    #: loads of the artifacts a phase's rounds are split over, the load order reversed each time
+    sessions: int = 2
+    #: CPUs the process is pinned to while timing ("2,3", "0-3"); None: not pinned
+    cpus: str | None = None
 
     def __post_init__(self):
         from zflora_compile.errors import InputError
@@ -66,10 +70,38 @@ class LatencyOptions:
         whole("--rounds", self.decode_rounds, 1)
         whole("--prefill-rounds", self.prefill_rounds, 1)
         whole("--warmup", self.warmup, 0)
+        whole("--gate-sessions", self.sessions, 1)
+        self.cpu_set = parse_cpus(self.cpus) if self.cpus is not None else None
         self.phases = tuple(self.phases)
         unknown = [p for p in self.phases if p not in ("decode", "prefill")]
         if not self.phases or unknown:
             raise InputError(f"--phases must name decode and/or prefill, got {' '.join(map(str, self.phases)) or 'nothing'}")
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """``"2,3"`` / ``"0-3"`` / ``"0,2-3"`` as sorted CPU numbers; each must be one this process may
+    run on (``os.sched_getaffinity``), else :class:`InputError` naming it."""
+    import os
+
+    from zflora_compile.errors import InputError
+
+    cpus: set[int] = set()
+    for part in str(text).split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise InputError(f"--gate-cpus must list CPU numbers like 2,3 or 0-3, got {text!r}") from None
+        if low < 0 or high < low:
+            raise InputError(f"--gate-cpus: {part.strip()!r} is not a CPU range")
+        cpus.update(range(low, high + 1))
+    if not hasattr(os, "sched_setaffinity"):
+        raise InputError(f"--gate-cpus: this platform ({os.name}) cannot pin a process (no sched_setaffinity)")
+    allowed = os.sched_getaffinity(0)
+    outside = sorted(cpus - allowed)
+    if outside:
+        raise InputError(f"--gate-cpus: CPU {outside[0]} is not one this process may run on (allowed: {','.join(map(str, sorted(allowed)))})")
+    return tuple(sorted(cpus))
 
 
 class PositionRange(NamedTuple):
