@@ -9,6 +9,8 @@ gate's own timing, statistic, verdict and budget of further rounds) of each of t
 in which only the model standing in as ``fused`` changes:
 
     aa        fused := base itself (A/A), --max-overhead 2: never a regression, ideally pass
+    aa_one_load  the same with every round in one load of the sessions (``--gate-sessions 1``, the
+              gate before load-order reversal): how far one load's order alone moves the ratio
     slowed    fused := base with an exact no-op costing ~30%, --max-overhead 2: regression every time
     fused     fused := the real compiled model, --max-overhead 50: pass every time
 
@@ -55,11 +57,12 @@ EXAMPLE = ROOT / "examples" / "tiny_llama_lora.onnx"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gate_calibration.json"
 VERDICTS = ("pass", "inconclusive", "regression")
 
-# scenario -> (what stands in as fused, --max-overhead, expected verdict)
+# scenario -> (what stands in as fused, --max-overhead, expected verdict, session loads: None = --sessions)
 SCENARIOS = {
-    "aa": ("base (A/A)", 2.0, "never regression"),
-    "slowed": ("base + ~30% exact no-op", 2.0, "regression"),
-    "fused": ("the compiled fused model", 50.0, "pass"),
+    "aa": ("base (A/A)", 2.0, "never regression", None),
+    "aa_one_load": ("base (A/A), one load", 2.0, "shows the load-order bias", 1),
+    "slowed": ("base + ~30% exact no-op", 2.0, "regression", None),
+    "fused": ("the compiled fused model", 50.0, "pass", None),
 }
 
 
@@ -161,6 +164,7 @@ def run_summary(latency: dict) -> dict:
                 "rounds": p["rounds"],
                 "extra_rounds": p["extra_rounds"],
                 "stopped_by_budget": p["stopped_by_budget"],
+                "loads": p["loads"],
                 "base_median_ms": p["variants"]["base"]["median_ms"] if "median_ms" in p["variants"]["base"] else None,
                 "load_average_before": p["load_average_before"],
                 "load_average_after": p["load_average_after"],
@@ -184,6 +188,9 @@ def main(argv=None) -> int:
     parser.add_argument("--slow-last-width", type=int, default=3840, help="columns of the slowed model's last-token no-op GEMM (its cost per run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: the target's default)")
+    parser.add_argument("--sessions", type=int, default=2, help="--gate-sessions: loads per phase, load order reversed each time (the gate's default 2)")
+    parser.add_argument("--cpus", default=None, help="--gate-cpus: pin the process while timing (default: not pinned)")
+    parser.add_argument("--scenarios", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS), help="scenarios to run (default: all)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
@@ -210,7 +217,10 @@ def main(argv=None) -> int:
 
         target_options = target_class("ort").Options(threads=args.threads)
     target = get_target("ort", target_options)
-    gate = {name: LatencyOptions(max_overhead_pct=pct, decode_rounds=args.rounds, prefill_rounds=args.prefill_rounds, warmup=args.warmup, budget_s=args.budget_s) for name, (_, pct, _) in SCENARIOS.items()}
+    gate = {
+        name: LatencyOptions(max_overhead_pct=pct, decode_rounds=args.rounds, prefill_rounds=args.prefill_rounds, warmup=args.warmup, budget_s=args.budget_s, sessions=loads or args.sessions, cpus=args.cpus)
+        for name, (_, pct, _, loads) in SCENARIOS.items()
+    }
 
     with tempfile.TemporaryDirectory(prefix="zflora-gate-calibration-") as tmp:
         tmp = Path(tmp)
@@ -228,11 +238,11 @@ def main(argv=None) -> int:
         target.build(tmp / "slowed" / "model.onnx", tmp / "slowed", shapes)
         noop["exactness"] = check_exact(built["base"].model, tmp / "slowed" / "model.onnx", shapes, vocab, args.seed)
         slowed = Variant(tmp / "slowed", tmp / "slowed" / "model.onnx")
-        stand_ins = {"aa": built["base"], "slowed": slowed, "fused": fused}
+        stand_ins = {"aa": built["base"], "aa_one_load": built["base"], "slowed": slowed, "fused": fused}
 
-        runs = {name: [] for name in SCENARIOS}
+        runs = {name: [] for name in args.scenarios}
         for index in range(args.runs):
-            for name in SCENARIOS:
+            for name in args.scenarios:
                 variants = {"base": built["base"], "unfused": built["unfused"], "fused": stand_ins[name]}
                 t0 = time.perf_counter()
                 latency = run_gate(target, variants, shapes, gate[name], vocab, seed=args.seed + index)
@@ -243,7 +253,8 @@ def main(argv=None) -> int:
                 log(f"run {index + 1}/{args.runs} {name}: {summary['verdict']} ({phases}; {summary['seconds']} s, load {load_average()})")
 
     scenarios = {}
-    for name, (fused_is, pct, expected) in SCENARIOS.items():
+    for name in args.scenarios:
+        fused_is, pct, expected, _ = SCENARIOS[name]
         counts = Counter(r["verdict"] for r in runs[name])
         per_phase = {p: dict(Counter(r["phases"][p]["verdict"] for r in runs[name])) for p in runs[name][0]["phases"]} if runs[name] else {}
         medians = {p: float(np.median([r["phases"][p]["ratio_median"] for r in runs[name]])) for p in per_phase}
@@ -251,6 +262,7 @@ def main(argv=None) -> int:
             "fused_is": fused_is,
             "max_overhead_pct": pct,
             "expected": expected,
+            "sessions": gate[name].sessions,
             "counts": {v: counts.get(v, 0) for v in VERDICTS},
             "counts_per_phase": {p: {v: c.get(v, 0) for v in VERDICTS} for p, c in per_phase.items()},
             "median_of_ratio_medians": medians,
@@ -275,6 +287,9 @@ def main(argv=None) -> int:
             "seeds": f"run i uses seed {args.seed} + i (inputs and bootstrap)",
             "phases": [{"name": s.name, "seq": s.seq, "past": s.past} for s in shapes],
             "threads": args.threads,
+            "sessions": args.sessions,
+            "cpus": args.cpus,
+            "timer": next(iter(latency["phases"].values()))["timer"],
         },
         "slowed_model": noop,
         "scenarios": scenarios,
@@ -289,11 +304,11 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(results, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)) + "\n")
 
     table = Table(title=f"latency gate, {args.runs} runs per scenario ({args.rounds} decode / {args.prefill_rounds} prefill rounds, budget {args.budget_s:g} s/phase); load {machine['load_average_start']} -> {machine['load_average_end']}")
-    for column in ("scenario", "fused is", "max overhead", "expected", *VERDICTS, "median ratio (decode / prefill)"):
+    for column in ("scenario", "fused is", "loads", "max overhead", "expected", *VERDICTS, "median ratio (decode / prefill)"):
         table.add_column(column, justify="right" if column in VERDICTS or column == "max overhead" else "left")
     for name, s in scenarios.items():
         ratios = " / ".join(f"{v:.3f}" for v in s["median_of_ratio_medians"].values())
-        table.add_row(name, s["fused_is"], f"{s['max_overhead_pct']:g}%", s["expected"], *(str(s["counts"][v]) for v in VERDICTS), ratios)
+        table.add_row(name, s["fused_is"], str(s["sessions"]), f"{s['max_overhead_pct']:g}%", s["expected"], *(str(s["counts"][v]) for v in VERDICTS), ratios)
     Console(width=160).print(table)
     print(f"saved {args.out} ({results['total_seconds']} s)")
     return 0

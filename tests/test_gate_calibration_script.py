@@ -17,7 +17,7 @@ pytest.importorskip("rich")
 pytest.importorskip("onnxruntime")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gate_calibration.py"
-SCENARIOS = ("aa", "slowed", "fused")
+SCENARIOS = ("aa", "aa_one_load", "slowed", "fused")
 VERDICTS = {"pass", "inconclusive", "regression"}
 
 
@@ -45,6 +45,14 @@ def test_json_structure(quick_run):
     assert results["scenarios"]["aa"]["max_overhead_pct"] == 2
     assert results["scenarios"]["slowed"]["max_overhead_pct"] == 2
     assert results["scenarios"]["fused"]["max_overhead_pct"] == 50
+    assert results["scenarios"]["aa"]["sessions"] == 2 and results["scenarios"]["aa_one_load"]["sessions"] == 1
+    assert "bound run" in results["settings"]["timer"]  # ORT I/O binding: no copies timed
+    for name, scenario in results["scenarios"].items():
+        for run in scenario["runs"]:
+            for phase in run["phases"].values():
+                loads = phase["loads"]
+                assert sum(item["rounds"] for item in loads) == phase["rounds"], name
+                assert len(loads) >= scenario["sessions"] or phase["rounds"] < scenario["sessions"], name
     for name, scenario in results["scenarios"].items():
         assert set(scenario["counts"]) == VERDICTS, name
         assert sum(scenario["counts"].values()) == runs, name

@@ -81,3 +81,20 @@ def test_verdict_bounds():
     assert verdict({"low": 0.9, "high": 1.02}, 1.02) == "pass"
     assert verdict({"low": 1.0201, "high": 1.1}, 1.02) == "regression"
     assert verdict({"low": 1.02, "high": 1.1}, 1.02) == "inconclusive"
+
+
+def test_bootstrap_stratified_by_load_keeps_each_loads_share():
+    """Two loads whose sessions favour opposite variants by a fixed amount (ratios 0.95 in one,
+    1.05 in the other, 10 rounds each): a stratified resample always holds 10 of each, so its
+    median is always 1.0; a plain resample may hold 14 of one and moves the median to that
+    load's value: the plain interval spans the bias, the stratified one does not."""
+    base = [1.0] * 20
+    other = [0.95] * 10 + [1.05] * 10
+    blocks = [0] * 10 + [1] * 10
+    stratified = paired_ratio_interval(base, other, blocks=blocks, seed=0)
+    plain = paired_ratio_interval(base, other, seed=0)
+    assert stratified["median"] == pytest.approx(1.0)
+    assert (stratified["low"], stratified["high"]) == pytest.approx((1.0, 1.0))
+    assert plain["low"] == pytest.approx(0.95) and plain["high"] == pytest.approx(1.05)
+    with pytest.raises(ValueError, match="one block label per round"):
+        paired_ratio_interval(base, other, blocks=[0, 1])

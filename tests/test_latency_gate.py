@@ -222,3 +222,116 @@ def test_inconclusive_gate_exits_4_and_writes_the_output(capsys, tmp_path, monke
     assert decode["extra_rounds"] == 0 and decode["stopped_by_budget"] is True and decode["rounds"] == 6
     assert (out_dir / "latency.png").read_bytes()[:8] == PNG_MAGIC and (out_dir / "model.onnx").exists()
     assert "INCONCLUSIVE" in out
+
+
+def _loads_favouring_the_first_loaded(calls):
+    """A/A on synthetic device times: the session loaded first runs 4% faster than the one loaded
+    second, whatever it is (the load-order bias of two sessions of one model). ``load(block)``
+    reverses the order on odd blocks, as the gate's loader does."""
+
+    def load(block):
+        calls.append(block)
+        order = ["base", "base_again"] if block % 2 == 0 else ["base_again", "base"]
+        times = {order[0]: 1.0, order[1]: 1.04}
+        return {name: (lambda t=times[name]: DeviceTime(t)) for name in ("base", "base_again")}
+
+    return load
+
+
+def test_one_load_turns_the_load_order_bias_into_a_false_regression():
+    calls = []
+    measured = measure_pair(_loads_favouring_the_first_loaded(calls), ("base", "base_again"), rounds=10, warmup=1, threshold=1.02, budget_s=0, sessions=1)
+    assert calls == [0] and measured["verdict"] == "regression"
+    assert measured["interval"]["median"] == pytest.approx(1.04)
+
+
+def test_reversed_loads_cancel_the_load_order_bias():
+    """Two loads, the order reversed: 5 rounds at 1.04 and 5 at 1/1.04, a stratified bootstrap:
+    the interval is the one value between them (1.0008), inside a 2% threshold: pass, not the
+    false regression one load gives."""
+    calls = []
+    measured = measure_pair(_loads_favouring_the_first_loaded(calls), ("base", "base_again"), rounds=10, warmup=1, threshold=1.02, budget_s=0, sessions=2)
+    assert calls == [0, 1] and measured["blocks"] == [0] * 5 + [1] * 5
+    assert [item["rounds"] for item in measured["loads"]] == [5, 5]
+    assert [item["ratio_median"] for item in measured["loads"]] == pytest.approx([1.04, 1 / 1.04])
+    assert measured["verdict"] == "pass"
+    assert measured["interval"]["low"] == pytest.approx(measured["interval"]["high"]) == pytest.approx((1.04 + 1 / 1.04) / 2)
+
+
+def test_further_rounds_load_fresh_sessions():
+    """An inconclusive first batch runs more rounds, each batch in a new load (load order
+    alternating on), warmed up again."""
+    import itertools
+
+    calls, warm = [], []
+    fused = itertools.chain([1.0, 1.04] * 3, itertools.repeat(0.9))
+
+    def load(block):
+        calls.append(block)
+        return {"base": (lambda: (warm.append(block), DeviceTime(1.0))[1]), "fused": _device_runner_shared(fused)}
+
+    measured = measure_pair(load, ("base", "fused"), rounds=6, warmup=2, threshold=1.02, budget_s=60, sessions=1)
+    assert measured["verdict"] == "pass" and calls[:2] == [0, 1] and measured["extra_rounds"] > 0
+    assert measured["blocks"][:6] == [0] * 6 and set(measured["blocks"][6:]) == set(calls[1:])
+    assert warm.count(1) == 2 + measured["loads"][1]["rounds"]  # two warm-up runs in the second load too
+
+
+def _device_runner_shared(sequence):
+    return lambda: DeviceTime(next(sequence))
+
+
+def test_gate_cpus_are_validated_and_pinning_is_restored():
+    import os
+
+    from zflora_compile.errors import InputError
+    from zflora_compile.gate import parse_cpus, pinned
+
+    allowed = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(f"{allowed[0]}") == (allowed[0],)
+    if allowed == list(range(allowed[0], allowed[-1] + 1)):
+        assert parse_cpus(f"{allowed[0]}-{allowed[-1]}") == tuple(allowed)
+    for text, message in (("x", "CPU numbers"), ("3-1", "not a CPU range"), ("4096", "not one this process may run on")):
+        with pytest.raises(InputError, match=message):
+            parse_cpus(text)
+    with pinned((allowed[0],)) as pinning:
+        assert os.sched_getaffinity(0) == {allowed[0]} and pinning == {"pinned": True, "cpus": [allowed[0]], "previous": allowed}
+    assert sorted(os.sched_getaffinity(0)) == allowed
+
+
+def test_gate_cpus_outside_the_machine_exit_2(capsys, tmp_path):
+    code, out, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--check-latency", "--gate-cpus", "4096", *FAST)
+    assert code == 2 and "--gate-cpus: CPU 4096" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_pinned_gate_reports_its_loads_and_bound_timer(capsys, tmp_path):
+    import os
+
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    code, out, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--check-latency", "--max-overhead", "100000", "--json", "--gate-cpus", str(cpu), "--gate-sessions", "3", *FAST)
+    assert code == 0, err
+    latency = json.loads(out)["latency"]
+    assert latency["pinning"]["pinned"] is True and latency["pinning"]["cpus"] == [cpu] and latency["sessions"] == 3
+    for phase in latency["phases"].values():
+        assert [item["load"] for item in phase["loads"]] == list(range(len(phase["loads"])))
+        assert sum(item["rounds"] for item in phase["loads"]) == phase["rounds"] and len(phase["loads"]) == min(3, phase["rounds_requested"])
+        assert "bound run" in phase["timer"]
+
+
+def test_bound_run_computes_what_run_computes(tmp_path):
+    """ORT I/O binding: the bound call writes into the buffers bound once; its outputs equal run()'s."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from zflora_compile.targets.ort import bound_run
+    from zflora_compile.verify import input_specs, make_feeds
+
+    session = ort.InferenceSession(str(EXAMPLE), providers=["CPUExecutionProvider"])
+    for seq, past in ((1, 16), (16, 0)):
+        feeds = make_feeds(input_specs(EXAMPLE), None, seq=seq, past=past, seed=1)
+        call = bound_run(session, feeds)
+        _, buffers = call()
+        expected = session.run(None, feeds)
+        assert len(buffers) == len(expected)
+        for buffer, value in zip(buffers, expected):
+            assert np.array_equal(buffer.numpy(), value)

@@ -15,6 +15,7 @@ it; an inconclusive phase runs further batches of rounds while ``budget_s`` allo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -246,37 +247,69 @@ def phase_shapes(model_path: Path, options: LatencyOptions, model=None) -> list[
     return [shapes[p] for p in options.phases]
 
 
-def measure_pair(runners: dict, pair: tuple[str, str], *, rounds: int, warmup: int, threshold: float, budget_s: float, seed: int = 0, progress=None, label: str = "") -> dict:
+def _split(rounds: int, parts: int) -> list[int]:
+    """``rounds`` as ``parts`` near-equal batches (none empty)."""
+    parts = max(1, min(parts, rounds))
+    return [rounds // parts + (1 if i < rounds % parts else 0) for i in range(parts)]
+
+
+def measure_pair(
+    runners, pair: tuple[str, str], *, rounds: int, warmup: int, threshold: float, budget_s: float,
+    sessions: int = 1, seed: int = 0, progress=None, label: str = "",
+) -> dict:
     """Rounds of ``runners`` with ``pair`` (base, candidate) back to back, then the verdict of the
-    per-round ratio candidate / base against ``threshold``; while it is inconclusive, further
-    batches of up to ``rounds`` rounds as long as they fit in ``budget_s`` seconds (estimated from
-    the rounds so far). Returns ``times`` (ms per runner), ``interval``, ``verdict``,
-    ``rounds_requested``, ``extra_rounds``, ``extra_seconds`` and ``stopped_by_budget``."""
+    per-round ratio candidate / base against ``threshold``.
+
+    ``runners`` is a dict of runners (one set of sessions), or ``load(block) -> dict`` that loads
+    fresh sessions for batch ``block`` (the gate reverses the load order on odd blocks); then the
+    ``rounds`` are split over ``sessions`` loads, each warmed up, and the bootstrap is stratified by
+    load (:func:`~zflora_compile.latency.paired_ratio_interval`). While the verdict is
+    inconclusive, further batches of up to ``rounds`` rounds (each a new load, warmed up, when
+    ``load`` is given) run as long as they fit in ``budget_s`` seconds (estimated from the rounds so
+    far, loads included). Returns ``times`` (ms per runner), ``blocks`` (the load of each round),
+    ``loads`` (per load: rounds and median ratio), ``interval``, ``verdict``, ``rounds_requested``,
+    ``extra_rounds``, ``extra_seconds`` and ``stopped_by_budget``."""
     progress = progress or NullProgress()
-    with progress.bar(f"{label}, {rounds} interleaved rounds", rounds) as advance:
-        started = time.perf_counter()
-        times, _ = interleaved(runners, rounds=rounds, warmup=warmup, progress=advance, pair=pair)
-        per_round = (time.perf_counter() - started) / rounds
-    interval = paired_ratio_interval(times[pair[0]], times[pair[1]], seed=seed)
-    decided = verdict(interval, threshold)
+    load = runners if callable(runners) else (lambda block: runners)
+    reload = callable(runners)
+    times: dict[str, list[float]] = {}
+    blocks: list[int] = []
+
+    def batch(size: int, block: int, title: str, warm: bool) -> None:
+        current = load(block)
+        with progress.bar(title, size) as advance:
+            more, _ = interleaved(current, rounds=size, warmup=warmup if warm else 0, progress=advance, pair=pair, start=len(blocks))
+        for name, values in more.items():
+            times.setdefault(name, []).extend(values)
+        blocks.extend([block] * size)
+
+    started = time.perf_counter()
+    for block, size in enumerate(_split(rounds, sessions if reload else 1)):
+        batch(size, block, f"{label}, {rounds} interleaved rounds" + (f" (load {block + 1} of {sessions})" if reload and sessions > 1 else ""), warm=True)
+    per_round = (time.perf_counter() - started) / rounds
+
+    def decide():
+        interval = paired_ratio_interval(times[pair[0]], times[pair[1]], blocks=blocks if reload else None, seed=seed)
+        return interval, verdict(interval, threshold)
+
+    interval, decided = decide()
     extra_rounds, extra_seconds, stopped = 0, 0.0, False
     while decided == "inconclusive":
-        remaining = budget_s - extra_seconds
-        batch = min(rounds, int(remaining // per_round)) if per_round > 0 else rounds
-        if batch < 1:
+        size = min(rounds, int((budget_s - extra_seconds) // per_round)) if per_round > 0 else rounds
+        if size < 1:
             stopped = True
             break
-        started = time.perf_counter()  # the budget counts the rounds and the bootstrap
-        with progress.bar(f"{label}: inconclusive, {batch} more rounds", batch) as advance:
-            more, _ = interleaved(runners, rounds=batch, warmup=0, progress=advance, pair=pair, start=len(times[pair[0]]))
-        for name in times:
-            times[name] += more[name]
-        interval = paired_ratio_interval(times[pair[0]], times[pair[1]], seed=seed)
-        decided = verdict(interval, threshold)
+        started = time.perf_counter()  # the budget counts the load, the rounds and the bootstrap
+        batch(size, max(blocks) + 1 if reload else 0, f"{label}: inconclusive, {size} more rounds", warm=reload)
+        interval, decided = decide()
         spent = time.perf_counter() - started
-        extra_rounds, extra_seconds, per_round = extra_rounds + batch, extra_seconds + spent, spent / batch
+        extra_rounds, extra_seconds, per_round = extra_rounds + size, extra_seconds + spent, spent / size
+    ratios = np.asarray(interval["ratios"])
+    loads = [{"load": b, "rounds": int(np.sum(np.asarray(blocks) == b)), "ratio_median": float(np.median(ratios[np.asarray(blocks) == b]))} for b in dict.fromkeys(blocks)]
     return {
         "times": times,
+        "blocks": blocks,
+        "loads": loads,
         "interval": interval,
         "verdict": decided,
         "rounds_requested": rounds,
@@ -300,6 +333,7 @@ def _gate_fields(measured: dict) -> dict:
         "extra_rounds": measured["extra_rounds"],
         "extra_seconds": measured["extra_seconds"],
         "stopped_by_budget": measured["stopped_by_budget"],
+        "loads": measured["loads"],
     }
 
 
@@ -322,34 +356,53 @@ def run_gate(
     machine = machine_info()
     threshold = 1 + options.max_overhead_pct / 100
     phases = {}
-    for shape in shapes:
-        rounds = options.prefill_rounds if shape.name == "prefill" else options.decode_rounds
-        feeds = make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=seed)
-        loaded = {name: target.load(variant.dir, variant.model, shape) for name, variant in variants.items()}
-        runners = {name: _runner(item, feeds) for name, item in loaded.items()}
-        before = load_average()
-        measured = measure_pair(runners, ("base", "fused"), rounds=rounds, warmup=options.warmup, threshold=threshold, budget_s=options.budget_s, seed=seed, progress=progress, label=f"latency gate: {shape.describe()}")
-        times = measured["times"]
-        stats = summarize(times, "base")
-        unfused = paired_ratio_interval(times["base"], times["unfused"], seed=seed)
-        phases[shape.name] = {
-            "seq": shape.seq,
-            "past": shape.past,
-            "timer": "device (CUDA events)" if loaded["fused"].timed else "host wall clock around run()",
-            "runs_on": loaded["fused"].description,
-            "variants": stats,
-            **_gate_fields(measured),
-            "unfused_overhead_pct": (unfused["median"] - 1) * 100,
-            "load_average_before": before,
-            "load_average_after": load_average(),
-        }
-        if options.calibrate:
-            base = runners["base"]
-            aa = measure_pair({"base": base, "base_again": base}, ("base", "base_again"), rounds=rounds, warmup=options.warmup, threshold=threshold, budget_s=options.budget_s, seed=seed, progress=progress, label=f"A/A calibration: {shape.describe()}")
-            phases[shape.name]["calibration"] = _gate_fields(aa)
-        if shape.clamped:
-            phases[shape.name]["clamped"] = shape.clamped
-        del loaded, runners
+    with pinned(options.cpu_set) as pinning:
+        for shape in shapes:
+            rounds = options.prefill_rounds if shape.name == "prefill" else options.decode_rounds
+            feeds = make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=seed)
+            described = {}
+
+            def loader(chosen: dict[str, Variant], shape=shape, feeds=feeds, described=described):
+                """Fresh sessions of ``chosen`` for load ``block``: in the given order on even
+                blocks, reversed on odd ones (the earlier-loaded session's edge cancels)."""
+
+                def load(block: int) -> dict:
+                    order = list(chosen) if block % 2 == 0 else list(reversed(chosen))
+                    loaded = {name: target.load(chosen[name].dir, chosen[name].model, shape) for name in order}
+                    described.update(loaded)
+                    return {name: _runner(loaded[name], feeds) for name in chosen}
+
+                return load
+
+            before = load_average()
+            measured = measure_pair(
+                loader(variants), ("base", "fused"), rounds=rounds, warmup=options.warmup, threshold=threshold, budget_s=options.budget_s,
+                sessions=options.sessions, seed=seed, progress=progress, label=f"latency gate: {shape.describe()}",
+            )
+            times = measured["times"]
+            stats = summarize(times, "base")
+            unfused = paired_ratio_interval(times["base"], times["unfused"], blocks=measured["blocks"], seed=seed)
+            phases[shape.name] = {
+                "seq": shape.seq,
+                "past": shape.past,
+                "timer": _timer(described["fused"]),
+                "runs_on": described["fused"].description,
+                "variants": stats,
+                **_gate_fields(measured),
+                "unfused_overhead_pct": (unfused["median"] - 1) * 100,
+                "load_average_before": before,
+                "load_average_after": load_average(),
+            }
+            if options.calibrate:
+                twice = {"base": variants["base"], "base_again": variants["base"]}  # two sessions of one artifact
+                aa = measure_pair(
+                    loader(twice), ("base", "base_again"), rounds=rounds, warmup=options.warmup, threshold=threshold, budget_s=options.budget_s,
+                    sessions=options.sessions, seed=seed, progress=progress, label=f"A/A calibration: {shape.describe()}",
+                )
+                phases[shape.name]["calibration"] = _gate_fields(aa)
+            if shape.clamped:
+                phases[shape.name]["clamped"] = shape.clamped
+            described.clear()
     worst = max(phases.values(), key=lambda p: p["overhead_pct"])
     overall = max((p["verdict"] for p in phases.values()), key=_SEVERITY.__getitem__)
     machine["load_average_end"] = load_average()
@@ -370,7 +423,12 @@ def run_gate(
         "calibrated": options.calibrate,
         "target": target.name,
         "warmup_runs": options.warmup,
-        "interleaving": "every round runs base, unfused and fused once; base and fused adjacent, their order alternating, unfused before or after them",
+        "sessions": options.sessions,
+        "pinning": pinning,
+        "interleaving": (
+            "every round runs base, unfused and fused once; base and fused adjacent, their order alternating, unfused before or after them; "
+            "a phase's rounds are split over `sessions` fresh loads of the artifacts, the load order reversed on every other load, the bootstrap stratified by load"
+        ),
         "phases": phases,
         "machine": machine,
         "emulated": target.emulated,
@@ -378,9 +436,39 @@ def run_gate(
 
 
 def _runner(loaded, feeds):
+    """The timed call: the device's own timer, else the target's prepared call (inputs and outputs
+    bound before timing: ONNX Runtime's I/O binding), else ``run(feeds)``."""
     if loaded.timed is not None:
         return lambda: DeviceTime(loaded.timed(feeds))
+    if loaded.prepare is not None:
+        return loaded.prepare(feeds)
     return lambda: loaded.run(feeds)
+
+
+def _timer(loaded) -> str:
+    if loaded.timed is not None:
+        return "device (CUDA events)"
+    if loaded.prepare is not None:
+        return "host wall clock around one bound run (inputs and outputs bound before timing: no copies in the timed region)"
+    return "host wall clock around run()"
+
+
+@contextlib.contextmanager
+def pinned(cpus: tuple[int, ...] | None):
+    """While timing, the process runs on ``cpus`` only (``os.sched_setaffinity``; threads created
+    meanwhile, such as a session's thread pool, inherit it); the previous set is restored after.
+    Yields what the report records."""
+    import os
+
+    if cpus is None:
+        yield {"pinned": False, "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+        return
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield {"pinned": True, "cpus": list(cpus), "previous": sorted(previous)}
+    finally:
+        os.sched_setaffinity(0, previous)
 
 
 def _phase_line(name: str, phase: dict) -> str:

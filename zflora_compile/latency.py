@@ -109,7 +109,9 @@ CONFIDENCE = 0.95
 RESAMPLES = 2000
 
 
-def paired_ratio_interval(base: list[float], other: list[float], *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+def paired_ratio_interval(
+    base: list[float], other: list[float], *, blocks: list[int] | None = None, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0
+) -> dict:
     """The paired statistic of the latency gate.
 
     Method: round ``i`` ran ``base`` and ``other`` back to back, so ``ratio_i = other_i / base_i``
@@ -117,13 +119,25 @@ def paired_ratio_interval(base: list[float], other: list[float], *, confidence: 
     ``confidence`` interval is a percentile bootstrap: ``resamples`` resamples of the rounds with
     replacement (numpy ``default_rng(seed)``: deterministic for given samples), the median of each,
     and the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of those medians.
+    ``blocks`` (one label per round: the session load it ran in) makes the bootstrap stratified:
+    each resample draws every block's rounds from that block only, so each keeps its share (the
+    sessions of one load favour one variant by a fixed amount; a resample that dropped a load
+    order would move the median by that amount, not by noise).
     Returns ``ratios``, ``median``, ``low``, ``high``, ``rounds``, ``confidence``, ``resamples``.
     """
     if len(base) != len(other) or not base:
         raise ValueError(f"paired samples need the same, nonzero number of rounds, got {len(base)} and {len(other)}")
+    if blocks is not None and len(blocks) != len(base):
+        raise ValueError(f"one block label per round: {len(blocks)} labels for {len(base)} rounds")
     ratios = np.asarray(other, dtype=float) / np.asarray(base, dtype=float)
     rng = np.random.default_rng(seed)
-    medians = np.median(ratios[rng.integers(0, len(ratios), size=(resamples, len(ratios)))], axis=1)
+    if blocks is None:
+        picks = rng.integers(0, len(ratios), size=(resamples, len(ratios)))
+    else:
+        labels = np.asarray(blocks)
+        members = [np.flatnonzero(labels == label) for label in dict.fromkeys(blocks)]
+        picks = np.concatenate([m[rng.integers(0, len(m), size=(resamples, len(m)))] for m in members], axis=1)
+    medians = np.median(ratios[picks], axis=1)
     low, high = np.quantile(medians, [(1 - confidence) / 2, (1 + confidence) / 2])
     return {
         "ratios": [round(float(r), 6) for r in ratios],

@@ -78,6 +78,9 @@ class Loaded:
     output_names: list[str]
     timed: Callable[[dict[str, np.ndarray]], float] | None = None
     description: str = ""
+    #: ``prepare(feeds)`` binds the inputs (and outputs) once and returns a call that runs with
+    #: them: what a latency measurement times (no copies in the timed region); None: time ``run``
+    prepare: Callable[[dict[str, np.ndarray]], Callable[[], object]] | None = None
 
 
 class Target(abc.ABC):

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from zflora_compile.errors import EnvironmentProblem, InputError, VerificationError, first_line
@@ -185,7 +186,55 @@ class OrtTarget(Target):
         artifact = out_dir / OPTIMIZED_NAME
         session = ort.InferenceSession(str(artifact if artifact.exists() else model_path), self._session_options(), providers=self._providers())
         names = [o.name for o in session.get_outputs()]
-        return Loaded(run=lambda feeds: session.run(names, feeds), output_names=names, description=f"{session.get_providers()[0]} ({artifact.name})")
+        return Loaded(
+            run=lambda feeds: session.run(names, feeds),
+            output_names=names,
+            description=f"{session.get_providers()[0]} ({artifact.name})",
+            prepare=lambda feeds: bound_run(session, feeds),
+        )
+
+
+def bound_run(session, feeds: dict[str, np.ndarray]):
+    """A call of ``session`` on ``feeds`` with nothing to copy: the inputs are bound where they
+    are (CPU memory), one untimed run learns the outputs' shapes and types, and each output is
+    bound to a buffer of that shape allocated once (an output of a type numpy has no buffer for,
+    bfloat16, stays allocated by ONNX Runtime); the call is ``run_with_iobinding``."""
+    binding = session.io_binding()
+    arrays = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+    for name, array in arrays.items():
+        binding.bind_cpu_input(name, array)
+    names = [o.name for o in session.get_outputs()]
+    for name in names:
+        binding.bind_output(name)
+    session.run_with_iobinding(binding)
+    learned = binding.get_outputs()
+    binding.clear_binding_outputs()
+    buffers = []
+    for name, output in zip(names, learned):
+        dtype = _NUMPY_OF.get(output.data_type())
+        if dtype is None:
+            binding.bind_output(name)
+            continue
+        buffers.append(ort.OrtValue.ortvalue_from_shape_and_type(output.shape(), dtype))
+        binding.bind_ortvalue_output(name, buffers[-1])
+    keep = (arrays, buffers)  # the bound memory lives as long as the call
+
+    def run():
+        session.run_with_iobinding(binding)
+        return keep
+
+    return run
+
+
+#: ONNX Runtime's element type names of outputs -> numpy types (for preallocated output buffers)
+_NUMPY_OF = {
+    f"tensor({name})": dtype
+    for name, dtype in {
+        "float": np.float32, "float16": np.float16, "double": np.float64, "bool": np.bool_,
+        "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+        "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    }.items()
+}
 
 
 def _disk_state(directory: Path) -> str:
