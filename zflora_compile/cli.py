@@ -1,7 +1,8 @@
 """``zcompile``: the command line.
 
     zcompile inspect MODEL                     table of adapter sites (and what was rejected, why)
-    zcompile [compile] MODEL -o DIR [--strategy fuse|merge|strip] [--target ort|qnn|trt]
+    zcompile [compile] MODEL -o DIR [--strategy fuse|merge|strip] [--target ort|qnn|trt] [--max-rank R] [--adapter-inputs]
+    zcompile swap COMPILED --adapter OTHER -o OUT [--format onnx|onnx_adapter]   new adapter weights into a fused model
                        [--check-latency [--max-overhead PCT] [--gate-budget-s S] [--gate-calibrate] [--gate-sessions N] [--gate-cpus LIST]]
 
 Exit codes: 0 success (also when no adapter site is found), 1 verification failed or latency
@@ -31,7 +32,7 @@ from zflora_compile._version import __version__
 if TYPE_CHECKING:  # imported lazily at run time: --version stays fast
     from zflora_compile.options import CompileOptions
 
-SUBCOMMANDS = ("compile", "inspect")
+SUBCOMMANDS = ("compile", "inspect", "swap")
 EXIT_INTERNAL = 3
 
 
@@ -101,6 +102,43 @@ def _compile_args() -> argparse.ArgumentParser:
     return parent
 
 
+def _swap_args() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("swap")
+    group.add_argument("model", type=Path, metavar="COMPILED", help="a model compiled with --strategy fuse (model.onnx) or zcompile's output directory")
+    group.add_argument("--adapter", type=Path, required=True, metavar="OTHER", help="the new adapter: a PEFT LoRA/DoRA directory, an ONNX model with the same base, or a saved FFA/FBA/FFBA/zFLoRA adapter directory")
+    group.add_argument("-o", "--output", type=Path, required=True, help="output directory (model.onnx or adapter.onnx_adapter, and report.json)")
+    group.add_argument("--format", choices=("onnx", "onnx_adapter"), default="onnx", help="onnx (default): the swapped model; onnx_adapter: only ONNX Runtime's adapter file of the new weights (model compiled with --adapter-inputs)")
+    group.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    group.add_argument("--no-verify", dest="verify", action="store_false", help="skip the ONNX Runtime comparison against the independent reference")
+    group.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")
+    group.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
+    group.add_argument("--seed", type=int, default=0, help="seed for the synthesized inputs (default %(default)s)")
+    return parent
+
+
+def _run_swap(args, console) -> int:
+    from zflora_compile.errors import InputError
+    from zflora_compile.report import report_text
+    from zflora_compile.swap import swap_file
+
+    for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if value is not None and not value >= 0:
+            raise InputError(f"{flag} must be a finite number >= 0, got {value}")
+    report = swap_file(args.model, args.adapter, args.output, fmt=args.format, verify=args.verify, atol=args.atol, rtol=args.rtol, seed=args.seed, force=args.force)
+    _save_report(args, report)
+    if args.json:
+        print(report_text(report), end="")
+    elif not args.quiet:
+        check = report["verification"]
+        if check.get("passed"):
+            console.print(f"verified against {check['reference']}: max abs diff {check['worst']['max_abs_diff']:.3g} over {len(check['cases'])} input case(s)")
+        else:
+            console.print(f"[yellow]not verified[/yellow]: {check.get('reason')}")
+        console.print(f"{report['message']} in {report['timings_s']['total']:.2f} s; wrote {args.output}")
+    return 0
+
+
 def _target_args(parent: argparse.ArgumentParser) -> None:
     """``--target`` and ``--precision``, then each registered target's own group of flags."""
     from zflora_compile.targets import TARGETS
@@ -127,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared = [_model_args(), _output_args()]
     sub.add_parser("compile", parents=[*shared, _compile_args()], help="rewrite the adapters and write the model (default command)")
     sub.add_parser("inspect", parents=shared, help="list the adapter sites found, and what was rejected and why")
+    sub.add_parser("swap", parents=[_output_args(), _swap_args()], help="replace the adapter weights of a fused (compiled) model without recompiling (docs/swap.md)")
     return parser
 
 
@@ -477,6 +516,8 @@ def _main(args) -> int:
             report_usable = True
             if args.command == "inspect":
                 return _run_inspect(args, console)
+            if args.command == "swap":
+                return _run_swap(args, console)
             return _run_compile(args, console, err_console)
         except ZcompileError as error:
             error_seen[0] = error

@@ -1,0 +1,264 @@
+"""The adapters a swap reads (:mod:`zflora_compile.swap`): PEFT directories, ONNX models, zflora adapters.
+
+- PEFT LoRA / DoRA / BD-LoRA (``adapter_config.json`` + ``adapter_model.safetensors``): per module
+  ``A = lora_A.weight^T`` ``[in, r]``, ``B = lora_B.weight^T`` ``[r, out]`` (BD-LoRA's block-diagonal
+  factor densified: ``blockdiag(chunks)``), ``r`` read off the tensors and checked against
+  ``rank_pattern`` / ``r``, ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``) with
+  ``alpha`` from ``alpha_pattern`` / ``lora_alpha`` (PEFT's key match: ``(.*\\.)?(key)$``). DoRA:
+  ``c = m / ||W + s A @ B||`` per output column, ``W`` the compiled base lanes.
+- An ONNX model: detected and planned with ``fuse`` exactly as a compile of it would be; the
+  rewrites' constants are the new adapter's, their base columns are checked against the compiled ones.
+- A saved FFA / FBA / FFBA / zFLoRA adapter (:mod:`zflora_compile.adapters`): attached to a model
+  built from the base config it records, exported unfused and read as an ONNX model; its lanes do
+  not depend on the base weights, so only the lane blocks are taken (no base check: the export's
+  base is not the compiled one).
+
+Module names map to compiled sites by label (the exporter's module path, e.g.
+``model.layers.0.self_attn.q_proj``): equal after dropping PEFT's ``base_model.model.`` prefix, or
+the one module whose dotted name ends with the label (or the label with it); anything else refuses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from zflora_compile.swap import Adapter, GroupUpdate, WidenedUpdate, _refuse
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _pattern(patterns: dict, key: str):
+    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(r'(.*\\.)?(p)$', key)``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return None
+
+
+def match_label(label: str, names) -> str | None:
+    """The one module name that is ``label``, or ends with it / it ends with (dotted); else None."""
+    names = list(names)
+    if label in names:
+        return label
+    hits = [n for n in names if n.endswith("." + label) or label.endswith("." + n)]
+    return hits[0] if len(hits) == 1 else None
+
+
+class _Factors:
+    def __init__(self, a, b, scale, magnitude=None):
+        self.a, self.b, self.scale, self.magnitude = a, b, scale, magnitude
+
+
+def _blockdiag(weight: np.ndarray, blocks: int) -> np.ndarray:
+    """PEFT's ``BlockDiagonalLinear.weight_as_blockdiagonal_matrix``: ``[out, in/n]`` -> ``[out, in]``."""
+    chunks = np.split(weight, blocks, axis=0)
+    rows, cols = sum(c.shape[0] for c in chunks), sum(c.shape[1] for c in chunks)
+    dense = np.zeros((rows, cols), dtype=weight.dtype)
+    r = c = 0
+    for chunk in chunks:
+        dense[r : r + chunk.shape[0], c : c + chunk.shape[1]] = chunk
+        r, c = r + chunk.shape[0], c + chunk.shape[1]
+    return dense
+
+
+class PeftAdapter(Adapter):
+    kind = "PEFT"
+
+    def __init__(self, path: Path, config: dict):
+        from safetensors.numpy import load_file
+
+        self.source = str(path)
+        self.config = config
+        if config.get("peft_type") != "LORA":
+            _refuse(f"--adapter {path}: PEFT type '{config.get('peft_type')}' is not LoRA (a swap reads LoRA, DoRA and BD-LoRA adapters)")
+        if config.get("lora_bias"):
+            _refuse(f"--adapter {path}: lora_bias=True: the compiled group's bias holds the base bias and the old adapter's together; a PEFT swap cannot separate them (swap from an ONNX model instead)")
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            _refuse(f"--adapter {path}: no adapter_model.safetensors")
+        tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+        self.modules: dict[str, dict] = {}
+        for key, value in tensors.items():
+            m = re.match(r"(.+)\.(lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)(\.weight)?$", key)
+            if not m:
+                _refuse(f"--adapter {path}: tensor '{key}' is no LoRA factor (modules_to_save and other extras cannot be swapped)")
+            self.modules.setdefault(m.group(1), {})[m.group(2)] = value
+        for name, parts in self.modules.items():
+            if "lora_embedding_A" in parts:
+                _refuse(f"--adapter {path}: module '{name}' is an embedding LoRA; compiled embedding LoRA is merged, so it cannot be swapped")
+            if "lora_A" not in parts or "lora_B" not in parts:
+                _refuse(f"--adapter {path}: module '{name}' lacks lora_A or lora_B")
+        self.used: set[str] = set()
+
+    def factors(self, name: str, n_in: int, n_out: int) -> _Factors:
+        parts, config = self.modules[name], self.config
+        a_t, b_t = parts["lora_A"].astype(np.float32), parts["lora_B"].astype(np.float32)
+        bd = config.get("use_bdlora") or None
+        if bd and a_t.shape[1] * int(bd["nblocks"]) == n_in and a_t.shape[1] != n_in:
+            a_t = _blockdiag(a_t, int(bd["nblocks"]))
+        if bd and b_t.shape[1] * int(bd["nblocks"]) == a_t.shape[0] and b_t.shape[1] != a_t.shape[0]:
+            b_t = _blockdiag(b_t, int(bd["nblocks"]))
+        rank = a_t.shape[0]
+        if a_t.shape != (rank, n_in) or b_t.shape != (n_out, rank):
+            _refuse(f"module '{name}' of {self.source}: lora_A {list(parts['lora_A'].shape)} / lora_B {list(parts['lora_B'].shape)} do not fit the compiled projection [{n_in}, {n_out}]")
+        wanted = _pattern(config.get("rank_pattern"), name) or config.get("r")
+        if wanted is not None and int(wanted) != rank:
+            _refuse(f"module '{name}' of {self.source}: lora_A has rank {rank}, adapter_config.json says {wanted}")
+        alpha = _pattern(config.get("alpha_pattern"), name)
+        alpha = float(config.get("lora_alpha", 8) if alpha is None else alpha)
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        magnitude = parts.get("lora_magnitude_vector")
+        if magnitude is not None and not config.get("use_dora"):
+            _refuse(f"module '{name}' of {self.source}: a magnitude vector without use_dora")
+        return _Factors(a_t.T, b_t.T, scale, None if magnitude is None else magnitude.astype(np.float32).reshape(-1))
+
+    def _module(self, label: str, group: str) -> str:
+        name = match_label(label, self.modules)
+        if name is None:
+            close = [n for n in self.modules if n.endswith(label.rsplit(".", 1)[-1])][:2]
+            _refuse(f"compiled site '{label}' (group '{group}') has no counterpart in {self.source}" + (f" (modules such as '{close[0]}' do not match it)" if close else ""))
+        return name
+
+    def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
+        lanes, blocks, ranks, scales = [], [], [], []
+        dora = False
+        col = 0
+        for label, out in zip(group["labels"], group["out_splits"]):
+            name = self._module(label, group["name"])
+            self.used.add(name)
+            f = self.factors(name, int(group["in_features"]), int(out))
+            w = base[:, col : col + out].astype(np.float32)
+            lanes.append(f.a)
+            blocks.append(f.b * np.float32(f.scale))
+            ranks.append(f.a.shape[1])
+            if f.magnitude is not None:
+                dora = True
+                norm = np.linalg.norm(w + np.float32(f.scale) * (f.a @ f.b), axis=0)
+                scales.append(f.magnitude / norm)
+            else:
+                scales.append(np.ones(out, dtype=np.float32))
+            col += out
+        low = np.zeros((sum(ranks), sum(group["out_splits"])), dtype=np.float32)
+        r = c = 0
+        for block, out in zip(blocks, group["out_splits"]):
+            low[r : r + block.shape[0], c : c + out] = block
+            r, c = r + block.shape[0], c + out
+        return GroupUpdate(np.concatenate(lanes, axis=1), low, ranks, np.concatenate(scales).astype(np.float32) if dora else None)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.modules) - self.used)
+
+
+class OnnxAdapter(Adapter):
+    kind = "ONNX"
+
+    def __init__(self, path: Path, *, check_base: bool = True, source: str | None = None):
+        from zflora_compile import subgraphs
+        from zflora_compile.families.gaws import FuseGrouped
+        from zflora_compile.families.lora import FuseGroup
+        from zflora_compile.families.widening import Widen
+        from zflora_compile.model_io import load_model
+        from zflora_compile.pipeline import detect
+
+        self.source = source or str(path)
+        self.reference = Path(path) if check_base else None
+        self.check_base = check_base
+        model = load_model(path)
+        detection = detect(model)
+        if not detection.all_sites:
+            _refuse(f"--adapter {path}: no adapter site found in the ONNX model")
+        plan = subgraphs.plan(detection, "fuse")
+        self.groups, self.grouped_steps, self.widen_steps = {}, {}, {}
+        for step in plan:
+            if isinstance(step, FuseGroup):
+                self.groups[tuple(s.label for s in step.sites)] = step
+            elif isinstance(step, FuseGrouped):
+                self.grouped_steps[tuple(s.label for s in step.sites)] = step
+            elif isinstance(step, Widen):
+                self.widen_steps[step.site.label] = step
+        self.labels = {s.label for s in detection.all_sites}
+        self.used: set[str] = set()
+        self.model = model  # keeps the lazy weights' tensors alive
+
+    def _find(self, table: dict, labels: list[str], name: str):
+        step = table.get(tuple(labels))
+        if step is None:
+            missing = [label for label in labels if match_label(label, self.labels) is None]
+            if missing:
+                _refuse(f"compiled site '{missing[0]}' (group '{name}') has no counterpart in {self.source}")
+            _refuse(f"group '{name}' ({', '.join(labels)}) is grouped differently in {self.source} (a from-scratch compile of it packs other projections together): site mismatch")
+        self.used.update(labels)
+        return step
+
+    def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
+        step = self._find(self.groups, group["labels"], group["name"])
+        D = step.base_width
+        weight = step.weight.numpy()
+        if D != int(group["base_width"]) or weight.shape[0] != int(group["in_features"]):
+            _refuse(f"group '{group['name']}' is [{group['in_features']}, {group['base_width']}] in the compiled model, [{weight.shape[0]}, {D}] in {self.source}")
+        names = [getattr(getattr(s.binding.gemm, "weight", None), "name", None) or s.label for s in step.sites]
+        return GroupUpdate(
+            lanes=weight[:, D:].astype(np.float32),
+            lowrank=step.lowrank.numpy().astype(np.float32),
+            ranks=[s.rank for s in step.sites],
+            column_scale=step.column_scale.numpy().astype(np.float32) if step.column_scale is not None else None,
+            bias=step.bias.numpy().astype(np.float32) if step.bias is not None else None,
+            base=weight[:, :D] if self.check_base else None,
+            base_names=names,
+        )
+
+    def grouped(self, group: dict) -> np.ndarray:
+        return self._find(self.grouped_steps, group["labels"], group["name"]).blocks.numpy()
+
+    def widened(self, site: dict) -> WidenedUpdate:
+        label = site.get("label") or site["site"]
+        step = self.widen_steps.get(label)
+        if step is None:
+            _refuse(f"compiled widened projection '{label}' ({site.get('family')}) has no counterpart in {self.source}")
+        self.used.add(label)
+        new = step.site
+        weight = step.weight.numpy().astype(np.float32)
+        if not self.check_base:  # the base block is the compiled one's (swap copies it): nothing to compare
+            weight = weight.copy()
+        return WidenedUpdate(weight, list(step.out_splits), [r.rank for r in new.reads], new.family, getattr(getattr(new.binding.gemm, "weight", None), "name", None) if new.binding.gemm is not None else None)
+
+    def unused(self) -> list[str]:
+        return sorted(self.labels - self.used)
+
+
+class ZfloraAdapter(OnnxAdapter):
+    """A saved :mod:`zflora_compile.adapters` adapter: attached to a model built from its recorded
+    base config (random base weights: only the lanes are read), exported unfused, read as ONNX."""
+
+    kind = "zflora"
+
+    def __init__(self, path: Path, meta: dict):
+        try:
+            import torch
+            import transformers
+
+            from zflora_compile.adapters import load_adapters
+            from zflora_compile import zoo
+        except ImportError as error:
+            _refuse(f"--adapter {path}: a zflora adapter needs the torch extra ({error})")
+        config = meta.get("base_config")
+        if not isinstance(config, dict) or not meta.get("base_model_type"):
+            _refuse(f"--adapter {path}: adapter_config.json records no base_config")
+        hf_config = transformers.AutoConfig.for_model(meta["base_model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+        hf_config._attn_implementation = "eager"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            base = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+        model = load_adapters(base, path, check_base=False)
+        self._tmp = tempfile.TemporaryDirectory(prefix="zflora-swap-")  # the export's weights live as long as the adapter
+        onnx_path = zoo.export_onnx(model, Path(self._tmp.name) / "adapter.onnx")
+        super().__init__(onnx_path, check_base=False, source=str(path))
+        self.reference = None
+
+    def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
+        _refuse(f"the compiled model has the fused LoRA group '{group['name']}'; a zflora adapter has no LoRA factors for it")
