@@ -127,6 +127,14 @@ def test_scale_one_adapter_is_left_bitwise_unchanged(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_reads_a_bin_adapter(mixed, tmp_path):
+    model, _, reference = mixed
+    model.save_pretrained(tmp_path / "src", safe_serialization=False)
+    assert (tmp_path / "src" / "adapter_model.bin").is_file()
+    export_peft(tmp_path / "src", tmp_path / "out")
+    assert (logits(load_peft(model, tmp_path / "out")) - reference).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("kind, field", [("dora", "use_dora"), ("lokr", "LOKR"), ("bdlora", "use_bdlora")])
 def test_refuses_what_is_not_plain_lora(kind, field, tmp_path):
     model = zoo.build_peft_variant(kind, r=4, seed=0)
