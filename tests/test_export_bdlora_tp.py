@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -138,7 +139,7 @@ def test_refuses_plain_lora(tmp_path):
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
     return subprocess.run([sys.executable, "-m", "zflora_compile.export", *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 

@@ -7,6 +7,7 @@ logits of magnitude ~2; the fold s*B and the single GEMM only reassociate)."""
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -86,7 +87,7 @@ def test_refuses_other_families(tmp_path):
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
     return subprocess.run([sys.executable, "-m", "zflora_compile.export", *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -146,7 +147,7 @@ def test_refuses_what_is_not_plain_lora(kind, field, tmp_path):
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
     return subprocess.run([sys.executable, "-m", "zflora_compile.export", *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -163,3 +164,15 @@ def test_cli_exit_codes(mixed, tmp_path):
     assert not (tmp_path / "bad").exists()
     again = run_cli("peft", src, "-o", tmp_path / "ok")  # exists, no --force
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_register_adds_export_to_a_main_parser(mixed, tmp_path):
+    import argparse
+
+    from zflora_compile.export.cli import register
+
+    parser = argparse.ArgumentParser(prog="zcompile")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", "peft", str(mixed[1]), "-o", str(tmp_path / "out"), "--uniform-rank"])
+    assert args.command == "export" and args.run(args) == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 8
