@@ -159,7 +159,7 @@ class OnnxAdapter(Adapter):
 
     def __init__(self, path: Path, *, check_base: bool = True, source: str | None = None):
         from zflora_compile import subgraphs
-        from zflora_compile.families.gaws import FuseGrouped
+        from zflora_compile.families.gaws import FuseGrouped, KeepGrouped
         from zflora_compile.families.lora import FuseGroup
         from zflora_compile.families.widening import Widen
         from zflora_compile.model_io import load_model
@@ -173,7 +173,7 @@ class OnnxAdapter(Adapter):
         if not detection.all_sites:
             _refuse(f"--adapter {path}: no adapter site found in the ONNX model")
         plan = subgraphs.plan(detection, "fuse")
-        self.groups, self.grouped_steps, self.widen_steps = {}, {}, {}
+        self.groups, self.grouped_steps, self.widen_steps, self.kept = {}, {}, {}, []
         for step in plan:
             if isinstance(step, FuseGroup):
                 self.groups[tuple(s.label for s in step.sites)] = step
@@ -181,6 +181,8 @@ class OnnxAdapter(Adapter):
                 self.grouped_steps[tuple(s.label for s in step.sites)] = step
             elif isinstance(step, Widen):
                 self.widen_steps[step.site.label] = step
+            elif isinstance(step, KeepGrouped):
+                self.kept.append(step.site.label)
         self.labels = {s.label for s in detection.all_sites}
         self.used: set[str] = set()
         self.model = model  # keeps the lazy weights' tensors alive
@@ -228,7 +230,14 @@ class OnnxAdapter(Adapter):
         return WidenedUpdate(weight, list(step.out_splits), [r.rank for r in new.reads], new.family, getattr(getattr(new.binding.gemm, "weight", None), "name", None) if new.binding.gemm is not None else None)
 
     def unused(self) -> list[str]:
-        return sorted(self.labels - self.used)
+        left = sorted(self.labels - self.used)
+        kept = [label for label in left if label in self.kept]
+        if kept:
+            _refuse(
+                f"the GAWS site '{kept[0]}' of {self.source} is alone on its input: a compile keeps it unfused and records no "
+                "lanes for it, so a swap cannot place it (swap covers GAWS groups of two or more projections)"
+            )
+        return left
 
 
 class ZfloraAdapter(OnnxAdapter):
