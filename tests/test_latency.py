@@ -41,8 +41,12 @@ def test_paired_rounds_keep_base_and_fused_adjacent_in_alternating_order():
         at = order.index("base"), order.index("fused")
         assert abs(at[0] - at[1]) == 1
         assert (at[0] < at[1]) == (index % 2 == 0)  # base first in even rounds, fused first in odd ones
-    assert {tuple(o) for o in orders} == {tuple(paired_orders(["base", "unfused", "fused"], ("base", "fused"), i)) for i in range(4)}
-    assert len({o.index("unfused") for o in orders}) == 2  # unfused runs before and after the pair
+    assert {tuple(o) for o in orders} == {tuple(paired_orders(["base", "unfused", "fused"], ("base", "fused"), i)) for i in range(2)}
+    # balanced: over the rounds, base and fused each follow unfused, and each other, equally often
+    sequence = [name for order in orders for name in order]
+    follows = [(sequence[i - 1], sequence[i]) for i in range(1, len(sequence))]
+    assert follows.count(("unfused", "base")) == follows.count(("unfused", "fused")) == 4
+    assert follows.count(("fused", "base")) == follows.count(("base", "fused")) == 4
     _, more = interleaved(runners, rounds=2, warmup=0, pair=("base", "fused"), start=8)
     assert more == orders[:2]  # a further batch continues the alternation
 

@@ -426,7 +426,7 @@ def run_gate(
         "sessions": options.sessions,
         "pinning": pinning,
         "interleaving": (
-            "every round runs base, unfused and fused once; base and fused adjacent, their order alternating, unfused before or after them; "
+            "every round runs unfused, then base and fused back to back, their order alternating (each of base and fused follows unfused in half the rounds and the other in the rest); "
             "a phase's rounds are split over `sessions` fresh loads of the artifacts, the load order reversed on every other load, the bootstrap stratified by load"
         ),
         "phases": phases,

@@ -2,7 +2,8 @@
 
 Variants run in rounds (A B C, B C A, C A B, ...: the order rotates every round) after warm-up,
 on the same inputs, so that a noisy shared machine slows all variants alike; with ``pair`` the two
-variants compared run back to back in every round, in alternating order (:func:`paired_orders`).
+variants compared run back to back at the end of every round, in alternating order
+(:func:`paired_orders`).
 Results are medians and min-max over rounds, ratios of medians to the baseline and, for the
 latency gate, the per-round ratio with a bootstrap interval (:func:`paired_ratio_interval`) and
 its three-valued verdict (:func:`verdict`); nothing here asserts a timing.
@@ -34,13 +35,18 @@ def rotated(names: list[str], round_index: int) -> list[str]:
 
 
 def paired_orders(names: list[str], pair: tuple[str, str], round_index: int) -> list[str]:
-    """Round ``round_index``'s order: the two names of ``pair`` adjacent, in alternating order
-    (a b, b a, ...), the block's place among the other names rotating every two rounds."""
+    """Round ``round_index``'s order: the other names first (in their given order), then the two
+    names of ``pair`` back to back in alternating order (a b, b a, ...).
+
+    The design is balanced for the pair: over two rounds each of ``a`` and ``b`` runs once right
+    after another variant and once right after its partner (in ``[u a b] [u b a]``, ``a`` follows
+    ``u`` then ``b``; ``b`` follows ``a`` then ``u``). Running right after another session costs
+    (its thread pool still spinning, the caches holding its weights); an order in which one of the
+    pair follows the others more often (rotating their place: ``[a b u] [b a u] [u a b] [u b a]``
+    puts ``b`` after ``u`` twice and ``a`` once) biases the ratio by that cost."""
     first, second = pair
     block = [first, second] if round_index % 2 == 0 else [second, first]
-    others = [n for n in names if n not in pair]
-    place = (round_index // 2) % (len(others) + 1)
-    return others[:place] + block + others[place:]
+    return [n for n in names if n not in pair] + block
 
 
 def interleaved(
