@@ -45,6 +45,8 @@ def fuse_adapters(
     output_dir: str | os.PathLike | None = None,
     force: bool = False,
     target: str = "ort",
+    max_rank: int | None = None,
+    adapter_inputs: bool = False,
 ):
     """Rewrite every adapter site of ``model`` with ``strategy`` (``fuse``, ``merge``, ``strip``).
 
@@ -57,8 +59,15 @@ def fuse_adapters(
     ``torch.export.ExportedProgram`` in, a new ``ExportedProgram`` out; ``torch.fx.GraphModule`` in,
     a new ``GraphModule`` out (see :mod:`zflora_compile.fx`). These are verified in PyTorch eager
     (same tolerances). ``output_dir``, ``force`` and ``target`` apply to paths only.
+
+    ``max_rank`` (fuse): zero lanes up to that rank per adapted projection, so any adapter up to it
+    swaps in with the same shapes (:mod:`zflora_compile.swap`); ``adapter_inputs`` (fuse, ONNX): the
+    adapter-owned tensors become graph inputs with defaults, for ONNX Runtime's ``.onnx_adapter`` files.
     """
-    options = CompileOptions(strategy=strategy, verify=verify, atol=atol, rtol=rtol, max_rank_ratio=max_rank_ratio, force=force, target=target)
+    options = CompileOptions(
+        strategy=strategy, verify=verify, atol=atol, rtol=rtol, max_rank_ratio=max_rank_ratio, force=force, target=target,
+        max_rank=max_rank, adapter_inputs=adapter_inputs,
+    )
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         out = Path(output_dir) if output_dir is not None else default_output_dir(path, strategy)

@@ -160,6 +160,10 @@ def _write_and_build(model: ir.Model, staging: Path, report: Report, options: Co
     with steps.step("write"):
         written = save_model(model, model_path, external=True if report.input.external_data else None)
         report.output.files = [p.name for p in written] + ["report.json"]
+        if options.adapter_inputs:  # ONNX Runtime's adapter file of the compiled adapter (docs/swap.md)
+            from zflora_compile.deploy.onnx_adapter import write_compiled_adapter
+
+            report.output.files += write_compiled_adapter(model, staging)
     shapes = phase_shapes(model_path, options.latency, model)
     with steps.step(f"build target {target.name}"):
         try:

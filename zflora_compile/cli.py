@@ -37,7 +37,7 @@ EXIT_INTERNAL = 3
 
 
 #: flags that take no value: ``zcompile -q MODEL ...`` is still short for ``zcompile compile -q MODEL ...``
-_BARE_FLAGS = {"-q", "--quiet", "--json", "--debug", "--force", "--no-verify", "--check-latency", "--gate-calibrate", "--refit"}
+_BARE_FLAGS = {"-q", "--quiet", "--json", "--debug", "--force", "--no-verify", "--check-latency", "--gate-calibrate", "--refit", "--adapter-inputs"}
 
 
 def _output_args() -> argparse.ArgumentParser:
@@ -79,6 +79,8 @@ def _compile_args() -> argparse.ArgumentParser:
         action="store_true",
         help="strip: keep constant per-column scales after projections as part of the base model (a LayerScale and an IA3 adapter look the same; without this flag strip refuses while there are any)",
     )
+    group.add_argument("--max-rank", type=int, metavar="R", help="fuse: pad every fused group / lane block with zero lanes to rank R per adapted projection, so any adapter up to rank R swaps in (zcompile swap) with identical shapes; exact (zero lanes), verified")
+    group.add_argument("--adapter-inputs", action="store_true", help="fuse: keep the adapter-owned tensors (widened weights, low-rank constants, column scales) as overridable graph inputs and write adapter.onnx_adapter (ONNX Runtime's adapter format)")
     _target_args(parent)
     latency = parent.add_argument_group("latency gate")
     latency.add_argument("--check-latency", action="store_true", help="build base (strip), unfused and fused on the target, time them in paired rounds; the 95%% bootstrap interval of the median fused/base ratio decides: pass (exit 0), regression above --max-overhead (exit 1), inconclusive (exit 4)")
@@ -326,6 +328,8 @@ def _compile_options(args) -> CompileOptions:
                 cpus=args.gate_cpus,
             ),
             check_latency=args.check_latency,
+            max_rank=args.max_rank,
+            adapter_inputs=args.adapter_inputs,
         )
     except ZcompileError as error:
         report = Report({"strategy": args.strategy, "target": args.target, "verify": args.verify}, InputInfo(path=str(args.model)))

@@ -34,9 +34,20 @@ class CompileOptions:
     #: shapes the target builds for (prefill, past) and, with check_latency, the gate's settings
     latency: LatencyOptions = dataclasses.field(default_factory=LatencyOptions)
     check_latency: bool = False
+    #: fuse: pad every fused group / lane block with zero lanes to this rank (None: the adapter's own
+    #: ranks), so that any adapter up to it swaps in with identical shapes (docs/swap.md)
+    max_rank: int | None = None
+    #: fuse: keep the adapter-owned tensors of the fused layout (widened weights, low-rank constants,
+    #: per-column scales) as graph inputs with their values as defaults, and write them as
+    #: ``adapter.onnx_adapter`` (ONNX Runtime's adapter format) beside the model
+    adapter_inputs: bool = False
 
     def __post_init__(self):
         check_max_rank_ratio(self.max_rank_ratio)
+        if self.max_rank is not None and (not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1):
+            raise InputError(f"--max-rank must be an integer >= 1, got {self.max_rank}")
+        if (self.max_rank is not None or self.adapter_inputs) and self.strategy != "fuse":
+            raise InputError(f"--max-rank and --adapter-inputs apply to --strategy fuse, not {self.strategy} (a {self.strategy}d adapter has no lanes)")
         for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             # negative tolerances stay possible from Python (a test's way to force a mismatch);
             # the command line refuses them (cli.py)

@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common_passes
 import zflora_compile.families as families
 from zflora_compile import metadata, subgraphs
 from zflora_compile.checker import input_checker, output_checker
-from zflora_compile.errors import UnrecognizedAdapterError, VerificationError, ZcompileError
+from zflora_compile.errors import InputError, UnrecognizedAdapterError, VerificationError, ZcompileError
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
 from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
@@ -155,11 +155,18 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             check_finite_weights(detection, options.strategy, model)
         with steps.step("rewrite"):
             the_plan = subgraphs.plan(detection, options.strategy)
+            if options.max_rank is not None:
+                the_plan = pad_model_plan(the_plan, options.max_rank)
             if len(the_plan):
                 subgraphs.rewrite(model, the_plan)
             if len(the_plan) or removed:
                 infer_shapes(model)
-                metadata.write(model, metadata.compilation(options.strategy, detection, the_plan, removed))
+                entry = metadata.compilation(options.strategy, detection, the_plan, removed)
+                if options.adapter_inputs:
+                    from zflora_compile.deploy.onnx_adapter import expose_inputs
+
+                    entry["adapter_inputs"] = expose_inputs(model, entry)
+                metadata.write(model, entry)
             report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
             if options.strategy == "strip":
                 check_stripped(subgraphs.views(model), subgraphs.detect(model, options.max_rank_ratio))
@@ -177,6 +184,17 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             if not result["passed"]:
                 raise VerificationError(verification_failure_message(result))
     return model
+
+
+def pad_model_plan(the_plan, max_rank: int):
+    """``--max-rank``: every graph's fused groups and lane projections padded with zero lanes
+    (:mod:`zflora_compile.families.padding`); the joined plan rebuilt from the padded parts."""
+    from zflora_compile.families.padding import pad_plan
+
+    for _, part in the_plan.parts:
+        part.rewrites = pad_plan(part.rewrites, max_rank)
+    the_plan.rewrites = [step for _, part in the_plan.parts for step in part.rewrites]
+    return the_plan
 
 
 def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int, compiled: dict | None = None) -> tuple[Path, str]:
@@ -212,6 +230,12 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
         check_finite_weights(detection, options.strategy)
     with steps.step("rewrite"):
         the_plan = plan(detection, options.strategy)
+        if options.max_rank is not None:
+            from zflora_compile.families.padding import pad_plan
+
+            the_plan.rewrites = pad_plan(the_plan.rewrites, options.max_rank)
+        if options.adapter_inputs:
+            raise InputError("--adapter-inputs writes ONNX graph inputs; a torch.fx program has none (compile the ONNX export)")
         if len(the_plan):
             families.rewrite(FxGraph(program.gm, program.constants, program.add_constant), the_plan)
         result = program.finish()

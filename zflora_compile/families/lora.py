@@ -368,6 +368,7 @@ class FuseGroup:
     out_splits: list[int]
     rank_total: int
     column_scale: LazyArray | None = None  # [D]: DoRA's c (1 on plain LoRA columns)
+    max_rank: int | None = None  # --max-rank: rank_total is len(sites) * max_rank, the rest zero lanes
 
     @property
     def base_width(self) -> int:
@@ -421,6 +422,7 @@ class FuseGroup:
             "lowrank": metadata.created_name(low),
             "column_scale": metadata.created_name(scaled) if scaled is not None else None,
             "bias": metadata.value_name(bias) if bias is not None else None,
+            **({"max_rank": self.max_rank, "adapter_ranks": [s.rank for s in self.sites]} if self.max_rank is not None else {}),
         }
 
 

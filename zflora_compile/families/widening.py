@@ -173,6 +173,8 @@ class Widen:
     site: WidenedSite
     weight: LazyArray  # [in + sum(read ranks), out + sum(write ranks)]
     out_splits: list[int]  # [out, r_1, .., r_k]: the base lanes, then each written lane
+    read_ranks: list[int] | None = None  # --max-rank: each read lane's padded width (None: the site's ranks)
+    max_rank: int | None = None
 
     def to_json(self) -> dict:
         return {"site": self.site.site_id, "label": self.site.label, "weight_shape": list(self.weight.shape), "out_splits": self.out_splits}
@@ -233,9 +235,10 @@ class Widen:
             "out_features": site.out_features,
             "widened_shape": list(self.weight.shape),
             "out_splits": self.out_splits,
-            "read_ranks": [r.rank for r in site.reads],
+            "read_ranks": self.read_ranks if self.read_ranks is not None else [r.rank for r in site.reads],
             "weight": weight,
             "bias": bias,
+            **({"max_rank": self.max_rank, "adapter_ranks": {"reads": [r.rank for r in site.reads], "writes": [w.rank for w in site.writes]}} if self.max_rank is not None else {}),
         }
 
 

@@ -1,0 +1,1 @@
+"""Deployment forms of a fused model's adapter: ONNX Runtime ``.onnx_adapter`` files (:mod:`.onnx_adapter`)."""
