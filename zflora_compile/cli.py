@@ -110,7 +110,7 @@ def _swap_args() -> argparse.ArgumentParser:
     group.add_argument("model", type=Path, metavar="COMPILED", help="a model compiled with --strategy fuse (model.onnx) or zcompile's output directory")
     group.add_argument("--adapter", type=Path, required=True, metavar="OTHER", help="the new adapter: a PEFT LoRA/DoRA directory, an ONNX model with the same base, or a saved FFA/FBA/FFBA/zFLoRA adapter directory")
     group.add_argument("-o", "--output", type=Path, required=True, help="output directory (model.onnx or adapter.onnx_adapter, and report.json)")
-    group.add_argument("--format", choices=("onnx", "onnx_adapter"), default="onnx", help="onnx (default): the swapped model; onnx_adapter: only ONNX Runtime's adapter file of the new weights (model compiled with --adapter-inputs)")
+    group.add_argument("--format", choices=("onnx", "onnx_adapter", "trt"), default="onnx", help="onnx (default): the swapped model; onnx_adapter: only ONNX Runtime's adapter file of the new weights (model compiled with --adapter-inputs); trt: the swapped model and its model.plan refitted (compiled with --target trt --refit)")
     group.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     group.add_argument("--no-verify", dest="verify", action="store_false", help="skip the ONNX Runtime comparison against the independent reference")
     group.add_argument("--atol", type=float, help="absolute tolerance (default by dtype)")

@@ -356,7 +356,7 @@ def merged_reference(model: ir.Model, live: list[dict], adapter: Adapter) -> Non
 # ---------------------------------------------------------------- the file command
 
 
-FORMATS = ("onnx", "onnx_adapter")
+FORMATS = ("onnx", "onnx_adapter", "trt")
 
 PEFT_REFERENCE = (
     "the compiled model with each fused group's new adapter merged into its base lanes in numpy "
@@ -403,6 +403,20 @@ def _commit(staging: Path, output: Path) -> None:
     os.replace(staging, output)
 
 
+def _trt_plan(source: Path) -> Path:
+    """``--format trt``: the compiled output directory's refittable ``model.plan`` (TensorRT present)."""
+    from zflora_compile.errors import DependencyError
+    from zflora_compile.targets.trt import PLAN_NAME, TrtTarget
+
+    plan = source.parent / PLAN_NAME
+    if not plan.is_file():
+        _refuse(f"--format trt: no {PLAN_NAME} beside {source} (compile with --target trt --refit)")
+    missing = TrtTarget.missing_dependency()
+    if missing:
+        raise DependencyError(f"swap --format trt: TensorRT is not available: {missing}")
+    return plan
+
+
 def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool = True, atol=None, rtol=None, seed: int = 0, force: bool = False) -> dict:
     """``zcompile swap``: write ``output/model.onnx`` (``fmt`` ``onnx``) or ``output/adapter.onnx_adapter``
     (``onnx_adapter``: the new adapter's tensors only, for a model compiled with ``--adapter-inputs``)
@@ -432,6 +446,8 @@ def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool
         from zflora_compile.deploy.onnx_adapter import adapter_inputs, check_inputs
 
         check_inputs(model, edits, live, source)
+    if fmt == "trt":
+        plan = _trt_plan(source)
     metadata.write(model, swap_entry(adapter, live, edits))
     timings["swap"] = time.perf_counter() - start
     report = {
@@ -465,6 +481,12 @@ def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool
                 for path in tmp.iterdir():
                     if path.name.startswith(MODEL_NAME):
                         shutil.copy2(path, staging / path.name)
+                if fmt == "trt":
+                    from zflora_compile.targets.trt import PLAN_NAME, refit_plan
+
+                    start = time.perf_counter()
+                    report["refitted"] = refit_plan(plan, {e.name: e.array for e in edits}, staging / PLAN_NAME)
+                    timings["refit"] = time.perf_counter() - start
                 report["files"] = sorted(p.name for p in staging.iterdir())
             timings["total"] = time.perf_counter() - clock
             report["timings_s"] = timings

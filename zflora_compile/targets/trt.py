@@ -9,6 +9,17 @@ refittable. Device buffers are torch CUDA tensors; timing uses CUDA events aroun
 TensorRT could not be installed where this tool is developed (NVIDIA's package index is out of
 reach there), so this module is written against the documented API and was never run by its
 authors; its tests skip with that reason.
+
+``--refit`` (changed with ``zcompile swap``): the engine is built with
+``BuilderFlag.REFIT_INDIVIDUAL`` and only the adapter-owned weights the model's ``zflora.compiled``
+record names (widened weights, low-rank constants, column scales, GAWS blocks, widened lane weights;
+:func:`zflora_compile.deploy.onnx_adapter.owned_names`) are marked refittable
+(``network.mark_weights_refittable``); the base weights stay constants TensorRT may fold and
+fuse. It was ``BuilderFlag.REFIT`` (every weight refittable) before; that flag is not used because
+TensorRT documents that a refit with ``kREFIT`` can drop GEMM biases. A model with no record
+(nothing compiled with ``--strategy fuse``) is refused with ``--refit``. ``zcompile swap --format
+trt`` refits a copy of ``model.plan`` with the swapped tensors (:func:`refit_plan`: ``trt.Refitter``,
+``set_named_weights``, ``refit_cuda_engine``); ``--max-rank`` keeps their shapes.
 """
 
 from __future__ import annotations
@@ -111,8 +122,10 @@ class TrtTarget(Target):
             config.set_flag(trt.BuilderFlag.FP16)
         elif self.options.precision == "bf16":
             config.set_flag(trt.BuilderFlag.BF16)
+        refittable = []
         if self.options.refit:
-            config.set_flag(trt.BuilderFlag.REFIT)
+            refittable = mark_refittable(network, model_path)
+            config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
         profile = builder.create_optimization_profile()
         ranges = self.profile_shapes(model_path)
         for index in range(network.num_inputs):
@@ -129,6 +142,7 @@ class TrtTarget(Target):
             "runtime": f"tensorrt {trt.__version__}",
             "precision": self.options.precision,
             "refittable": self.options.refit,
+            **({"refittable_weights": refittable} if self.options.refit else {}),
             "profile": {name: {"min": list(r[0]), "opt": list(r[1]), "max": list(r[2])} for name, r in ranges.items()},
             "artifacts": [PLAN_NAME],
         }
@@ -196,6 +210,54 @@ class TrtTarget(Target):
             return float(start.elapsed_time(end))
 
         return Loaded(run=run, output_names=outputs, timed=timed, description=f"TensorRT engine {PLAN_NAME} on {torch.cuda.get_device_name()}")
+
+
+def refittable_names(model_path: Path) -> list[str]:
+    """The adapter-owned tensors the model's record names (what a swap changes)."""
+    from zflora_compile import metadata
+    from zflora_compile.deploy.onnx_adapter import owned_names
+
+    record = metadata.read_file(model_path)
+    if not record or record.get("unreadable"):
+        return []
+    return [name for entry in metadata.active(record) for name in owned_names(entry)]
+
+
+def mark_refittable(network, model_path: Path) -> list[str]:
+    """``network.mark_weights_refittable`` for each adapter-owned weight (REFIT_INDIVIDUAL builds)."""
+    names = refittable_names(model_path)
+    if not names:
+        raise InputError(f"--refit: {model_path} records no adapter weights to refit (compile it with --strategy fuse; the base weights are never refitted)")
+    for name in names:
+        if not network.mark_weights_refittable(name):
+            raise TargetError(f"--refit: TensorRT's network has no weights named '{name}' (the ONNX parser folded or renamed the initializer)")
+    return names
+
+
+def refit_plan(plan_path: Path, arrays: dict[str, np.ndarray], out_path: Path) -> list[str]:
+    """Refit the engine at ``plan_path`` with ``arrays`` (name -> new value, same shapes) and write it
+    to ``out_path``; returns the names refitted. Every weight marked refittable must be given."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(plan_path).read_bytes())
+    if engine is None:
+        raise TargetError(f"{plan_path}: TensorRT cannot deserialize the engine")
+    refitter = trt.Refitter(engine, logger)
+    keep = []  # TensorRT reads the host arrays during refit_cuda_engine
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        keep.append(array)
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise TargetError(f"{plan_path}: the engine has no refittable weights named '{name}' (build it with --refit)")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise TargetError(f"{plan_path}: refit needs weights the swap did not give: {', '.join(missing[:5])}")
+    if not refitter.refit_cuda_engine():
+        raise TargetError(f"{plan_path}: TensorRT's refit failed (see the TensorRT log above)")
+    Path(out_path).write_bytes(bytes(engine.serialize()))
+    del keep
+    return list(arrays)
 
 
 def _parser_errors(parser) -> str:
