@@ -259,8 +259,8 @@ def test_reversed_loads_cancel_the_load_order_bias():
 
 
 def test_further_rounds_load_fresh_sessions():
-    """An inconclusive first batch runs more rounds, each batch in a new load (load order
-    alternating on), warmed up again."""
+    """An inconclusive first batch runs more rounds, each batch in two new loads (one in each
+    load order), warmed up again."""
     import itertools
 
     calls, warm = [], []
@@ -274,6 +274,7 @@ def test_further_rounds_load_fresh_sessions():
     assert measured["verdict"] == "pass" and calls[:2] == [0, 1] and measured["extra_rounds"] > 0
     assert measured["blocks"][:6] == [0] * 6 and set(measured["blocks"][6:]) == set(calls[1:])
     assert warm.count(1) == 2 + measured["loads"][1]["rounds"]  # two warm-up runs in the second load too
+    assert len(calls) % 2 == 1 and [item["rounds"] for item in measured["loads"][1:3]] == [3, 3]  # further loads come in pairs
 
 
 def _device_runner_shared(sequence):

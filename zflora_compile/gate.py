@@ -5,12 +5,19 @@ The file pipeline (:mod:`zflora_compile.build`) builds three artifacts with the 
 as given) and ``fused`` (the compiled model). This module only times and decides: each phase
 (decode: 1 new token on a ``past``-token KV cache; prefill: ``prefill`` tokens on an empty
 cache) runs them in rounds after warm-up (:func:`zflora_compile.latency.interleaved`) on the
-same seeded inputs, ``base`` and ``fused`` back to back in every round in alternating order.
+same seeded inputs: ``unfused``, then ``base`` and ``fused`` back to back in alternating order
+(a balanced order: each of the pair follows ``unfused`` and its partner equally often). The
+rounds are split over ``sessions`` fresh loads of the three artifacts, the load order reversed
+on every other load (measured here: of two sessions of one model, the one loaded later ran ~1.5%
+faster; reversing cancels that). Timing binds the inputs and outputs first where the target can
+(ONNX Runtime's I/O binding) and may pin the process (``cpus``).
+
 The statistic of a phase is the per-round ratio fused / base: its median with a seeded 95%
-bootstrap interval (:func:`zflora_compile.latency.paired_ratio_interval`). Against the ratio
-allowed, ``1 + max_overhead_pct / 100``: pass when the whole interval is at or below it,
-regression (exit 1) when the whole interval is above it, inconclusive (exit 4) when it straddles
-it; an inconclusive phase runs further batches of rounds while ``budget_s`` allows.
+bootstrap interval stratified by load (:func:`zflora_compile.latency.paired_ratio_interval`).
+Against the ratio allowed, ``1 + max_overhead_pct / 100``: pass when the whole interval is at or
+below it, regression (exit 1) when the whole interval is above it, inconclusive (exit 4) when it
+straddles it; an inconclusive phase runs further rounds, in pairs of fresh loads, while
+``budget_s`` allows.
 """
 
 from __future__ import annotations
@@ -264,9 +271,9 @@ def measure_pair(
     fresh sessions for batch ``block`` (the gate reverses the load order on odd blocks); then the
     ``rounds`` are split over ``sessions`` loads, each warmed up, and the bootstrap is stratified by
     load (:func:`~zflora_compile.latency.paired_ratio_interval`). While the verdict is
-    inconclusive, further batches of up to ``rounds`` rounds (each a new load, warmed up, when
-    ``load`` is given) run as long as they fit in ``budget_s`` seconds (estimated from the rounds so
-    far, loads included). Returns ``times`` (ms per runner), ``blocks`` (the load of each round),
+    inconclusive, further batches of up to ``rounds`` rounds (with ``load``: split over two fresh
+    loads, one in each order, warmed up) run as long as they fit in ``budget_s`` seconds
+    (estimated from the rounds so far, loads included). Returns ``times`` (ms per runner), ``blocks`` (the load of each round),
     ``loads`` (per load: rounds and median ratio), ``interval``, ``verdict``, ``rounds_requested``,
     ``extra_rounds``, ``extra_seconds`` and ``stopped_by_budget``."""
     progress = progress or NullProgress()
@@ -299,8 +306,12 @@ def measure_pair(
         if size < 1:
             stopped = True
             break
-        started = time.perf_counter()  # the budget counts the load, the rounds and the bootstrap
-        batch(size, max(blocks) + 1 if reload else 0, f"{label}: inconclusive, {size} more rounds", warm=reload)
+        started = time.perf_counter()  # the budget counts the loads, the rounds and the bootstrap
+        if reload:  # two loads, in both orders, so the further rounds stay balanced too
+            for part in _split(size, 2):
+                batch(part, max(blocks) + 1, f"{label}: inconclusive, {part} more rounds (a fresh load)", warm=True)
+        else:
+            batch(size, 0, f"{label}: inconclusive, {size} more rounds", warm=False)
         interval, decided = decide()
         spent = time.perf_counter() - started
         extra_rounds, extra_seconds, per_round = extra_rounds + size, extra_seconds + spent, spent / size
