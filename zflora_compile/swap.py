@@ -323,6 +323,12 @@ def swap_model(model: ir.Model, adapter: Adapter, shown="the compiled model") ->
 # ---------------------------------------------------------------- the merged reference
 
 
+def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for the small rank-``r`` products, without BLAS: numpy's threaded BLAS spins for
+    hundreds of milliseconds on a loaded two-core machine for these ``[in, r] @ [r, out]`` sizes."""
+    return np.einsum("ir,ro->io", a, b)
+
+
 def merged_reference(model: ir.Model, live: list[dict], adapter: Adapter) -> None:
     """In place: each fused group's adapter merged into its base lanes, ``W_i + s_i A_i B_i`` (numpy,
     fp32), lanes and low-rank constant zero, DoRA's ``c'`` as the column scale -- computed from the
@@ -338,7 +344,7 @@ def merged_reference(model: ir.Model, live: list[dict], adapter: Adapter) -> Non
             for rank, out in zip(update.ranks, group["out_splits"]):
                 a = update.lanes[:, row : row + rank]
                 b = update.lowrank[row : row + rank, col : col + out]
-                merged[:, col : col + out] += a @ b
+                merged[:, col : col + out] += _product(a, b)
                 row, col = row + rank, col + out
             array = np.zeros(weight.const_value.shape, dtype=_dtype(weight))
             array[:, :D] = merged.astype(array.dtype)
@@ -364,16 +370,16 @@ PEFT_REFERENCE = (
 )
 
 
-def _verify(adapter: Adapter, source: Path, swapped: Path, live: list[dict], tmp: Path, vocab, options: dict) -> dict:
-    """The swapped model against an independent reference: the new adapter's own ONNX model run
-    unfused, or (PEFT) the compiled model with the new adapter merged into its base lanes."""
-    from zflora_compile.model_io import has_external_data, load_model, save_model
+def _verify(adapter: Adapter, model: ir.Model, swapped: Path, live: list[dict], tmp: Path, vocab, options: dict) -> dict:
+    """The swapped model (saved at ``swapped``) against an independent reference: the new adapter's
+    own ONNX model run unfused, or (PEFT) ``model`` turned in place into the merged reference (the
+    base lanes are the compiled ones: the swap copies them)."""
+    from zflora_compile.model_io import save_model
     from zflora_compile.verify import verify_models
 
     if adapter.reference is not None:
         reference, meaning = adapter.reference, f"the new adapter's ONNX model {adapter.source}, unfused"
     elif hasattr(adapter, "modules"):
-        model = load_model(source)
         merged_reference(model, live, adapter)
         reference = tmp / "reference.onnx"
         save_model(model, reference, external=True)
@@ -458,44 +464,39 @@ def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool
         "swapped": [{"name": e.name, "shape": list(e.array.shape)} for e in edits],
         "capacity": [{"group": g["name"], "lanes": capacity(g)} for e in live for g in e.get("groups", [])],
     }
-    with tempfile.TemporaryDirectory(prefix="zflora-swap-") as tmp:
-        tmp = Path(tmp)
-        swapped = save_model(model, tmp / MODEL_NAME, external=True if has_external_data(model) else None)[0]
-        if verify:
-            start = time.perf_counter()
-            report["verification"] = _verify(adapter, source, swapped, live, tmp, token_vocab(model), {"atol": atol, "rtol": rtol, "seed": seed})
-            timings["verify"] = time.perf_counter() - start
-            if report["verification"].get("passed") is False:
-                raise VerificationError(verification_failure_message(report["verification"]))
-        else:
-            report["verification"] = {"skipped": True, "passed": None, "reason": "--no-verify"}
-        staging = _staging(output, force)
-        try:
+    staging = _staging(output, force)
+    try:
+        with tempfile.TemporaryDirectory(prefix="zflora-swap-") as tmp:
+            tmp = Path(tmp)
+            vocab = token_vocab(model)
+            swapped = save_model(model, (tmp if fmt == "onnx_adapter" else staging) / MODEL_NAME, external=True if has_external_data(model) else None)[0]
             if fmt == "onnx_adapter":
                 from zflora_compile.deploy.onnx_adapter import write_adapter
 
-                names = adapter_inputs(live)
-                write_adapter(model, names, staging / "adapter.onnx_adapter")
-                report["files"] = ["adapter.onnx_adapter"]
-            else:
-                for path in tmp.iterdir():
-                    if path.name.startswith(MODEL_NAME):
-                        shutil.copy2(path, staging / path.name)
-                if fmt == "trt":
-                    from zflora_compile.targets.trt import PLAN_NAME, refit_plan
+                write_adapter(model, adapter_inputs(live), staging / "adapter.onnx_adapter")
+            if fmt == "trt":
+                from zflora_compile.targets.trt import PLAN_NAME, refit_plan
 
-                    start = time.perf_counter()
-                    report["refitted"] = refit_plan(plan, {e.name: e.array for e in edits}, staging / PLAN_NAME)
-                    timings["refit"] = time.perf_counter() - start
-                report["files"] = sorted(p.name for p in staging.iterdir())
-            timings["total"] = time.perf_counter() - clock
-            report["timings_s"] = timings
-            report["status"], report["exit_code"] = "ok", 0
-            report["message"] = f"swapped {len(edits)} tensor(s) from {adapter.source}"
-            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            _commit(staging, output)
-            staging = None
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+                start = time.perf_counter()
+                report["refitted"] = refit_plan(plan, {e.name: e.array for e in edits}, staging / PLAN_NAME)
+                timings["refit"] = time.perf_counter() - start
+            if verify:  # last: a PEFT reference is made from the in-memory model
+                start = time.perf_counter()
+                report["verification"] = _verify(adapter, model, swapped, live, tmp, vocab, {"atol": atol, "rtol": rtol, "seed": seed})
+                timings["verify"] = time.perf_counter() - start
+                if report["verification"].get("passed") is False:
+                    raise VerificationError(verification_failure_message(report["verification"]))
+            else:
+                report["verification"] = {"skipped": True, "passed": None, "reason": "--no-verify"}
+        report["files"] = sorted(p.name for p in staging.iterdir()) + ["report.json"]
+        timings["total"] = time.perf_counter() - clock
+        report["timings_s"] = timings
+        report["status"], report["exit_code"] = "ok", 0
+        report["message"] = f"swapped {len(edits)} tensor(s) from {adapter.source}"
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _commit(staging, output)
+        staging = None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return report

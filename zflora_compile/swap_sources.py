@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zflora_compile.swap import Adapter, GroupUpdate, WidenedUpdate, _refuse
+from zflora_compile.swap import Adapter, GroupUpdate, WidenedUpdate, _product, _refuse
 
 PEFT_PREFIX = "base_model.model."
 
@@ -138,7 +138,7 @@ class PeftAdapter(Adapter):
             ranks.append(f.a.shape[1])
             if f.magnitude is not None:
                 dora = True
-                norm = np.linalg.norm(w + np.float32(f.scale) * (f.a @ f.b), axis=0)
+                norm = np.linalg.norm(w + np.float32(f.scale) * _product(f.a, f.b), axis=0)
                 scales.append(f.magnitude / norm)
             else:
                 scales.append(np.ones(out, dtype=np.float32))
