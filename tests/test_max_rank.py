@@ -47,6 +47,10 @@ def test_padding_is_exact_and_zero(lora):
     np.testing.assert_allclose(logits(lora["padded"]), logits(lora["plain"]), atol=ATOL, rtol=0)
     report = json.loads((lora["padded"].parent / "report.json").read_text())
     assert report["verification"]["passed"] and report["options"]["max_rank"] == 8
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    jsonschema.validate(report, json.loads(resources.files("zflora_compile").joinpath("report_schema.json").read_text()))
     groups, plain = record(lora["padded"])["groups"], record(lora["plain"])["groups"]
     tensors = initializers(lora["padded"])
     qkv, qkv_plain = groups[0], plain[0]
