@@ -126,3 +126,26 @@ def test_lane_families(family, tmp_path):
     else:
         assert all(w["max_rank"] == 5 and all(r == 5 for r in w["out_splits"][1:] + w["read_ranks"]) for w in widened)
         assert any(len(w["out_splits"]) > 1 for w in widened) and any(w["read_ranks"] for w in widened)
+
+
+def test_torch_fx_program_is_padded_exactly():
+    from zflora_compile.pipeline import compile_model
+    from zflora_compile.options import CompileOptions
+
+    model = peft_lora(r=4, seed=1)
+    program = torch.export.export(*_program_args(model), strict=False)
+    plain, _ = compile_model(program, CompileOptions())
+    padded, report = compile_model(program, CompileOptions(max_rank=8))
+    assert report.plan.to_json()["fused_groups"][0]["rank_total"] == 24
+    ids = torch.randint(0, 128, (1, 7))  # the exported (static) sequence length
+    mask = torch.ones(1, 7, dtype=torch.long)
+    with torch.no_grad():
+        want, got = plain.module()(ids, mask), padded.module()(ids, mask)
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), atol=ATOL, rtol=0)
+
+
+def _program_args(model):
+    from zflora_compile import zoo
+
+    wrapper = zoo._ExportWrapper(model, False).eval()
+    return wrapper, (torch.randint(0, 128, (1, 7)), torch.ones(1, 7, dtype=torch.long))

@@ -184,3 +184,13 @@ def test_peft_variant(kind, capsys, tmp_path):
     for name, adapter in (("from_peft", tmp_path / "b_peft"), ("from_onnx", b)):
         (tmp_path / name).mkdir()
         assert_swap_equals_scratch(capsys, tmp_path / name, fused, adapter, scratch)
+
+
+def test_strip_of_a_swapped_model_is_the_base(lora, capsys, tmp_path):
+    code, _, err = cli(capsys, "swap", lora["fused_a"], "--adapter", lora["peft_b"], "-o", tmp_path / "s")
+    assert code == 0, err
+    stripped = compiled(tmp_path / "s" / "model.onnx", tmp_path / "strip", strategy="strip")
+    base = compiled(lora["a"], tmp_path / "base", strategy="strip")
+    np.testing.assert_allclose(logits(stripped), logits(base), atol=ATOL, rtol=0)
+    record = json.loads(__import__("onnx").load(str(tmp_path / "s" / "model.onnx")).metadata_props[0].value)
+    assert [e["strategy"] for e in record["compilations"]] == ["fuse", "swap"]
