@@ -194,3 +194,20 @@ def test_strip_of_a_swapped_model_is_the_base(lora, capsys, tmp_path):
     np.testing.assert_allclose(logits(stripped), logits(base), atol=ATOL, rtol=0)
     record = json.loads(__import__("onnx").load(str(tmp_path / "s" / "model.onnx")).metadata_props[0].value)
     assert [e["strategy"] for e in record["compilations"]] == ["fuse", "swap"]
+
+
+def test_peft_config_that_contradicts_its_tensors(lora, capsys, tmp_path):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(lora["peft_b"], edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    config["target_modules"] = [t for t in config["target_modules"] if t != "o_proj"]
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    line = refused(capsys, tmp_path, lora["fused_a"], edited)
+    assert "module 'model.layers.0.self_attn.o_proj'" in line and "not among the target_modules" in line
+    config = json.loads((lora["peft_b"] / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj": 3}  # the tensors say 2
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    line = refused(capsys, tmp_path, lora["fused_a"], edited)
+    assert "lora_A has rank 2, adapter_config.json says 3" in line

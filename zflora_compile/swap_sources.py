@@ -49,6 +49,23 @@ def match_label(label: str, names) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def targeted(name: str, config: dict) -> bool:
+    """PEFT's ``target_modules`` rule: a string is a full regex match, a list a name or dotted
+    suffix; ``layers_to_transform`` restricts the layer index (``.layers.<i>.``)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        hit = re.fullmatch(targets, name) is not None
+    elif targets:
+        hit = any(name == t or name.endswith("." + t) for t in targets)
+    else:
+        hit = True  # target_parameters or a config without targets: the tensors decide
+    layers = config.get("layers_to_transform")
+    if hit and layers is not None:
+        m = re.search(r"\.(\d+)\.", name)
+        hit = m is not None and int(m.group(1)) in ([layers] if isinstance(layers, int) else layers)
+    return hit
+
+
 class _Factors:
     def __init__(self, a, b, scale, magnitude=None):
         self.a, self.b, self.scale, self.magnitude = a, b, scale, magnitude
@@ -93,6 +110,8 @@ class PeftAdapter(Adapter):
                 _refuse(f"--adapter {path}: module '{name}' is an embedding LoRA; compiled embedding LoRA is merged, so it cannot be swapped")
             if "lora_A" not in parts or "lora_B" not in parts:
                 _refuse(f"--adapter {path}: module '{name}' lacks lora_A or lora_B")
+            if not targeted(name, config):
+                _refuse(f"--adapter {path}: module '{name}' has LoRA tensors but is not among the target_modules / layers_to_transform of adapter_config.json")
         self.used: set[str] = set()
 
     def factors(self, name: str, n_in: int, n_out: int) -> _Factors:
