@@ -62,7 +62,6 @@ def test_refit_on_swap_equals_a_from_scratch_engine(tmp_path, capsys):
     assert main(["swap", str(tmp_path / "fa"), "--adapter", str(tmp_path / "b"), "-o", str(tmp_path / "s"), "--format", "trt"]) == 0
     assert main([str(export(b, tmp_path / "b.onnx")), "-o", str(tmp_path / "fb"), *flags]) == 0
     target = TrtTarget(TrtOptions(precision="fp32", seq_range=(1, 8, 16), past_range=(0, 8, 16), refit=True))
-    from zflora_compile.targets.base import Shape  # noqa: F401 - the loader's shape argument
     feeds = {"input_ids": np.arange(6, dtype=np.int64).reshape(1, 6), "attention_mask": np.ones((1, 6), np.int64)}
     got = target.load(tmp_path / "s", tmp_path / "s" / "model.onnx", None).run(feeds)[0]
     want = target.load(tmp_path / "fb", tmp_path / "fb" / "model.onnx", None).run(feeds)[0]
