@@ -87,18 +87,39 @@ def test_verdict_bounds():
     assert verdict({"low": 1.02, "high": 1.1}, 1.02) == "inconclusive"
 
 
-def test_bootstrap_stratified_by_load_keeps_each_loads_share():
-    """Two loads whose sessions favour opposite variants by a fixed amount (ratios 0.95 in one,
-    1.05 in the other, 10 rounds each): a stratified resample always holds 10 of each, so its
-    median is always 1.0; a plain resample may hold 14 of one and moves the median to that
-    load's value: the plain interval spans the bias, the stratified one does not."""
+def test_bootstrap_keeps_each_load_orders_share():
+    """Two loads in opposite load orders whose sessions favour opposite variants by a fixed amount
+    (ratios 0.95 in one, 1.05 in the other, 10 rounds each): every resample draws one load per
+    order, so its median is always 1.0; a plain resample of the rounds may hold 14 of one and
+    moves the median to that load's value: the plain interval spans the bias, this one does not."""
     base = [1.0] * 20
     other = [0.95] * 10 + [1.05] * 10
     blocks = [0] * 10 + [1] * 10
-    stratified = paired_ratio_interval(base, other, blocks=blocks, seed=0)
+    by_order = paired_ratio_interval(base, other, blocks=blocks, strata=blocks, seed=0)
     plain = paired_ratio_interval(base, other, seed=0)
-    assert stratified["median"] == pytest.approx(1.0)
-    assert (stratified["low"], stratified["high"]) == pytest.approx((1.0, 1.0))
+    assert by_order["median"] == pytest.approx(1.0)
+    assert (by_order["low"], by_order["high"]) == pytest.approx((1.0, 1.0))
     assert plain["low"] == pytest.approx(0.95) and plain["high"] == pytest.approx(1.05)
     with pytest.raises(ValueError, match="one block label per round"):
         paired_ratio_interval(base, other, blocks=[0, 1])
+    with pytest.raises(ValueError, match="one stratum label per round"):
+        paired_ratio_interval(base, other, blocks=blocks, strata=[0])
+
+
+def test_bootstrap_over_loads_shows_a_session_that_stays_slow():
+    """An A/A run as measured on the 2-core machine: four loads (orders 0 1 0 1) whose medians were
+    1.12, 0.91, 1.10, 1.15: sessions that stay slower or faster for their lifetime. Rounds within
+    a load agree closely, so a bootstrap of the rounds alone (stratified by load) is sure of a
+    ~10% regression; drawing the loads too puts the 0.91 load's weight in the interval, which
+    then reaches below a 2% threshold: inconclusive, not a false regression."""
+    rng = np.random.default_rng(0)
+    centres = [1.12, 0.91, 1.10, 1.15]
+    other = [c * (1 + rng.normal(0, 0.005)) for c in centres for _ in range(15)]
+    base = [1.0] * len(other)
+    blocks = [load for load in range(4) for _ in range(15)]
+    orders = [load % 2 for load in blocks]
+    rounds_only = paired_ratio_interval(base, other, blocks=blocks, strata=blocks, seed=0)
+    loads_too = paired_ratio_interval(base, other, blocks=blocks, strata=orders, seed=0)
+    assert verdict(rounds_only, 1.02) == "regression"
+    assert verdict(loads_too, 1.02) == "inconclusive" and loads_too["low"] < 1.02 and loads_too["high"] > 1.1
+    assert loads_too["median"] == rounds_only["median"]  # the estimate is the same; only its uncertainty differs

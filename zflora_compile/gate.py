@@ -13,7 +13,7 @@ faster; reversing cancels that). Timing binds the inputs and outputs first where
 (ONNX Runtime's I/O binding) and may pin the process (``cpus``).
 
 The statistic of a phase is the per-round ratio fused / base: its median with a seeded 95%
-bootstrap interval stratified by load (:func:`zflora_compile.latency.paired_ratio_interval`).
+bootstrap interval over loads and rounds (:func:`zflora_compile.latency.paired_ratio_interval`).
 Against the ratio allowed, ``1 + max_overhead_pct / 100``: pass when the whole interval is at or
 below it, regression (exit 1) when the whole interval is above it, inconclusive (exit 4) when it
 straddles it; an inconclusive phase runs further rounds, in pairs of fresh loads, while
@@ -58,7 +58,7 @@ class LatencyOptions:
     #: also run base against itself (A/A), the same way: the noise floor beside the gate
     calibrate: bool = False
     #: loads of the artifacts a phase's rounds are split over, the load order reversed each time
-    sessions: int = 2
+    sessions: int = 4
     #: CPUs the process is pinned to while timing ("2,3", "0-3"); None: not pinned
     cpus: str | None = None
 
@@ -260,6 +260,11 @@ def _split(rounds: int, parts: int) -> list[int]:
     return [rounds // parts + (1 if i < rounds % parts else 0) for i in range(parts)]
 
 
+def load_orders(blocks: list[int]) -> list[int]:
+    """The load order of each round's load: 0 for the given order (even loads), 1 reversed (odd)."""
+    return [block % 2 for block in blocks]
+
+
 def measure_pair(
     runners, pair: tuple[str, str], *, rounds: int, warmup: int, threshold: float, budget_s: float,
     sessions: int = 1, seed: int = 0, progress=None, label: str = "",
@@ -269,8 +274,9 @@ def measure_pair(
 
     ``runners`` is a dict of runners (one set of sessions), or ``load(block) -> dict`` that loads
     fresh sessions for batch ``block`` (the gate reverses the load order on odd blocks); then the
-    ``rounds`` are split over ``sessions`` loads, each warmed up, and the bootstrap is stratified by
-    load (:func:`~zflora_compile.latency.paired_ratio_interval`). While the verdict is
+    ``rounds`` are split over ``sessions`` loads, each warmed up, and the bootstrap resamples
+    loads and rounds (:func:`~zflora_compile.latency.paired_ratio_interval`: loads drawn
+    within their order, rounds within their load). While the verdict is
     inconclusive, further batches of up to ``rounds`` rounds (with ``load``: split over two fresh
     loads, one in each order, warmed up) run as long as they fit in ``budget_s`` seconds
     (estimated from the rounds so far, loads included). Returns ``times`` (ms per runner), ``blocks`` (the load of each round),
@@ -296,7 +302,7 @@ def measure_pair(
     per_round = (time.perf_counter() - started) / rounds
 
     def decide():
-        interval = paired_ratio_interval(times[pair[0]], times[pair[1]], blocks=blocks if reload else None, seed=seed)
+        interval = paired_ratio_interval(times[pair[0]], times[pair[1]], blocks=blocks if reload else None, strata=load_orders(blocks) if reload else None, seed=seed)
         return interval, verdict(interval, threshold)
 
     interval, decided = decide()
@@ -392,7 +398,7 @@ def run_gate(
             )
             times = measured["times"]
             stats = summarize(times, "base")
-            unfused = paired_ratio_interval(times["base"], times["unfused"], blocks=measured["blocks"], seed=seed)
+            unfused = paired_ratio_interval(times["base"], times["unfused"], blocks=measured["blocks"], strata=load_orders(measured["blocks"]), seed=seed)
             phases[shape.name] = {
                 "seq": shape.seq,
                 "past": shape.past,
@@ -438,7 +444,7 @@ def run_gate(
         "pinning": pinning,
         "interleaving": (
             "every round runs unfused, then base and fused back to back, their order alternating (each of base and fused follows unfused in half the rounds and the other in the rest); "
-            "a phase's rounds are split over `sessions` fresh loads of the artifacts, the load order reversed on every other load, the bootstrap stratified by load"
+            "a phase's rounds are split over `sessions` fresh loads of the artifacts, the load order reversed on every other load; the bootstrap draws loads within their load order, then rounds within their load"
         ),
         "phases": phases,
         "machine": machine,
