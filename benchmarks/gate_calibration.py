@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slow-last-width", type=int, default=3840, help="columns of the slowed model's last-token no-op GEMM (its cost per run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: the target's default)")
-    X
+    parser.add_argument("--sessions", type=int, default=4, help="--gate-sessions: loads per phase, load order reversed each time (the gate's default 4)")
     parser.add_argument("--cpus", default=None, help="--gate-cpus: pin the process while timing (default: not pinned)")
     parser.add_argument("--scenarios", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS), help="scenarios to run (default: all)")
     args = parser.parse_args(argv)
