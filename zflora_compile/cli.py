@@ -265,9 +265,14 @@ def _print_compiled(console, compiled: dict | None) -> None:
         removed = entry.get("removed")
         if removed:
             parts.append(f"removed {len(removed.get('groups', []))} fused group(s) and {len(removed.get('widened', []))} widened projection(s)")
+        if entry.get("strategy") == "swap":
+            adapter = entry.get("adapter") or {}
+            console.print(f"compiled: swap by zflora-compile {entry.get('version')}: {len(entry.get('swapped', []))} adapter tensor(s) from {adapter.get('kind')} adapter {adapter.get('source')}")
+            continue
         console.print(f"compiled: {entry.get('strategy')} by zflora-compile {entry.get('version')} ({families}): {', '.join(parts)}")
         for group in entry.get("groups", []):
-            console.print(f"  fused group {group['name']}: {group['base_width']} base + {group['rank_width']} adapter lane column(s) ({', '.join(group['sites'])})")
+            padded = f", --max-rank {group['max_rank']}" if group.get("max_rank") else ""
+            console.print(f"  fused group {group['name']}: {group['base_width']} base + {group['rank_width']} adapter lane column(s) ({', '.join(group['sites'])}{padded})")
         for site in entry.get("widened", []):
             console.print(f"  widened {site['family']} {site.get('label') or site['site']}: {site['widened_shape']} from [{site['in_features']}, {site['out_features']}]")
         for site in entry.get("merged", []):
