@@ -188,8 +188,8 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
 
 def pad_model_plan(the_plan, max_rank: int):
     """``--max-rank``: every graph's fused groups and lane projections padded with zero lanes
-    (:mod:`zflora_compile.families.padding`); the joined plan rebuilt from the padded parts."""
-    from zflora_compile.families.padding import pad_plan
+    (:mod:`zflora_compile.padding`); the joined plan rebuilt from the padded parts."""
+    from zflora_compile.padding import pad_plan
 
     for _, part in the_plan.parts:
         part.rewrites = pad_plan(part.rewrites, max_rank)
@@ -231,7 +231,7 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
     with steps.step("rewrite"):
         the_plan = plan(detection, options.strategy)
         if options.max_rank is not None:
-            from zflora_compile.families.padding import pad_plan
+            from zflora_compile.padding import pad_plan
 
             the_plan.rewrites = pad_plan(the_plan.rewrites, options.max_rank)
         if options.adapter_inputs:

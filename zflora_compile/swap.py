@@ -16,7 +16,7 @@ capacity is its ``R`` (``--max-rank`` pads groups at compile time). Lane project
 per-lane blocks: lane ``j``'s ``r'_j`` new columns (A) / rows (s B) go first in its compiled block,
 the rest are zero (a zFLoRA lane must keep its rank: the RMSNorms are rescaled for ``d + r``).
 
-The new adapter is a PEFT LoRA / DoRA directory (:mod:`.peft_dir`), an ONNX model with the same
+The new adapter (:mod:`.swap_sources`) is a PEFT LoRA / DoRA directory, an ONNX model with the same
 base (detected, planned with ``fuse`` as a compile would, its base lanes compared with the compiled
 ones) or a saved FFA / FBA / FFBA / zFLoRA adapter of :mod:`zflora_compile.adapters`. Every
 mismatch is an :class:`~zflora_compile.errors.InputError` (exit 2) before anything is written.
@@ -32,64 +32,11 @@ import numpy as np
 import onnx_ir as ir
 
 from zflora_compile import metadata
-from zflora_compile.errors import InputError
+from zflora_compile.swap_adapter import Adapter, product, refuse
 
 MODEL_NAME = "model.onnx"
 
 
-def _refuse(reason: str):
-    raise InputError(f"swap: {reason}")
-
-
-# ---------------------------------------------------------------- the new adapter
-
-
-@dataclasses.dataclass
-class GroupUpdate:
-    """A fused group's new adapter constants (fp32): ``lanes`` ``[in, R']`` (the A columns),
-    ``lowrank`` ``[R', D]``, ``column_scale`` ``[D]`` (DoRA) or None, ``bias`` ``[D]`` or None
-    (None: keep the compiled one), ``ranks`` per site, ``base`` ``[in, D]`` for the base check or None."""
-
-    lanes: np.ndarray
-    lowrank: np.ndarray
-    ranks: list[int]
-    column_scale: np.ndarray | None = None
-    bias: np.ndarray | None = None
-    base: np.ndarray | None = None
-    base_names: list[str] | None = None
-
-
-@dataclasses.dataclass
-class WidenedUpdate:
-    """A widened projection's new weight (fp32) and its lane layout (``out_splits``, ``read_ranks``)."""
-
-    weight: np.ndarray
-    out_splits: list[int]
-    read_ranks: list[int]
-    family: str
-    base_name: str | None = None
-
-
-class Adapter:
-    """What a swap needs from the new adapter; :meth:`group`, :meth:`grouped`, :meth:`widened`
-    answer per compiled site (by labels) or refuse. ``reference``: an unfused model to verify against."""
-
-    source: str
-    kind: str
-    reference: Path | None = None
-
-    def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
-        raise NotImplementedError
-
-    def grouped(self, group: dict) -> np.ndarray:
-        _refuse(f"the compiled model has the GAWS group '{group['name']}'; a {self.kind} adapter has no GAWS blocks (use an ONNX model with the new GAWS adapter)")
-
-    def widened(self, site: dict) -> WidenedUpdate:
-        _refuse(f"the compiled model has the widened {site.get('family')} projection '{site.get('label') or site['site']}'; a {self.kind} adapter has no lanes for it")
-
-    def unused(self) -> list[str]:
-        """Adapted modules of the new adapter no compiled site took (refused after the mapping)."""
-        return []
 
 
 def load_adapter(path: Path) -> Adapter:
@@ -100,11 +47,11 @@ def load_adapter(path: Path) -> Adapter:
         if not config.is_file():
             if (path / MODEL_NAME).is_file():
                 return load_adapter(path / MODEL_NAME)
-            _refuse(f"--adapter {path}: no adapter_config.json (a PEFT or zflora adapter directory) and no {MODEL_NAME}")
+            refuse(f"--adapter {path}: no adapter_config.json (a PEFT or zflora adapter directory) and no {MODEL_NAME}")
         try:
             meta = json.loads(config.read_text())
         except json.JSONDecodeError as error:
-            _refuse(f"--adapter {config}: not JSON ({error.msg})")
+            refuse(f"--adapter {config}: not JSON ({error.msg})")
         if meta.get("format") == "zflora-compile-adapter":
             from zflora_compile.swap_sources import ZfloraAdapter
 
@@ -116,7 +63,7 @@ def load_adapter(path: Path) -> Adapter:
         from zflora_compile.swap_sources import OnnxAdapter
 
         return OnnxAdapter(path)
-    _refuse(f"--adapter {path}: not a PEFT / zflora adapter directory or an ONNX model")
+    refuse(f"--adapter {path}: not a PEFT / zflora adapter directory or an ONNX model")
 
 
 # ---------------------------------------------------------------- the compiled model
@@ -128,7 +75,7 @@ def compiled_path(path: Path) -> Path:
     if path.is_dir():
         path = path / MODEL_NAME
     if not path.is_file():
-        _refuse(f"{path}: no such compiled model")
+        refuse(f"{path}: no such compiled model")
     return path
 
 
@@ -137,18 +84,18 @@ def live_record(model: ir.Model, shown) -> tuple[dict, list[dict]]:
     record = metadata.read(model)
     live = metadata.active(record)
     if not live:
-        _refuse(f"{shown} carries no active '{metadata.KEY}' record: it was not compiled (fused) by zflora-compile, or was stripped")
+        refuse(f"{shown} carries no active '{metadata.KEY}' record: it was not compiled (fused) by zflora-compile, or was stripped")
     for entry in live:
         if entry.get("merged"):
             first = entry["merged"][0]
-            _refuse(
+            refuse(
                 f"{shown}: the adapter was merged into the weights ({len(entry['merged'])} merged site(s), e.g. "
                 f"'{first.get('label') or first.get('site')}'); a merged adapter is not separable, so it cannot be swapped (compile with --strategy fuse)"
             )
         for group in entry.get("runtime_groups", []):
-            _refuse(f"{shown}: group '{group.get('name')}' reads its adapter weights from graph inputs at run time; feed the new weights there instead")
+            refuse(f"{shown}: group '{group.get('name')}' reads its adapter weights from graph inputs at run time; feed the new weights there instead")
         for step in entry.get("unrecorded", []):
-            _refuse(f"{shown}: the {', '.join(step['families'])} sites {', '.join(step['sites'])} carry no record of their adapter lanes")
+            refuse(f"{shown}: the {', '.join(step['families'])} sites {', '.join(step['sites'])} carry no record of their adapter lanes")
     return record, live
 
 
@@ -170,9 +117,9 @@ class Edit:
 def _tensor(model: ir.Model, name: str | None, what: str, shape=None) -> ir.Value:
     value = model.graph.initializers.get(name) if name else None
     if value is None or value.const_value is None:
-        _refuse(f"the {what} '{name}' the metadata names is not in the compiled model; it was edited after zflora-compile wrote it")
+        refuse(f"the {what} '{name}' the metadata names is not in the compiled model; it was edited after zflora-compile wrote it")
     if shape is not None and tuple(value.const_value.shape) != tuple(shape):
-        _refuse(f"the {what} '{name}' has shape {list(value.const_value.shape)}, the metadata says {list(shape)}")
+        refuse(f"the {what} '{name}' has shape {list(value.const_value.shape)}, the metadata says {list(shape)}")
     return value
 
 
@@ -185,7 +132,7 @@ def _check_base(compiled: np.ndarray, new: np.ndarray, where: str, names: list[s
     if compiled.shape != new.shape or not np.array_equal(compiled, new.astype(compiled.dtype)):
         diff = float(np.max(np.abs(compiled.astype(np.float32) - new.astype(np.float32)))) if compiled.shape == new.shape else float("nan")
         named = f" ('{', '.join(n for n in names if n)}')" if names and any(names) else ""
-        _refuse(f"the base weight{named} of {source} differs from the compiled model's base lanes {where} (max |diff| {diff:.3g}, shapes {list(new.shape)} / {list(compiled.shape)}): not the same base model")
+        refuse(f"the base weight{named} of {source} differs from the compiled model's base lanes {where} (max |diff| {diff:.3g}, shapes {list(new.shape)} / {list(compiled.shape)}): not the same base model")
 
 
 def plan_group(model: ir.Model, group: dict, adapter: Adapter) -> list[Edit]:
@@ -201,7 +148,7 @@ def plan_group(model: ir.Model, group: dict, adapter: Adapter) -> list[Edit]:
     used = int(update.lanes.shape[1])
     if used > R:
         ranks = " + ".join(f"{label.rsplit('.', 1)[-1]} {r}" for label, r in zip(group["labels"], update.ranks))
-        _refuse(
+        refuse(
             f"group '{name}' has {R} adapter lane(s) (compiled rank{'s' if len(group['labels']) > 1 else ''} plus --max-rank padding); "
             f"the new adapter needs {used} ({ranks}); compile with --max-rank {max(update.ranks)} or more"
         )
@@ -216,13 +163,13 @@ def plan_group(model: ir.Model, group: dict, adapter: Adapter) -> list[Edit]:
         c = update.column_scale if update.column_scale is not None else np.ones(D, dtype=np.float32)
         edits.append(Edit(scale.name, c.astype(_dtype(scale))))
     elif update.column_scale is not None and not np.all(update.column_scale == 1):
-        _refuse(f"group '{name}' was compiled as LoRA (no per-column scale); the new adapter is DoRA there (a magnitude vector): family mismatch")
+        refuse(f"group '{name}' was compiled as LoRA (no per-column scale); the new adapter is DoRA there (a magnitude vector): family mismatch")
     if update.bias is not None:
         if group.get("bias"):
             bias = _tensor(model, group["bias"], f"bias of group '{name}'", (D,))
             edits.append(Edit(bias.name, update.bias.astype(_dtype(bias))))
         elif np.any(update.bias != 0):
-            _refuse(f"group '{name}' was compiled without a bias; the new adapter adds one there (lora_bias): layout mismatch")
+            refuse(f"group '{name}' was compiled without a bias; the new adapter adds one there (lora_bias): layout mismatch")
     return edits
 
 
@@ -230,7 +177,7 @@ def plan_grouped(model: ir.Model, group: dict, adapter: Adapter) -> list[Edit]:
     blocks = _tensor(model, group.get("blocks"), f"grouped block constant of group '{group['name']}'", tuple(group["blocks_shape"]))
     new = adapter.grouped(group)
     if tuple(new.shape) != tuple(group["blocks_shape"]):
-        _refuse(f"GAWS group '{group['name']}' has blocks {group['blocks_shape']}; the new adapter's are {list(new.shape)} (groups and block sizes must match)")
+        refuse(f"GAWS group '{group['name']}' has blocks {group['blocks_shape']}; the new adapter's are {list(new.shape)} (groups and block sizes must match)")
     return [Edit(blocks.name, new.astype(_dtype(blocks)))]
 
 
@@ -247,14 +194,14 @@ def plan_widened(model: ir.Model, site: dict, adapter: Adapter) -> list[Edit]:
     writes, reads = [int(v) for v in site["out_splits"][1:]], [int(v) for v in site.get("read_ranks", [])]
     new_writes, new_reads = new.out_splits[1:], new.read_ranks
     if len(new_writes) != len(writes) or len(new_reads) != len(reads) or (site.get("embedding") and new.weight.shape[0] != shape[0]):
-        _refuse(f"'{label}' carries {len(reads)} read and {len(writes)} written lane(s) ({site.get('family')}); the new adapter's has {len(new_reads)} and {len(new_writes)} ({new.family}): family mismatch")
+        refuse(f"'{label}' carries {len(reads)} read and {len(writes)} written lane(s) ({site.get('family')}); the new adapter's has {len(new_reads)} and {len(new_writes)} ({new.family}): family mismatch")
     zflora = "zflora" in site.get("family", "") or "zflora" in new.family
     for what, have, want in (("written", writes, new_writes), ("read", reads, new_reads)):
         for j, (c, r) in enumerate(zip(have, want)):
             if r > c:
-                _refuse(f"'{label}' has {c} {what} lane(s) in lane block {j}; the new adapter needs {r}: compile with --max-rank {r} or more")
+                refuse(f"'{label}' has {c} {what} lane(s) in lane block {j}; the new adapter needs {r}: compile with --max-rank {r} or more")
             if zflora and r != c:
-                _refuse(f"'{label}' (zFLoRA) has rank {c} in lane block {j}, the new adapter {r}: a zFLoRA swap keeps the rank (the RMSNorms are rescaled for d + r)")
+                refuse(f"'{label}' (zFLoRA) has rank {c} in lane block {j}, the new adapter {r}: a zFLoRA swap keeps the rank (the RMSNorms are rescaled for d + r)")
     out = np.zeros(shape, dtype=np.float32)
     out[:rows, :n_out] = compiled[:rows, :n_out]
     col, new_col = n_out, n_out
@@ -281,9 +228,9 @@ def plan_swap(model: ir.Model, live: list[dict], adapter: Adapter) -> list[Edit]
             edits += plan_widened(model, site, adapter)
     left = adapter.unused()
     if left:
-        _refuse(f"module '{left[0]}' of {adapter.source} has no site in the compiled model ({len(left)} unmapped module(s)); compile a model adapted there first")
+        refuse(f"module '{left[0]}' of {adapter.source} has no site in the compiled model ({len(left)} unmapped module(s)); compile a model adapted there first")
     if not edits:
-        _refuse("the compiled model records no fused group or widened projection to swap into")
+        refuse("the compiled model records no fused group or widened projection to swap into")
     return edits
 
 
@@ -323,12 +270,6 @@ def swap_model(model: ir.Model, adapter: Adapter, shown="the compiled model") ->
 # ---------------------------------------------------------------- the merged reference
 
 
-def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` for the small rank-``r`` products, without BLAS: numpy's threaded BLAS spins for
-    hundreds of milliseconds on a loaded two-core machine for these ``[in, r] @ [r, out]`` sizes."""
-    return np.einsum("ir,ro->io", a, b)
-
-
 def merged_reference(model: ir.Model, live: list[dict], adapter: Adapter) -> None:
     """In place: each fused group's adapter merged into its base lanes, ``W_i + s_i A_i B_i`` (numpy,
     fp32), lanes and low-rank constant zero, DoRA's ``c'`` as the column scale -- computed from the
@@ -344,7 +285,7 @@ def merged_reference(model: ir.Model, live: list[dict], adapter: Adapter) -> Non
             for rank, out in zip(update.ranks, group["out_splits"]):
                 a = update.lanes[:, row : row + rank]
                 b = update.lowrank[row : row + rank, col : col + out]
-                merged[:, col : col + out] += _product(a, b)
+                merged[:, col : col + out] += product(a, b)
                 row, col = row + rank, col + out
             array = np.zeros(weight.const_value.shape, dtype=_dtype(weight))
             array[:, :D] = merged.astype(array.dtype)
@@ -395,7 +336,7 @@ def _staging(output: Path, force: bool) -> Path:
     import tempfile
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        _refuse(f"output directory {output} exists and is not empty (--force replaces it)")
+        refuse(f"output directory {output} exists and is not empty (--force replaces it)")
     output.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
 
@@ -416,7 +357,7 @@ def _trt_plan(source: Path) -> Path:
 
     plan = source.parent / PLAN_NAME
     if not plan.is_file():
-        _refuse(f"--format trt: no {PLAN_NAME} beside {source} (compile with --target trt --refit)")
+        refuse(f"--format trt: no {PLAN_NAME} beside {source} (compile with --target trt --refit)")
     missing = TrtTarget.missing_dependency()
     if missing:
         raise DependencyError(f"swap --format trt: TensorRT is not available: {missing}")
@@ -436,11 +377,11 @@ def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool
     from zflora_compile.verify import token_vocab, verification_failure_message
 
     if fmt not in FORMATS:
-        _refuse(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+        refuse(f"--format {fmt}: choose from {', '.join(FORMATS)}")
     clock, timings = time.perf_counter(), {}
     source, output = compiled_path(Path(compiled)), Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        _refuse(f"output directory {output} exists and is not empty (--force replaces it)")
+        refuse(f"output directory {output} exists and is not empty (--force replaces it)")
     model = load_model(source)
     _, live = live_record(model, source)
     adapter = load_adapter(Path(adapter_path))

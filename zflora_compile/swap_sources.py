@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zflora_compile.swap import Adapter, GroupUpdate, WidenedUpdate, _product, _refuse
+from zflora_compile.swap_adapter import Adapter, GroupUpdate, WidenedUpdate, product, refuse
 
 PEFT_PREFIX = "base_model.model."
 
@@ -92,26 +92,26 @@ class PeftAdapter(Adapter):
         self.source = str(path)
         self.config = config
         if config.get("peft_type") != "LORA":
-            _refuse(f"--adapter {path}: PEFT type '{config.get('peft_type')}' is not LoRA (a swap reads LoRA, DoRA and BD-LoRA adapters)")
+            refuse(f"--adapter {path}: PEFT type '{config.get('peft_type')}' is not LoRA (a swap reads LoRA, DoRA and BD-LoRA adapters)")
         if config.get("lora_bias"):
-            _refuse(f"--adapter {path}: lora_bias=True: the compiled group's bias holds the base bias and the old adapter's together; a PEFT swap cannot separate them (swap from an ONNX model instead)")
+            refuse(f"--adapter {path}: lora_bias=True: the compiled group's bias holds the base bias and the old adapter's together; a PEFT swap cannot separate them (swap from an ONNX model instead)")
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
-            _refuse(f"--adapter {path}: no adapter_model.safetensors")
+            refuse(f"--adapter {path}: no adapter_model.safetensors")
         tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
         self.modules: dict[str, dict] = {}
         for key, value in tensors.items():
             m = re.match(r"(.+)\.(lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)(\.weight)?$", key)
             if not m:
-                _refuse(f"--adapter {path}: tensor '{key}' is no LoRA factor (modules_to_save and other extras cannot be swapped)")
+                refuse(f"--adapter {path}: tensor '{key}' is no LoRA factor (modules_to_save and other extras cannot be swapped)")
             self.modules.setdefault(m.group(1), {})[m.group(2)] = value
         for name, parts in self.modules.items():
             if "lora_embedding_A" in parts:
-                _refuse(f"--adapter {path}: module '{name}' is an embedding LoRA; compiled embedding LoRA is merged, so it cannot be swapped")
+                refuse(f"--adapter {path}: module '{name}' is an embedding LoRA; compiled embedding LoRA is merged, so it cannot be swapped")
             if "lora_A" not in parts or "lora_B" not in parts:
-                _refuse(f"--adapter {path}: module '{name}' lacks lora_A or lora_B")
+                refuse(f"--adapter {path}: module '{name}' lacks lora_A or lora_B")
             if not targeted(name, config):
-                _refuse(f"--adapter {path}: module '{name}' has LoRA tensors but is not among the target_modules / layers_to_transform of adapter_config.json")
+                refuse(f"--adapter {path}: module '{name}' has LoRA tensors but is not among the target_modules / layers_to_transform of adapter_config.json")
         self.used: set[str] = set()
 
     def factors(self, name: str, n_in: int, n_out: int) -> _Factors:
@@ -124,23 +124,23 @@ class PeftAdapter(Adapter):
             b_t = _blockdiag(b_t, int(bd["nblocks"]))
         rank = a_t.shape[0]
         if a_t.shape != (rank, n_in) or b_t.shape != (n_out, rank):
-            _refuse(f"module '{name}' of {self.source}: lora_A {list(parts['lora_A'].shape)} / lora_B {list(parts['lora_B'].shape)} do not fit the compiled projection [{n_in}, {n_out}]")
+            refuse(f"module '{name}' of {self.source}: lora_A {list(parts['lora_A'].shape)} / lora_B {list(parts['lora_B'].shape)} do not fit the compiled projection [{n_in}, {n_out}]")
         wanted = _pattern(config.get("rank_pattern"), name) or config.get("r")
         if wanted is not None and int(wanted) != rank:
-            _refuse(f"module '{name}' of {self.source}: lora_A has rank {rank}, adapter_config.json says {wanted}")
+            refuse(f"module '{name}' of {self.source}: lora_A has rank {rank}, adapter_config.json says {wanted}")
         alpha = _pattern(config.get("alpha_pattern"), name)
         alpha = float(config.get("lora_alpha", 8) if alpha is None else alpha)
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         magnitude = parts.get("lora_magnitude_vector")
         if magnitude is not None and not config.get("use_dora"):
-            _refuse(f"module '{name}' of {self.source}: a magnitude vector without use_dora")
+            refuse(f"module '{name}' of {self.source}: a magnitude vector without use_dora")
         return _Factors(a_t.T, b_t.T, scale, None if magnitude is None else magnitude.astype(np.float32).reshape(-1))
 
     def _module(self, label: str, group: str) -> str:
         name = match_label(label, self.modules)
         if name is None:
             close = [n for n in self.modules if n.endswith(label.rsplit(".", 1)[-1])][:2]
-            _refuse(f"compiled site '{label}' (group '{group}') has no counterpart in {self.source}" + (f" (modules such as '{close[0]}' do not match it)" if close else ""))
+            refuse(f"compiled site '{label}' (group '{group}') has no counterpart in {self.source}" + (f" (modules such as '{close[0]}' do not match it)" if close else ""))
         return name
 
     def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
@@ -157,7 +157,7 @@ class PeftAdapter(Adapter):
             ranks.append(f.a.shape[1])
             if f.magnitude is not None:
                 dora = True
-                norm = np.linalg.norm(w + np.float32(f.scale) * _product(f.a, f.b), axis=0)
+                norm = np.linalg.norm(w + np.float32(f.scale) * product(f.a, f.b), axis=0)
                 scales.append(f.magnitude / norm)
             else:
                 scales.append(np.ones(out, dtype=np.float32))
@@ -190,7 +190,7 @@ class OnnxAdapter(Adapter):
         model = load_model(path)
         detection = detect(model)
         if not detection.all_sites:
-            _refuse(f"--adapter {path}: no adapter site found in the ONNX model")
+            refuse(f"--adapter {path}: no adapter site found in the ONNX model")
         plan = subgraphs.plan(detection, "fuse")
         self.groups, self.grouped_steps, self.widen_steps, self.kept = {}, {}, {}, []
         for step in plan:
@@ -211,8 +211,8 @@ class OnnxAdapter(Adapter):
         if step is None:
             missing = [label for label in labels if match_label(label, self.labels) is None]
             if missing:
-                _refuse(f"compiled site '{missing[0]}' (group '{name}') has no counterpart in {self.source}")
-            _refuse(f"group '{name}' ({', '.join(labels)}) is grouped differently in {self.source} (a from-scratch compile of it packs other projections together): site mismatch")
+                refuse(f"compiled site '{missing[0]}' (group '{name}') has no counterpart in {self.source}")
+            refuse(f"group '{name}' ({', '.join(labels)}) is grouped differently in {self.source} (a from-scratch compile of it packs other projections together): site mismatch")
         self.used.update(labels)
         return step
 
@@ -221,7 +221,7 @@ class OnnxAdapter(Adapter):
         D = step.base_width
         weight = step.weight.numpy()
         if D != int(group["base_width"]) or weight.shape[0] != int(group["in_features"]):
-            _refuse(f"group '{group['name']}' is [{group['in_features']}, {group['base_width']}] in the compiled model, [{weight.shape[0]}, {D}] in {self.source}")
+            refuse(f"group '{group['name']}' is [{group['in_features']}, {group['base_width']}] in the compiled model, [{weight.shape[0]}, {D}] in {self.source}")
         names = [getattr(getattr(s.binding.gemm, "weight", None), "name", None) or s.label for s in step.sites]
         return GroupUpdate(
             lanes=weight[:, D:].astype(np.float32),
@@ -240,7 +240,7 @@ class OnnxAdapter(Adapter):
         label = site.get("label") or site["site"]
         step = self.widen_steps.get(label)
         if step is None:
-            _refuse(f"compiled widened projection '{label}' ({site.get('family')}) has no counterpart in {self.source}")
+            refuse(f"compiled widened projection '{label}' ({site.get('family')}) has no counterpart in {self.source}")
         self.used.add(label)
         new = step.site
         weight = step.weight.numpy().astype(np.float32)
@@ -252,7 +252,7 @@ class OnnxAdapter(Adapter):
         left = sorted(self.labels - self.used)
         kept = [label for label in left if label in self.kept]
         if kept:
-            _refuse(
+            refuse(
                 f"the GAWS site '{kept[0]}' of {self.source} is alone on its input: a compile keeps it unfused and records no "
                 "lanes for it, so a swap cannot place it (swap covers GAWS groups of two or more projections)"
             )
@@ -273,10 +273,10 @@ class ZfloraAdapter(OnnxAdapter):
             from zflora_compile.adapters import load_adapters
             from zflora_compile import zoo
         except ImportError as error:
-            _refuse(f"--adapter {path}: a zflora adapter needs the torch extra ({error})")
+            refuse(f"--adapter {path}: a zflora adapter needs the torch extra ({error})")
         config = meta.get("base_config")
         if not isinstance(config, dict) or not meta.get("base_model_type"):
-            _refuse(f"--adapter {path}: adapter_config.json records no base_config")
+            refuse(f"--adapter {path}: adapter_config.json records no base_config")
         hf_config = transformers.AutoConfig.for_model(meta["base_model_type"], **{k: v for k, v in config.items() if k != "model_type"})
         hf_config._attn_implementation = "eager"
         with torch.random.fork_rng(devices=[]):
@@ -289,4 +289,4 @@ class ZfloraAdapter(OnnxAdapter):
         self.reference = None
 
     def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
-        _refuse(f"the compiled model has the fused LoRA group '{group['name']}'; a zflora adapter has no LoRA factors for it")
+        refuse(f"the compiled model has the fused LoRA group '{group['name']}'; a zflora adapter has no LoRA factors for it")
