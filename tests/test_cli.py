@@ -170,3 +170,15 @@ def test_example_model_is_a_single_small_file():
     model = onnx.load(str(EXAMPLE), load_external_data=False)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     assert shutil.which("zcompile") is not None
+
+
+def test_export_is_a_zcompile_subcommand(capsys, tmp_path):
+    """`zcompile export ...` runs the export CLI (docs/serving.md): listed in the main help, its
+    own errors (one line, exit 2, nothing written)."""
+    from zflora_compile.cli import build_parser, main
+
+    assert "export" in build_parser().format_help()
+    code = main(["export", "peft", str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("zcompile export: error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -32,7 +32,7 @@ from zflora_compile._version import __version__
 if TYPE_CHECKING:  # imported lazily at run time: --version stays fast
     from zflora_compile.options import CompileOptions
 
-SUBCOMMANDS = ("compile", "inspect", "swap")
+SUBCOMMANDS = ("compile", "inspect", "swap", "export")
 EXIT_INTERNAL = 3
 
 
@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("compile", parents=[*shared, _compile_args()], help="rewrite the adapters and write the model (default command)")
     sub.add_parser("inspect", parents=shared, help="list the adapter sites found, and what was rejected and why")
     sub.add_parser("swap", parents=[_output_args(), _swap_args()], help="replace the adapter weights of a fused (compiled) model without recompiling (docs/swap.md)")
+    from zflora_compile.export.cli import register
+
+    register(sub)  # listed here; main() hands `zcompile export ...` to the export CLI, which owns its flags
     return parser
 
 
@@ -494,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--version"]:
         print(f"zcompile {__version__}")
         return 0
+    if argv[:1] == ["export"]:  # adapters for serving engines (docs/serving.md): their own flags and errors
+        from zflora_compile.export.cli import main as export_main
+
+        with _Signals():
+            return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     from zflora_compile import progress
 
