@@ -1,7 +1,8 @@
 """Targets turn a verified rewritten ONNX model into a deployable artifact for a runtime.
 
 ``ort`` (ONNX Runtime; CPU here, CUDA with onnxruntime-gpu), ``qnn`` (Qualcomm HTP through
-onnxruntime-qnn, optional extra), ``trt`` (TensorRT, optional extra). Each module imports its
+onnxruntime-qnn, optional extra), ``trt`` (TensorRT, optional extra), ``onnx`` (no engine: the
+verified model is the output). Each module imports its
 runtime only when used, so a missing optional runtime fails only the target that needs it. Each
 target class owns its options dataclass (``Target.Options``) and its command-line flags.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 from zflora_compile.errors import InputError
 from zflora_compile.targets.base import Loaded, Shape, Target
+from zflora_compile.targets.onnx import OnnxTarget
 from zflora_compile.targets.ort import OrtOptions, OrtTarget
 from zflora_compile.targets.qnn import QnnOptions, QnnTarget
 from zflora_compile.targets.trt import TrtOptions, TrtTarget
 
-TARGETS: dict[str, type[Target]] = {"ort": OrtTarget, "qnn": QnnTarget, "trt": TrtTarget}
+TARGETS: dict[str, type[Target]] = {"ort": OrtTarget, "qnn": QnnTarget, "trt": TrtTarget, "onnx": OnnxTarget}
 
 __all__ = ["TARGETS", "Loaded", "OrtOptions", "QnnOptions", "Shape", "Target", "TrtOptions", "get_target", "target_class"]
 

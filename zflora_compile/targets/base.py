@@ -110,6 +110,8 @@ class Target(abc.ABC):
     artifact_tolerance_why: ClassVar[str] = ""
     #: whether the artifact runs on an emulator here, so its timings are not device latencies
     emulated: bool = False
+    #: False for a target that builds nothing (``onnx``): no artifact check then
+    builds_artifact: ClassVar[bool] = True
 
     def __init__(self, options=None):
         options = self.Options() if options is None else options

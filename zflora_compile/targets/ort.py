@@ -153,6 +153,7 @@ class OrtTarget(Target):
             if gap:
                 raise CannotRunHere(f"{model_path}: target ort cannot build its artifact on this machine: {gap}", gap)
         options = self._session_options()
+        options.add_session_config_entry("session.disable_prepacking", "1")  # building only: the artifact is the same, the session holds one copy of the weights less
         optimized = out_dir / OPTIMIZED_NAME
         options.optimized_model_filepath = str(optimized)
         if uses_external_data(model_path):
