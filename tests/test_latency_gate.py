@@ -331,7 +331,7 @@ def test_bound_run_computes_what_run_computes(tmp_path):
     for seq, past in ((1, 16), (16, 0)):
         feeds = make_feeds(input_specs(EXAMPLE), None, seq=seq, past=past, seed=1)
         call = bound_run(session, feeds)
-        _, buffers = call()
+        _, buffers, _ = call()
         expected = session.run(None, feeds)
         assert len(buffers) == len(expected)
         for buffer, value in zip(buffers, expected):

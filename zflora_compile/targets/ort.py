@@ -196,17 +196,25 @@ class OrtTarget(Target):
 
 
 def bound_run(session, feeds: dict[str, np.ndarray]):
-    """A call of ``session`` on ``feeds`` with nothing to copy: the inputs are bound where they
-    are (CPU memory), one untimed run learns the outputs' shapes and types, and each output is
-    bound to a buffer of that shape allocated once (an output of a type numpy has no buffer for,
-    bfloat16, stays allocated by ONNX Runtime); the call is ``run_with_iobinding``."""
+    """A call of ``session`` on ``feeds`` with nothing to copy: the inputs are bound once where
+    the session computes (CPU memory as they are; on CUDA, copied to the device once), one untimed
+    run learns the outputs' shapes and types, and each output is bound to a buffer of that shape
+    allocated once on the same device (an output of a type numpy has no buffer for, bfloat16,
+    stays allocated by ONNX Runtime); the call is ``run_with_iobinding``. (The CUDA branch follows
+    ONNX Runtime's documented I/O binding API; no GPU was available to run it here.)"""
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     binding = session.io_binding()
     arrays = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+    placed = {}
     for name, array in arrays.items():
-        binding.bind_cpu_input(name, array)
+        if device == "cpu":
+            binding.bind_cpu_input(name, array)
+        else:
+            placed[name] = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+            binding.bind_ortvalue_input(name, placed[name])
     names = [o.name for o in session.get_outputs()]
     for name in names:
-        binding.bind_output(name)
+        binding.bind_output(name, device)
     session.run_with_iobinding(binding)
     learned = binding.get_outputs()
     binding.clear_binding_outputs()
@@ -214,11 +222,11 @@ def bound_run(session, feeds: dict[str, np.ndarray]):
     for name, output in zip(names, learned):
         dtype = _NUMPY_OF.get(output.data_type())
         if dtype is None:
-            binding.bind_output(name)
+            binding.bind_output(name, device)
             continue
-        buffers.append(ort.OrtValue.ortvalue_from_shape_and_type(output.shape(), dtype))
+        buffers.append(ort.OrtValue.ortvalue_from_shape_and_type(output.shape(), dtype, device, 0))
         binding.bind_ortvalue_output(name, buffers[-1])
-    keep = (arrays, buffers)  # the bound memory lives as long as the call
+    keep = (arrays, buffers, placed)  # the bound memory lives as long as the call
 
     def run():
         session.run_with_iobinding(binding)
