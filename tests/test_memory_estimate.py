@@ -1,0 +1,69 @@
+"""The memory estimate: what it counts, and the refusal before any work.
+
+The estimate is arithmetic on weight bytes by dtype (no timing, no measurement): these tests pin
+the rules (fp16 weights count twice as ONNX Runtime CPU holds them; regions hold one layer, not
+the model; the onnx target builds nothing; the gate keeps three sessions) and that a compile
+over the limit is refused with the numbers and a lighter setting that fits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from zflora_compile.errors import EnvironmentProblem
+from zflora_compile.memory import GIB, available_bytes, check_fits, estimate, weight_profile
+
+
+def _layered_model(dtype, layers: int = 4, hidden: int = 64) -> ir.Model:
+    """x -> MatMul(layers.i.w) ... with one [hidden, hidden] weight per layer, named by layer."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT if dtype == np.float32 else ir.DataType.FLOAT16), shape=ir.Shape([1, hidden]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="g")
+    current = x
+    for i in range(layers):
+        weight = ir.Value(name=f"model.layers.{i}.mlp.weight", const_value=ir.tensor(np.ones((hidden, hidden), dtype=dtype)))
+        graph.register_initializer(weight)
+        node = ir.node("MatMul", [current, weight], name=f"/model/layers.{i}/MatMul")
+        graph.append(node)
+        current = node.outputs[0]
+    graph.outputs.append(current)
+    return ir.Model(graph, ir_version=10)
+
+
+def test_fp16_weights_count_as_fp32_and_layers_are_found():
+    fp32, fp16 = weight_profile(_layered_model(np.float32)), weight_profile(_layered_model(np.float16))
+    assert fp32["stored"] == fp32["fp32"] == 4 * 64 * 64 * 4 and fp32["layers"] == 4
+    assert fp16["stored"] == fp32["stored"] // 2 and fp16["fp32"] == fp32["fp32"]
+    assert fp16["layer_fp32"] == fp32["layer_fp32"] == 64 * 64 * 4
+    assert fp16["largest_fp32"] == 64 * 64 * 4
+
+
+def test_the_steps_counted_follow_the_settings():
+    model = _layered_model(np.float16, layers=8, hidden=512)
+    full = estimate(model, verify="full", target="ort", check_latency=False)["steps_gib"]
+    regions = estimate(model, verify="regions", target="ort", check_latency=False)["steps_gib"]
+    bare = estimate(model, verify="regions", target="onnx", check_latency=False)["steps_gib"]
+    gate = estimate(model, verify="off", target="ort", check_latency=True)["steps_gib"]
+    assert "verify (full: two sessions)" in full and "verify (regions: two sessions of one layer)" in regions
+    assert regions["verify (regions: two sessions of one layer)"] < full["verify (full: two sessions)"]
+    assert not any(step.startswith(("target", "artifact")) for step in bare)
+    assert "latency gate (three sessions)" in gate and not any(step.startswith("verify") for step in gate)
+
+
+def test_over_the_limit_is_refused_with_the_numbers_and_what_fits():
+    model = _layered_model(np.float32, layers=8, hidden=2048)  # 128 MiB of weights
+    need = estimate(model, verify="full", target="ort", check_latency=True)
+    limit = (need["steps_gib"]["verify (full: two sessions)"] + need["steps_gib"]["latency gate (three sessions)"]) / 2
+    with pytest.raises(EnvironmentProblem) as refused:
+        check_fits(model, verify="full", target="ort", check_latency=True, limit_gib=limit)
+    message = str(refused.value)
+    assert f"{need['peak_gib']:g} GiB at its peak (latency gate (three sessions)" in message and "(--memory-limit)" in message
+    assert "without --check-latency it needs about" in message
+    fits = check_fits(model, verify="full", target="ort", check_latency=False, limit_gib=limit)
+    assert fits["fits"] is True and fits["limit_source"] == "--memory-limit" and fits["peak_gib"] <= limit
+
+
+def test_available_memory_is_read_from_the_os():
+    available, source = available_bytes()
+    assert available is None or (available > 0.1 * GIB and source)
