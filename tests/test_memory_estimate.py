@@ -67,3 +67,31 @@ def test_over_the_limit_is_refused_with_the_numbers_and_what_fits():
 def test_available_memory_is_read_from_the_os():
     available, source = available_bytes()
     assert available is None or (available > 0.1 * GIB and source)
+
+
+def test_writing_shows_one_step_per_external_tensor_and_writes_the_same_files(tmp_path):
+    """save_model's progress display counts the tensors written to the data file; the files
+    are the ones written without a display, byte for byte."""
+    import contextlib
+    from pathlib import Path
+
+    from zflora_compile.model_io import INLINE_BYTES, load_model, save_model
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama_lora.onnx"
+    model = load_model(example)
+    shown = []
+
+    class Display:
+        @contextlib.contextmanager
+        def bar(self, name, total):
+            shown.append(total)
+            yield lambda: shown.append("step")
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_model(model, tmp_path / "a" / "model.onnx", external=True, progress=Display())
+    save_model(model, tmp_path / "b" / "model.onnx", external=True)
+    external = sum(1 for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.nbytes > INLINE_BYTES)
+    assert shown[0] == external == shown.count("step") > 0
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -15,6 +15,7 @@ MIN_OPSET = 13  # Split with a `split` input, Unsqueeze/Squeeze with `axes` inpu
 MAX_OPSET = onnx.defs.onnx_opset_version()
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes: protobuf's 2 GB limit, with headroom
 DATA_SUFFIX = ".data"
+INLINE_BYTES = 256  # tensors up to this size stay in the .onnx file (onnx-ir's default)
 
 
 EXPORTED_PROGRAM_SUFFIX = ".pt2"
@@ -146,13 +147,22 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, path: Path, *, external: bool | None = None) -> list[Path]:
-    """Write ``model`` to ``path`` (external data beside it when asked or when over ~2 GB)."""
+def save_model(model: ir.Model, path: Path, *, external: bool | None = None, progress=None) -> list[Path]:
+    """Write ``model`` to ``path`` (external data beside it when asked or when over ~2 GB).
+
+    External data is streamed by onnx-ir one tensor at a time: an untouched weight is copied from
+    its file in the kernel (``copy_file_range``, no Python buffer), a computed one is materialised
+    alone. ``progress`` (a :mod:`~zflora_compile.progress` display) shows one step per tensor."""
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external:
         data_name = path.name + DATA_SUFFIX
-        ir.save(model, path, external_data=data_name)
+        if progress is None:
+            ir.save(model, path, external_data=data_name, size_threshold_bytes=INLINE_BYTES)
+        else:
+            tensors = sum(1 for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.nbytes > INLINE_BYTES)
+            with progress.bar(f"writing {data_name}: {tensors} tensors", tensors) as advance:
+                ir.save(model, path, external_data=data_name, size_threshold_bytes=INLINE_BYTES, callback=lambda tensor, info: advance())
         return [path, path.with_name(data_name)]
     ir.save(model, path)
     return [path]
