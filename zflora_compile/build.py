@@ -92,13 +92,21 @@ def compile_file(
                     f"{input_path}: this model cannot run on this machine, so it cannot be verified: {gap}; "
                     "verification runs it in ONNX Runtime on CPU; --no-verify compiles it without running it"
                 )
-        where[:] = [Path(tempfile.gettempdir()), "compiling in the temporary directory"]
-        model = compile_onnx(report, model, options, steps, source=onnx_source)
         where[:] = [destination.parent, "writing the output"]
         staging = _make_staging(destination)
+
+        def write(rewritten: ir.Model) -> list[Path]:
+            """The rewritten model, written once, into the staging directory (verified there)."""
+            where[:] = [staging, "writing the output"]
+            written = _write_model(rewritten, staging, report, options, steps)
+            where[:] = [Path(tempfile.gettempdir()), "compiling in the temporary directory"]
+            return written
+
+        where[:] = [Path(tempfile.gettempdir()), "compiling in the temporary directory"]
+        model = compile_onnx(report, model, options, steps, source=onnx_source, write=write)
         where[:] = [staging, "writing the output"]
         try:
-            shapes = _write_and_build(model, staging, report, options, steps, target, vocab)
+            shapes = _build(model, staging, report, options, steps, target, vocab)
         except VerificationError:
             if not options.verify:  # nothing loaded the input: a model ONNX Runtime cannot load is the input's fault
                 _refuse_unloadable_input(source)
@@ -154,16 +162,22 @@ def _shown(message: str, staging: Path, output_dir: Path) -> str:
     return message.replace(str(staging), str(output_dir))
 
 
-def _write_and_build(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps, target: Target, vocab) -> list[Shape]:
-    """Write ``model.onnx``, build the target's artifact beside it and check it; returns the shapes built."""
-    model_path = staging / MODEL_NAME
+def _write_model(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps) -> list[Path]:
+    """Write ``model.onnx`` (external data beside it when the input had it, or over ~2 GB) and,
+    with ``adapter_inputs``, ONNX Runtime's adapter file; returns the model's files, the model first."""
     with steps.step("write"):
-        written = save_model(model, model_path, external=True if report.input.external_data else None)
+        written = save_model(model, staging / MODEL_NAME, external=True if report.input.external_data else None)
         report.output.files = [p.name for p in written] + ["report.json"]
         if options.adapter_inputs:  # ONNX Runtime's adapter file of the compiled adapter (docs/swap.md)
             from zflora_compile.deploy.onnx_adapter import write_compiled_adapter
 
             report.output.files += write_compiled_adapter(model, staging)
+    return written
+
+
+def _build(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps, target: Target, vocab) -> list[Shape]:
+    """Build the target's artifact beside the written ``model.onnx`` and check it; returns the shapes built."""
+    model_path = staging / MODEL_NAME
     shapes = phase_shapes(model_path, options.latency, model)
     with steps.step(f"build target {target.name}"):
         try:

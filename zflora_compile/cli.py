@@ -87,7 +87,7 @@ def _compile_args() -> argparse.ArgumentParser:
     latency.add_argument("--max-overhead", type=float, default=2.0, metavar="PCT", help="largest allowed fused/base - 1 per phase, in percent (default %(default)s)")
     latency.add_argument("--gate-budget-s", type=float, default=60.0, metavar="S", help="seconds of further rounds a phase may spend while its verdict is inconclusive (default %(default)s; 0: none)")
     latency.add_argument("--gate-calibrate", action="store_true", help="also time base against itself (A/A) the same way and report it beside the gate: the noise floor")
-    latency.add_argument("--gate-sessions", type=int, default=4, metavar="N", help="split each phase's rounds over N fresh loads of the artifacts, the load order reversed every other load: which session was loaded first favours it by ~1.5%% (reversal cancels it), and two sessions of one model can differ by up to ~10%% for their lifetime (several loads show it in the interval) (default %(default)s)")
+    latency.add_argument("--gate-sessions", type=int, default=4, metavar="N", help="split each phase's rounds over up to N fresh loads of the artifacts (at least 5 rounds per load, an even number of loads), the load order reversed every other load: which session was loaded first favours it by ~1.5%% (reversal cancels it), and two sessions of one model can differ by up to ~10%% for their lifetime (several loads show it in the interval) (default %(default)s)")
     latency.add_argument("--gate-cpus", default=None, metavar="LIST", help="pin the process to these CPUs while timing (e.g. 2,3 or 0-3; Linux sched_setaffinity), so the scheduler does not move the runs; the report records the set (default: not pinned)")
     latency.add_argument("--prefill", type=int, default=128, metavar="N", help="prompt tokens of the prefill phase (default %(default)s)")
     latency.add_argument("--past", type=int, default=128, metavar="N", help="KV-cache length of the decode phase (default %(default)s)")
@@ -96,7 +96,12 @@ def _compile_args() -> argparse.ArgumentParser:
     latency.add_argument("--prefill-rounds", type=int, default=10, help="interleaved prefill rounds (default %(default)s)")
     latency.add_argument("--warmup", type=int, default=3, help="untimed runs per variant and phase (default %(default)s)")
     verify = parent.add_argument_group("verification")
-    verify.add_argument("--no-verify", dest="verify", action="store_false", help="skip the ONNX Runtime comparison (not recommended)")
+    verify.add_argument(
+        "--verify", dest="verify_mode", choices=("auto", "full", "regions", "off"), default="auto",
+        help="full: both whole models in ONNX Runtime; regions: each rewritten region against the original's, one at a time "
+        "(a model whose regions cannot be isolated is checked in full, the report says why); auto (default): full below 2 GiB of weights, regions above",
+    )
+    verify.add_argument("--no-verify", dest="verify", action="store_false", help="skip the ONNX Runtime comparison (not recommended; --verify off)")
     defaults = ", ".join(f"{k} {a:g}/{r:g}" for k, (a, r) in TOLERANCES.items())
     verify.add_argument("--atol", type=float, help=f"absolute tolerance (default by dtype, atol/rtol: {defaults})")
     verify.add_argument("--rtol", type=float, help="relative tolerance (default by dtype)")
@@ -311,10 +316,13 @@ def _compile_options(args) -> CompileOptions:
         for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
             if value is not None and not value >= 0:
                 raise InputError(f"{flag} must be a finite number >= 0, got {value}")
+        if not args.verify and args.verify_mode not in ("auto", "off"):
+            raise InputError(f"--no-verify contradicts --verify {args.verify_mode}")
         return CompileOptions(
             strategy=args.strategy,
             target=args.target,
-            verify=args.verify,
+            verify=args.verify and args.verify_mode != "off",
+            verify_mode=args.verify_mode if args.verify else "off",
             atol=args.atol,
             rtol=args.rtol,
             max_rank_ratio=args.max_rank_ratio,
@@ -340,7 +348,7 @@ def _compile_options(args) -> CompileOptions:
             adapter_inputs=args.adapter_inputs,
         )
     except ZcompileError as error:
-        report = Report({"strategy": args.strategy, "target": args.target, "verify": args.verify}, InputInfo(path=str(args.model)))
+        report = Report({"strategy": args.strategy, "target": args.target, "verify": args.verify and args.verify_mode != "off"}, InputInfo(path=str(args.model)))
         report.fail(error)
         error.report = report.to_json()
         raise
@@ -354,7 +362,13 @@ def _print_summary(console, report: dict) -> None:
     verification = report.get("verification", {})
     if verification.get("passed"):
         worst = verification["worst"]
-        console.print(f"verified: max abs diff {worst['max_abs_diff']:.3g} ('{worst['output']}', {worst.get('case', '')}) over {len(verification['cases'])} input case(s)")
+        how = f" ({verification['mode']}: {verification['mode_reason']})" if verification.get("mode") else ""
+        if "regions" in verification and not verification["regions"]:
+            console.print(f"verified: no node changed{how}")
+        elif "regions" in verification:
+            console.print(f"verified {len(verification['regions'])} region(s): max abs diff {worst['max_abs_diff']:.3g} ('{worst['output']}', {worst.get('case', '')}){how}")
+        else:
+            console.print(f"verified: max abs diff {worst['max_abs_diff']:.3g} ('{worst['output']}', {worst.get('case', '')}) over {len(verification['cases'])} input case(s){how}")
     elif verification.get("skipped"):
         console.print("[yellow]verification skipped[/yellow] (--no-verify)")
     target = report.get("target", {})

@@ -13,6 +13,8 @@ from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO
 from zflora_compile.planner import STRATEGIES
 from zflora_compile.targets import target_class
 
+VERIFY_MODES = ("auto", "full", "regions", "off")
+
 
 @dataclasses.dataclass
 class CompileOptions:
@@ -21,7 +23,12 @@ class CompileOptions:
 
     strategy: str = "fuse"
     target: str = "ort"
+    #: False: no verification (the same as ``verify_mode="off"``)
     verify: bool = True
+    #: "auto" (full below :data:`zflora_compile.verify.AUTO_REGIONS_BYTES` of weights, regions
+    #: above), "full" (both whole models in ONNX Runtime), "regions" (each rewritten region against
+    #: the original region, one at a time) or "off"
+    verify_mode: str = "auto"
     atol: float | None = None
     rtol: float | None = None
     max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO
@@ -43,6 +50,12 @@ class CompileOptions:
     adapter_inputs: bool = False
 
     def __post_init__(self):
+        if self.verify_mode not in VERIFY_MODES:
+            raise InputError(f"unknown verification mode '{self.verify_mode}' (choose from {', '.join(VERIFY_MODES)})")
+        if not self.verify:
+            self.verify_mode = "off"
+        elif self.verify_mode == "off":
+            self.verify = False
         check_max_rank_ratio(self.max_rank_ratio)
         if self.max_rank is not None and (not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 1):
             raise InputError(f"--max-rank must be an integer >= 1, got {self.max_rank}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 import onnx_ir as ir
@@ -22,12 +23,14 @@ from zflora_compile.checker import input_checker, output_checker
 from zflora_compile.errors import InputError, UnrecognizedAdapterError, VerificationError, ZcompileError
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
-from zflora_compile.model_io import has_external_data, load_model, save_model, to_ir
+from zflora_compile.model_io import has_external_data, initializer_bytes, load_model, save_model, to_ir
 from zflora_compile.options import CompileOptions
 from zflora_compile.planner import plan
 from zflora_compile.progress import TimedSteps
 from zflora_compile.report import NO_VERIFY, GraphStats, InputInfo, OutputInfo, Report, file_digest
-from zflora_compile.verify import check_finite_weights, token_vocab, verification_failure_message, verify_models
+from zflora_compile.regions import CannotIsolate, verify_regions
+from zflora_compile.regions import failure_message as regions_failure_message
+from zflora_compile.verify import check_finite_weights, choose_mode, token_vocab, verification_failure_message, verify_models
 
 STRIP_REFERENCE = "the input model with every detected adapter's B set to zero (a generic linear branch: multiplied by zero)"
 
@@ -127,13 +130,19 @@ def compile_model(model, options: CompileOptions | None = None, *, progress=None
     return result, report
 
 
-def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps: TimedSteps, *, source: Path | None = None) -> ir.Model:
-    """Detect, rewrite in place, check and verify ``model``, filling ``report``.
+def compile_onnx(
+    report: Report, model: ir.Model, options: CompileOptions, steps: TimedSteps, *, source: Path | None = None, write: Callable[[ir.Model], list[Path]] | None = None
+) -> ir.Model:
+    """Detect, rewrite in place, write, check and verify ``model``, filling ``report``.
 
     ``source`` is the unchanged file the model was loaded from: verification runs it as the
-    reference; without it, the model is saved to a temporary file first.
+    reference; without it, the model is saved to a temporary file first. ``write`` writes the
+    rewritten model where it belongs (``build``: the output's staging directory) and returns the
+    files written, the model first; the checker and the verification read that file, so the
+    rewritten model is written once. Without it, it goes to a temporary file.
     """
     vocab = token_vocab(model)
+    weight_bytes = initializer_bytes(model)
     with tempfile.TemporaryDirectory(prefix="zflora-") as tmp:
         tmp = Path(tmp)
         if source is None:
@@ -170,19 +179,30 @@ def compile_onnx(report: Report, model: ir.Model, options: CompileOptions, steps
             report.plan, report.output = the_plan, OutputInfo(onnx_stats(model))
             if options.strategy == "strip":
                 check_stripped(subgraphs.views(model), subgraphs.detect(model, options.max_rank_ratio))
-        rewritten = save_model(model, tmp / "model.onnx", external=True)[0]
+        rewritten = (write(model) if write is not None else save_model(model, tmp / "model.onnx", external=True))[0]
         with steps.step("check"):
             report.output.checker = output_checker(rewritten, report.input.checker)
         if not options.verify:
             report.verification = dict(NO_VERIFY)
             return model
+        mode, why = choose_mode(options.verify_mode, weight_bytes)
         with steps.step("verify"):
-            reference, meaning = _onnx_reference(source, options, tmp, len(detection), compiled if removed else None)
-            result = verify_models(reference, rewritten, vocab, atol=options.atol, rtol=options.rtol, seed=options.seed)
-            result["reference"] = meaning
-            report.verification = result
+            reference = StripReference(source, options, len(detection), compiled if removed else None)
+            result = None
+            if mode == "regions":
+                try:
+                    result = verify_regions(reference.model(), load_model(rewritten), source, rewritten, vocab, atol=options.atol, rtol=options.rtol, seed=options.seed, progress=steps.progress)
+                    message = regions_failure_message
+                except CannotIsolate as cannot:
+                    why += f"; the model cannot be checked region by region ({cannot}): checked in full instead"
+                    mode = "full"
+            if result is None:
+                result = verify_models(reference.path(tmp), rewritten, vocab, atol=options.atol, rtol=options.rtol, seed=options.seed)
+                message = verification_failure_message
+            result["reference"] = reference.meaning
+            report.verification = {"mode": mode, "mode_reason": why, **result}
             if not result["passed"]:
-                raise VerificationError(verification_failure_message(result))
+                raise VerificationError(message(result))
     return model
 
 
@@ -197,22 +217,36 @@ def pad_model_plan(the_plan, max_rank: int):
     return the_plan
 
 
-def _onnx_reference(source: Path, options: CompileOptions, tmp: Path, sites: int, compiled: dict | None = None) -> tuple[Path, str]:
+class StripReference:
     """What the rewritten model must equal: the input, or for ``strip`` the input with B = 0
     (detected afresh from the file: it must find the ``sites`` the compile found); a model this tool
-    compiled (``compiled``: its record) has its compiled-in low-rank constants zeroed first."""
-    if options.strategy != "strip":
-        return source, "the input model"
-    model = load_model(source)
-    if compiled is not None:
-        metadata.disable_compiled(model, compiled)
-    again = detect(model, options.max_rank_ratio)
-    if len(again) != sites:
-        raise VerificationError(f"the strip reference, detected afresh from the saved input, has {len(again)} adapter site(s), the compile {sites}")
-    subgraphs.disable_adapters(model, again)
-    path = tmp / "reference.onnx"
-    save_model(model, path, external=True)
-    return path, (COMPILED_STRIP_REFERENCE + "; then " if compiled is not None else "") + f"{STRIP_REFERENCE} (graph otherwise unchanged)"
+    compiled (``compiled``: its record) has its compiled-in low-rank constants zeroed first. Loaded
+    lazily (external data stays on disk); written to a file only for the full check."""
+
+    def __init__(self, source: Path, options: CompileOptions, sites: int, compiled: dict | None = None):
+        self.source, self.options, self.sites, self.compiled = source, options, sites, compiled
+        self.stripped = options.strategy == "strip"
+        prefix = COMPILED_STRIP_REFERENCE + "; then " if compiled is not None else ""
+        self.meaning = f"{prefix}{STRIP_REFERENCE} (graph otherwise unchanged)" if self.stripped else "the input model"
+
+    def model(self) -> ir.Model:
+        model = load_model(self.source)
+        if not self.stripped:
+            return model
+        if self.compiled is not None:
+            metadata.disable_compiled(model, self.compiled)
+        again = detect(model, self.options.max_rank_ratio)
+        if len(again) != self.sites:
+            raise VerificationError(f"the strip reference, detected afresh from the saved input, has {len(again)} adapter site(s), the compile {self.sites}")
+        subgraphs.disable_adapters(model, again)
+        return model
+
+    def path(self, tmp: Path) -> Path:
+        if not self.stripped:
+            return self.source
+        path = tmp / "reference.onnx"
+        save_model(self.model(), path, external=True)
+        return path
 
 
 def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps):

@@ -328,11 +328,30 @@ def check_finite_weights(detection, strategy: str, model=None) -> None:
                     computed(site, f"s·B (lane {read.lane})", np.float32(read.scale) * _as_float32(b), dtype)
 
 
-def session(path: str | os.PathLike) -> ort.InferenceSession:
+def session(path: str | os.PathLike | bytes) -> ort.InferenceSession:
+    """A CPU session of a model file (or of a serialised model: a region)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 4  # a failing run raises with the message; a skipped optional case must not print it
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"])
+
+
+#: ``--verify auto`` checks the whole model below this many bytes of weights, region by region
+#: above. The full check holds two ONNX Runtime sessions of the model (about 2.3x its weights at
+#: peak, measured: 14 GiB for a 1.5B fp32 model); 2 GiB of weights keeps it under ~5 GiB, what a
+#: laptop or a CI runner spares beside the compile, while every model this size still gets the
+#: check of everything end to end
+AUTO_REGIONS_BYTES = 2 * 1024**3
+
+
+def choose_mode(requested: str, weight_bytes: int) -> tuple[str, str]:
+    """(mode, why): ``requested`` unless it is "auto", which picks by ``weight_bytes``."""
+    if requested != "auto":
+        return requested, f"--verify {requested}"
+    size = f"{weight_bytes / 1024**3:.2f} GiB of weights"
+    if weight_bytes < AUTO_REGIONS_BYTES:
+        return "full", f"auto: {size}, below {AUTO_REGIONS_BYTES / 1024**3:g} GiB: the whole model is run twice"
+    return "regions", f"auto: {size}, at least {AUTO_REGIONS_BYTES / 1024**3:g} GiB: two whole-model sessions would need ~2.3x that in memory"
 
 
 _FLOAT_WIDTH = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}

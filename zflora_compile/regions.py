@@ -1,0 +1,497 @@
+"""Regional verification: every rewritten region against the original region, one at a time.
+
+What is compared, and why it is not self-referential: both graphs are read from their files (the
+rewritten ``model.onnx`` as written, the input or the strip reference), never from what the
+compiler says it touched. A node of the rewritten graph is *unchanged* when the original holds a
+node that serialises identically (name, op type, domain, attributes, input and output names) and
+whose constant inputs hold the same bytes (sha256 of each initializer, streamed from the files);
+every other node is *changed*. Changed nodes connected through the values they produce form a
+region. A region's boundary outputs are what unchanged nodes and graph outputs read of it: by
+induction over the graph's order, when every region's boundary outputs equal the original's
+values of the same names, every value of the rewritten model equals the original's. The original
+region is walked back from those names until values both graphs compute with identical nodes (or
+graph inputs); integer values there (shape arithmetic, masks) are computed inside both regions
+from their own producers, float ones are fed seeded activations. Both regions run in ONNX
+Runtime on the same feeds, one region at a time, compared with :mod:`.verify`'s tolerances.
+
+What cannot be isolated makes the whole model fall back to the full check (the reason is
+reported): control flow (``If`` / ``Loop`` / ``Scan`` bodies), graph inputs with defaults, a
+changed signature, a boundary value of unknown rank or size, a region holding most of the
+model's weights (zFLoRA widens the residual stream, so every layer changes), or an original region
+that does not run on the synthesized activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from zflora_compile.errors import first_line
+
+#: a region holding more than this share of the model's weight bytes is not worth isolating
+MAX_REGION_SHARE = 0.5
+#: integer values computed inside a region (shape arithmetic) are followed back at most this far
+MAX_CONTEXT_NODES = 2000
+_CHUNK = 1 << 24
+
+
+class CannotIsolate(Exception):
+    """The model cannot be verified region by region: the message says why (full check instead)."""
+
+
+@dataclasses.dataclass
+class Region:
+    """One changed region: its nodes in both graphs, what it reads (fed) and what it computes (compared)."""
+
+    index: int
+    rewritten: list  # ir.Node of the rewritten graph (changed nodes, then their integer context)
+    original: list  # ir.Node of the original graph computing the same outputs
+    inputs: list[str]
+    outputs: list[str]
+    changed: list[str]  # names of the changed nodes
+    weight_bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        shown = ", ".join(repr(n) for n in self.changed[:3]) + (f" and {len(self.changed) - 3} more" if len(self.changed) > 3 else "")
+        return f"region {self.index} (rewritten node(s) {shown})"
+
+    def to_json(self) -> dict:
+        return {
+            "region": self.index,
+            "changed_nodes": self.changed,
+            "rewritten_nodes": len(self.rewritten),
+            "original_nodes": [n.name for n in self.original],
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "weight_bytes": self.weight_bytes,
+        }
+
+
+def tensor_digest(tensor) -> tuple:
+    """(dtype, shape, sha256 of the bytes): external data streamed from its file in chunks."""
+    digest = hashlib.sha256()
+    if isinstance(tensor, ir.ExternalTensor):
+        left = tensor.length if tensor.length is not None else tensor.nbytes
+        with open(tensor.path, "rb") as handle:
+            handle.seek(tensor.offset or 0)
+            while left > 0:
+                chunk = handle.read(min(left, _CHUNK))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+    else:
+        digest.update(tensor.tobytes())
+    return (tensor.dtype, tuple(tensor.shape), digest.hexdigest())
+
+
+def has_control_flow(model: ir.Model) -> bool:
+    return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for node in model.graph for attr in node.attributes.values())
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.producer() is None and (value.const_value is not None or value.is_initializer())
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    found = {v.name: v for v in graph.inputs}
+    found.update({name: v for name, v in graph.initializers.items()})
+    for node in graph:
+        found.update({v.name: v for v in node.outputs if v.name})
+    return found
+
+
+class _Digests:
+    """Initializer digests, memoised per (graph, name)."""
+
+    def __init__(self):
+        self.memo: dict[tuple[int, str], tuple | None] = {}
+
+    def of(self, value: ir.Value) -> tuple | None:
+        key = (id(value.graph), value.name)
+        if key not in self.memo:
+            try:
+                self.memo[key] = None if value.const_value is None else tensor_digest(value.const_value)
+            except Exception:  # noqa: BLE001 - unreadable (strings, missing data): counted as changed
+                self.memo[key] = None
+        return self.memo[key]
+
+
+def _same_node(node: ir.Node, other: ir.Node | None, digests: _Digests) -> bool:
+    if other is None or node.op_type != other.op_type or node.domain != other.domain:
+        return False
+    if ir.serde.serialize_node(node) != ir.serde.serialize_node(other):
+        return False
+    for mine, theirs in zip(node.inputs, other.inputs):
+        if _is_constant(mine) != _is_constant(theirs):
+            return False
+        if _is_constant(mine):
+            left, right = digests.of(mine), digests.of(theirs)
+            if left is None or left != right:
+                return False
+    return True
+
+
+def changed_nodes(original: ir.Model, rewritten: ir.Model, digests: _Digests | None = None) -> list[ir.Node]:
+    """The rewritten graph's nodes that the original does not hold identically (see module doc)."""
+    digests = digests or _Digests()
+    by_name: dict[str, ir.Node | None] = {}
+    for node in original.graph:
+        by_name[node.name] = None if node.name in by_name else node  # a repeated name matches nothing
+    return [node for node in rewritten.graph if not (node.name and _same_node(node, by_name.get(node.name), digests))]
+
+
+def _check_signature(original: ir.Model, rewritten: ir.Model) -> None:
+    if has_control_flow(original) or has_control_flow(rewritten):
+        raise CannotIsolate("the model has control flow (If / Loop / Scan subgraphs); their bodies are checked by running the whole model")
+    for model, which in ((original, "original"), (rewritten, "rewritten")):
+        defaulted = [v.name for v in model.graph.inputs if v.is_initializer() or v.const_value is not None]
+        if defaulted:
+            raise CannotIsolate(f"the {which} model has graph inputs with defaults ('{defaulted[0]}'): the full check feeds them")
+    if dict(original.opset_imports) != dict(rewritten.opset_imports):
+        raise CannotIsolate("the opset imports differ")
+    signature = [(v.name, v.dtype) for v in original.graph.inputs], [v.name for v in original.graph.outputs]
+    if signature != ([(v.name, v.dtype) for v in rewritten.graph.inputs], [v.name for v in rewritten.graph.outputs]):
+        raise CannotIsolate("the graph inputs or outputs differ; the full check reports how")
+
+
+def _components(changed: list[ir.Node], outputs: set[str]) -> list[list[ir.Node]]:
+    """Changed nodes grouped by the values they pass only to each other: a value unchanged nodes or
+    the graph outputs read too is compared where it is computed and fed to its changed readers (a
+    residual stream of rewritten adds does not chain every layer into one region); constants do
+    not connect."""
+    parent = {id(n): id(n) for n in changed}
+
+    def root(key):
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for node in changed:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is None or id(producer) not in parent:
+                continue
+            if value.name in outputs or any(id(user) not in parent for user, _ in value.uses()):
+                continue
+            parent[root(id(producer))] = root(id(node))
+    groups: dict[int, list[ir.Node]] = {}
+    for node in changed:
+        groups.setdefault(root(id(node)), []).append(node)
+    return list(groups.values())
+
+
+def _same_type(old: ir.Value, new: ir.Value) -> bool:
+    """Same dtype, and the same rank and fixed sizes where both recorded a shape."""
+    if old.dtype != new.dtype:
+        return False
+    if old.shape is None or new.shape is None:
+        return True
+    if len(old.shape) != len(new.shape):
+        return False
+    return all(not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(old.shape, new.shape))
+
+
+def _floating(value: ir.Value) -> bool:
+    return value.dtype is not None and value.dtype.is_floating_point()
+
+
+def find_regions(original: ir.Model, rewritten: ir.Model) -> list[Region]:
+    """The changed regions of ``rewritten`` paired with what computes the same values in ``original``.
+
+    Raises :class:`CannotIsolate` when the model cannot be verified region by region."""
+    _check_signature(original, rewritten)
+    changed = changed_nodes(original, rewritten)
+    changed_ids = {id(n) for n in changed}
+    old_values, old_nodes = _values(original.graph), {n.name: n for n in original.graph}
+    new_values = _values(rewritten.graph)
+    outputs = {v.name for v in rewritten.graph.outputs}
+    total = sum(v.const_value.nbytes for v in original.graph.initializers.values() if v.const_value is not None) or 1
+    groups = _components(changed, outputs)
+    order = {id(n): i for graph in (original.graph, rewritten.graph) for i, n in enumerate(graph)}
+    boundaries = []
+    for nodes in groups:
+        members = {id(n) for n in nodes}
+        boundaries.append([
+            v.name for n in nodes for v in n.outputs
+            if v.name and (v.name in outputs or any(id(user) not in members for user, _ in v.uses()))
+        ])
+    verified = {name for boundary in boundaries for name in boundary}
+    regions = []
+    for index, (nodes, boundary) in enumerate(zip(groups, boundaries)):
+        missing = [name for name in boundary if name not in old_values]
+        if missing:
+            raise CannotIsolate(f"value '{missing[0]}' is read outside the rewrite but the original has no value of that name")
+        for name in boundary:
+            if not _same_type(old_values[name], new_values[name]):
+                raise CannotIsolate(f"the rewrite changes the type or shape of value '{name}', which unchanged nodes read (a widened stream)")
+        regions.append(_pair(index, nodes, boundary, verified, changed_ids, old_values, old_nodes, new_values, order))
+    for region in regions:
+        if region.weight_bytes > MAX_REGION_SHARE * total:
+            raise CannotIsolate(
+                f"{region.name} holds {region.weight_bytes / total:.0%} of the model's weight bytes: isolating it saves nothing"
+            )
+    return regions
+
+
+def _pair(index, nodes, boundary, verified, changed_ids, old_values, old_nodes, new_values, order) -> Region:
+    """One region: its changed nodes plus the integer context both sides compute, and the
+    original nodes that compute ``boundary`` from the same fed values."""
+    produced = {v.name for n in nodes for v in n.outputs}
+    new_side, old_side = list(nodes), []
+    inputs: list[str] = []
+    context: set[int] = set()
+
+    def feed(name: str) -> None:
+        if name not in inputs:
+            inputs.append(name)
+
+    def resolve(name: str, todo_new: list) -> None:
+        """A value the rewritten side reads from outside the changed nodes: a graph input or a
+        float activation is fed; an integer value is computed on both sides by its producer."""
+        if name in produced:
+            return
+        value = new_values[name]
+        producer = value.producer()
+        if producer is None or (_floating(value) and producer.op_type != "Constant"):
+            if producer is not None and id(producer) in changed_ids and name not in verified:
+                raise CannotIsolate(f"value '{name}' passes between two rewritten regions unverified")
+            feed(name)
+            return
+        if id(producer) in changed_ids:
+            raise CannotIsolate(f"the integer value '{name}' comes out of another rewritten region")
+        if id(producer) in context:
+            return
+        context.add(id(producer))
+        if len(context) > MAX_CONTEXT_NODES:
+            raise CannotIsolate(f"the integer values '{name}' depends on reach too far back")
+        new_side.append(producer)
+        old_side.append(old_nodes[producer.name])
+        todo_new.extend(v.name for v in producer.inputs if v is not None and not _is_constant(v))
+
+    def shared(name: str) -> bool:
+        """Computed by identical nodes in both graphs, or verified equal by a region, or a graph input."""
+        value = new_values.get(name)
+        if value is None or _is_constant(value):
+            return False
+        producer = value.producer()
+        return producer is None or id(producer) not in changed_ids or (name in verified and name not in produced and _floating(value))
+
+    todo_new = [v.name for n in nodes for v in n.inputs if v is not None and not _is_constant(v)]
+    todo_old = list(boundary)
+    seen_old: set[str] = set()
+    while todo_new or todo_old:
+        while todo_new:
+            resolve(todo_new.pop(), todo_new)
+        while todo_old:
+            name = todo_old.pop()
+            if name in seen_old or name in inputs:
+                continue
+            seen_old.add(name)
+            value = old_values.get(name)
+            if value is None:
+                raise CannotIsolate(f"the original region reads '{name}', which the original graph does not hold")
+            if _is_constant(value):
+                continue
+            if name not in boundary and shared(name):
+                resolve(name, todo_new)
+                continue
+            producer = value.producer()
+            if producer is None:
+                raise CannotIsolate(f"the original region reads graph input '{name}', which the rewritten model lacks")
+            old_side.append(producer)
+            todo_old.extend(v.name for v in producer.inputs if v is not None)
+    new_side = sorted({id(n): n for n in new_side}.values(), key=lambda n: order[id(n)])
+    old_side = sorted({id(n): n for n in old_side}.values(), key=lambda n: order[id(n)])
+    weights = max(_weight_bytes(new_side), _weight_bytes(old_side))
+    return Region(index, new_side, old_side, inputs, boundary, [n.name for n in nodes], weights)
+
+
+def _weight_bytes(nodes) -> int:
+    seen = {v.name: v.const_value.nbytes for n in nodes for v in n.inputs if _is_constant(v) and v.const_value is not None}
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def region_model(model: ir.Model, nodes: list, inputs: list[str], outputs: list[str], values: dict[str, ir.Value]) -> bytes:
+    """The serialised ONNX model of ``nodes`` alone: ``inputs`` as graph inputs, ``outputs`` as
+    outputs, and only the initializers the nodes read (external data read one tensor at a time)."""
+    graph = onnx.GraphProto(name="region")
+    fed = set(inputs)
+    for node in nodes:
+        graph.node.append(ir.serde.serialize_node(node))
+    seen = set()
+    for node in nodes:
+        for value in node.inputs:
+            if not _is_constant(value) or value.name in seen or value.name in fed:
+                continue
+            seen.add(value.name)
+            tensor = value.const_value
+            if tensor is None:
+                raise CannotIsolate(f"initializer '{value.name}' has no value")
+            proto = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=[int(d) for d in tensor.shape], raw_data=tensor.tobytes())
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.release()
+            graph.initializer.append(proto)
+    for name in inputs:
+        graph.input.append(onnx.helper.make_tensor_value_info(name, values[name].dtype.value, None))
+    for name in outputs:
+        graph.output.append(onnx.helper.make_tensor_value_info(name, values[name].dtype.value, None))
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    return proto.SerializeToString()
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def case_symbols(specs, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The size of every symbolic axis of the graph inputs in one case's feeds."""
+    symbols = {}
+    for spec in specs:
+        if spec.name in feeds:
+            for dim, size in zip(spec.shape, feeds[spec.name].shape):
+                if isinstance(dim, str):
+                    symbols.setdefault(dim, int(size))
+    return symbols
+
+
+def concrete_shape(value: ir.Value, symbols: dict[str, int]) -> list[int]:
+    """``value``'s recorded shape with the case's axis sizes; :class:`CannotIsolate` when a size is unknown."""
+    if value.shape is None:
+        raise CannotIsolate(f"value '{value.name}' has no recorded shape")
+    dims = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+            continue
+        text = dim.value if isinstance(dim, ir.SymbolicDim) else None
+        size = _evaluate(text, symbols) if text else None
+        if size is None:
+            raise CannotIsolate(f"value '{value.name}' has an axis of unknown size ({text or '?'})")
+        dims.append(size)
+    return dims
+
+
+def _evaluate(text: str, symbols: dict[str, int]) -> int | None:
+    if text in symbols:
+        return symbols[text]
+    tokens = re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+|[+\-*]", text)
+    if len(tokens) > 1 and all(t in symbols or t.isdigit() or t in "+-*" for t in tokens):
+        try:
+            return int(eval(" ".join(str(symbols.get(t, t)) for t in tokens), {"__builtins__": {}}))  # noqa: S307 - names and digits only
+        except SyntaxError:
+            return None
+    return None
+
+
+def activation(value: ir.Value, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """A seeded float activation: standard normal, the scale of a normed hidden state."""
+    return rng.standard_normal(shape).astype(value.dtype.numpy())
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+class _Signature:
+    """What :func:`~zflora_compile.verify.make_cases` reads of a session, from the input specs."""
+
+    def __init__(self, specs):
+        self.specs = specs
+
+    def get_inputs(self):
+        return self.specs
+
+    def get_overridable_initializers(self):
+        return []
+
+
+def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewritten_path, vocab, *, atol=None, rtol=None, seed: int = 0, progress=None) -> dict:
+    """Each changed region of ``rewritten`` against ``original``'s nodes computing the same values,
+    on every case :func:`~zflora_compile.verify.make_cases` builds from ``signature_path``'s inputs
+    (the file ``original`` was read from), one region's two sessions at a time.
+
+    Returns the report's verification section (``regions``: what each region compared; ``cases``:
+    one entry per region and case). Raises :class:`CannotIsolate` to ask for the full check."""
+    import onnxruntime as ort
+
+    from zflora_compile.progress import NullProgress
+    from zflora_compile.verify import compare, input_specs, make_cases, session, tolerance_for, verification_section, weight_precision
+
+    regions = find_regions(original, rewritten)
+    specs = input_specs(signature_path)
+    cases = make_cases(_Signature(specs), vocab, seed=seed)
+    computed_in = weight_precision(rewritten_path)
+    old_values, new_values = _values(original.graph), _values(rewritten.graph)
+    lookup = {**old_values, **new_values}
+    results, summaries = [], []
+    worst = {"output": None, "max_abs_diff": -1.0}
+    with (progress or NullProgress()).bar(f"verify {len(regions)} region(s)", len(regions)) as advance:
+        for region in regions:
+            try:
+                reference = session(region_model(original, region.original, region.inputs, region.outputs, lookup))
+            except Exception as error:  # noqa: BLE001
+                raise CannotIsolate(f"{region.name}: the original region does not load alone ({first_line(error)})") from None
+            try:
+                candidate = session(region_model(rewritten, region.rewritten, region.inputs, region.outputs, lookup))
+            except Exception as error:  # noqa: BLE001
+                candidate, load_error = None, f"the rewritten region does not load: {first_line(error)}"
+            passed = True
+            for number, case in enumerate(cases):
+                rng = np.random.default_rng([seed, region.index, number])
+                symbols = case_symbols(specs, case.feeds)
+                feeds = {n: case.feeds[n] if n in case.feeds else activation(lookup[n], concrete_shape(lookup[n], symbols), rng) for n in region.inputs}
+                shapes = {k: list(v.shape) for k, v in feeds.items()}
+                label = f"region {region.index}: {case.name}"
+                try:
+                    expected = reference.run(region.outputs, feeds)
+                except Exception as error:  # noqa: BLE001
+                    if case.optional:
+                        results.append({"case": label, "region": region.index, "inputs": shapes, "outputs": {}, "skipped": f"the original region does not run on it: {first_line(error)}"})
+                        continue
+                    raise CannotIsolate(f"{region.name}: the original region does not run on synthesized activations ({case.name}: {first_line(error)})") from None
+                outputs = {}
+                try:
+                    actual = candidate.run(region.outputs, feeds) if candidate is not None else None
+                except Exception as error:  # noqa: BLE001
+                    actual, load_error = None, f"the rewritten region does not run: {first_line(error)}"
+                if actual is None:
+                    outputs[region.outputs[0]] = {"passed": False, "reason": load_error}
+                else:
+                    for name, ref, got in zip(region.outputs, expected, actual):
+                        tol = tolerance_for(computed_in if ref.dtype == np.float64 and computed_in is not None else ref.dtype, atol, rtol)
+                        outputs[name] = compare(ref, got, *tol)
+                        if outputs[name].get("max_abs_diff", float("inf")) > worst["max_abs_diff"]:
+                            worst = {"output": name, "case": label, "region": region.index, "max_abs_diff": outputs[name].get("max_abs_diff", float("inf"))}
+                passed = passed and all(o["passed"] for o in outputs.values())
+                results.append({"case": label, "region": region.index, "inputs": shapes, "outputs": outputs})
+            summaries.append({**region.to_json(), "passed": passed})
+            del reference, candidate
+            advance()
+    section = verification_section(f"onnxruntime {ort.__version__} CPUExecutionProvider", results, worst, seed=seed, atol=atol, rtol=rtol)
+    section["rule"] = "|rewritten - original| <= atol + rtol * |original|, elementwise, every value a rewritten region hands to unchanged nodes or the graph outputs"
+    section["regions"] = summaries
+    return section
+
+
+def failure_message(section: dict) -> str:
+    """The first mismatch, naming its region, value and case."""
+    names = {r["region"]: r for r in section.get("regions", [])}
+    for case in section["cases"]:
+        for name, outcome in case["outputs"].items():
+            if not outcome["passed"]:
+                region = names.get(case.get("region"), {})
+                changed = region.get("changed_nodes", [])
+                shown = ", ".join(repr(n) for n in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                detail = outcome.get("reason") or f"max abs diff {outcome['max_abs_diff']:.3g} > atol {outcome['atol']:g} + rtol {outcome['rtol']:g} * |ref|"
+                return f"verification failed in region {case.get('region')} (rewritten node(s) {shown}): value '{name}' ({case['case']}): {detail}"
+    return "verification failed"
