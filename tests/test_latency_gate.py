@@ -238,6 +238,13 @@ def _loads_favouring_the_first_loaded(calls):
     return load
 
 
+def test_loads_hold_five_rounds_each_in_an_even_number():
+    from zflora_compile.gate import load_count
+
+    assert [load_count(r, 4) for r in (4, 9, 10, 19, 20, 30, 200)] == [1, 1, 2, 2, 4, 4, 4]
+    assert load_count(30, 1) == 1 and load_count(30, 3) == 2
+
+
 def test_one_load_turns_the_load_order_bias_into_a_false_regression():
     calls = []
     measured = measure_pair(_loads_favouring_the_first_loaded(calls), ("base", "base_again"), rounds=10, warmup=1, threshold=1.02, budget_s=0, sessions=1)
@@ -309,13 +316,17 @@ def test_pinned_gate_reports_its_loads_and_bound_timer(capsys, tmp_path):
     import os
 
     cpu = sorted(os.sched_getaffinity(0))[0]
-    code, out, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--check-latency", "--max-overhead", "100000", "--json", "--gate-cpus", str(cpu), "--gate-sessions", "3", *FAST)
+    from zflora_compile.gate import load_count
+
+    code, out, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--check-latency", "--max-overhead", "100000", "--json", "--gate-cpus", str(cpu), "--gate-sessions", "3", *FAST, "--rounds", "10")
     assert code == 0, err
     latency = json.loads(out)["latency"]
     assert latency["pinning"]["pinned"] is True and latency["pinning"]["cpus"] == [cpu] and latency["sessions"] == 3
-    for phase in latency["phases"].values():
+    decode, prefill = latency["phases"]["decode"], latency["phases"]["prefill"]
+    assert [len(decode["loads"]), len(prefill["loads"])] == [load_count(10, 3), load_count(4, 3)] == [2, 1]  # >= 5 rounds a load, an even number
+    for phase in (decode, prefill):
         assert [item["load"] for item in phase["loads"]] == list(range(len(phase["loads"])))
-        assert sum(item["rounds"] for item in phase["loads"]) == phase["rounds"] and len(phase["loads"]) == min(3, phase["rounds_requested"])
+        assert sum(item["rounds"] for item in phase["loads"]) == phase["rounds"]
         assert "bound run" in phase["timer"]
 
 

@@ -260,6 +260,17 @@ def _split(rounds: int, parts: int) -> list[int]:
     return [rounds // parts + (1 if i < rounds % parts else 0) for i in range(parts)]
 
 
+#: the fewest rounds one load runs, so that its median means something
+ROUNDS_PER_LOAD = 5
+
+
+def load_count(rounds: int, sessions: int) -> int:
+    """Loads ``rounds`` are split over: ``sessions``, but at least :data:`ROUNDS_PER_LOAD` rounds
+    per load, and an even number when there are several (as many loads in each order)."""
+    loads = min(sessions, max(1, rounds // ROUNDS_PER_LOAD))
+    return loads - loads % 2 if loads > 1 else loads
+
+
 def load_orders(blocks: list[int]) -> list[int]:
     """The load order of each round's load: 0 for the given order (even loads), 1 reversed (odd)."""
     return [block % 2 for block in blocks]
@@ -274,7 +285,8 @@ def measure_pair(
 
     ``runners`` is a dict of runners (one set of sessions), or ``load(block) -> dict`` that loads
     fresh sessions for batch ``block`` (the gate reverses the load order on odd blocks); then the
-    ``rounds`` are split over ``sessions`` loads, each warmed up, and the bootstrap resamples
+    ``rounds`` are split over ``sessions`` loads (:func:`load_count`: at least 5 rounds each, an
+    even number), each warmed up, and the bootstrap resamples
     loads and rounds (:func:`~zflora_compile.latency.paired_ratio_interval`: loads drawn
     within their order, rounds within their load). While the verdict is
     inconclusive, further batches of up to ``rounds`` rounds (with ``load``: split over two fresh
@@ -297,8 +309,9 @@ def measure_pair(
         blocks.extend([block] * size)
 
     started = time.perf_counter()
-    for block, size in enumerate(_split(rounds, sessions if reload else 1)):
-        batch(size, block, f"{label}, {rounds} interleaved rounds" + (f" (load {block + 1} of {sessions})" if reload and sessions > 1 else ""), warm=True)
+    loads = load_count(rounds, sessions) if reload else 1
+    for block, size in enumerate(_split(rounds, loads)):
+        batch(size, block, f"{label}, {rounds} interleaved rounds" + (f" (load {block + 1} of {loads})" if loads > 1 else ""), warm=True)
     per_round = (time.perf_counter() - started) / rounds
 
     def decide():
