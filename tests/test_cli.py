@@ -144,18 +144,21 @@ def test_existing_output_dir_needs_force(capsys, tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.onnx", "model.optimized.onnx", "report.json"]
 
 
-def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("verify_mode", ["full", "regions"])
+def test_verification_failure_exits_1_and_writes_nothing(capsys, tmp_path, monkeypatch, verify_mode):
     from zflora_compile.families import lora
 
     monkeypatch.setattr(lora, "scaled_b_fp32", lambda site: site.lora_b().astype("float32") * 1.5 * site.scale)
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, EXAMPLE, "-o", out_dir, "--json")
+    code, out, err = run(capsys, EXAMPLE, "-o", out_dir, "--json", "--verify", verify_mode)
     assert code == 1
     assert "verification failed" in err and "max abs diff" in err
     report = json.loads(out)
     jsonschema.validate(report, SCHEMA)
     assert report["status"] == "verification_failed" and report["exit_code"] == 1
-    assert report["verification"]["passed"] is False
+    assert report["verification"]["passed"] is False and report["verification"]["mode"] == verify_mode
+    if verify_mode == "regions":  # the message names the region and its rewritten nodes
+        assert "verification failed in region " in err and "rewritten node(s)" in err
     assert not out_dir.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -55,8 +55,10 @@ def test_pass_is_idempotent_on_a_real_export_and_runs_in_a_pass_manager():
     assert again.report.to_json()["sites"] == []
 
 
-def test_pass_raises_on_a_mismatch():
+@pytest.mark.parametrize("verify_mode", ["full", "regions"])
+def test_pass_raises_on_a_mismatch(verify_mode):
     model = ir.serde.deserialize_model(lora_projection_graph(projections=qkv()).proto())
     with pytest.raises(VerificationError, match="verification failed") as caught:
-        FuseAdaptersPass("fuse", atol=-1.0, rtol=0.0)(model)  # no difference is below a negative bound
+        FuseAdaptersPass("fuse", atol=-1.0, rtol=0.0, verify_mode=verify_mode)(model)  # no difference is below a negative bound
+    assert caught.value.report["verification"]["mode"] == verify_mode
     assert caught.value.report["verification"]["passed"] is False and caught.value.report["status"] == "verification_failed"

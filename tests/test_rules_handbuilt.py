@@ -364,34 +364,38 @@ def _drop_scale(site):
     return site.lora_b().astype(np.float32)  # the planner's job is B * s
 
 
+@pytest.mark.parametrize("verify_mode", ["full", "regions"])
 @pytest.mark.parametrize("strategy", ["fuse", "merge"])
-def test_verification_catches_a_wrong_rewrite(monkeypatch, strategy):
+def test_verification_catches_a_wrong_rewrite(monkeypatch, strategy, verify_mode):
     proto = lora_projection_graph(projections=qkv()).proto()
-    fuse_adapters(proto, strategy=strategy)  # control: passes as it is
+    fuse_adapters(proto, strategy=strategy, verify_mode=verify_mode)  # control: passes as it is
     monkeypatch.setattr(lora, "scaled_b_fp32", _drop_scale)
-    with pytest.raises(zflora_compile.VerificationError, match="verification failed"):
-        fuse_adapters(proto, strategy=strategy)
+    with pytest.raises(zflora_compile.VerificationError, match="verification failed") as caught:
+        fuse_adapters(proto, strategy=strategy, verify_mode=verify_mode)
+    assert caught.value.report["verification"]["mode"] == verify_mode
 
 
-def test_strip_is_verified_against_the_zero_b_reference(monkeypatch):
+@pytest.mark.parametrize("verify_mode", ["full", "regions"])
+def test_strip_is_verified_against_the_zero_b_reference(monkeypatch, verify_mode):
     """A strip that forgets to strip is caught: the reference is the input with B = 0, not the input."""
     proto = lora_projection_graph(projections=qkv()).proto()
     monkeypatch.setattr(lora.StripSite, "emit", lambda self, graph, state: None)
-    with pytest.raises(zflora_compile.VerificationError):
-        fuse_adapters(proto, strategy="strip")
+    with pytest.raises(zflora_compile.VerificationError, match="still carries"):  # the fresh detection catches it first
+        fuse_adapters(proto, strategy="strip", verify_mode=verify_mode)
 
 
-def test_cli_wrong_rewrite_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("verify_mode", ["full", "regions"])
+def test_cli_wrong_rewrite_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys, verify_mode):
     source = tmp_path / "in" / "model.onnx"
     source.parent.mkdir()
     onnx.save(lora_projection_graph(projections=qkv()).proto(), source)
-    assert cli.main([str(source), "-o", str(tmp_path / "ok"), "-q"]) == 0  # control
+    assert cli.main([str(source), "-o", str(tmp_path / "ok"), "-q", "--verify", verify_mode]) == 0  # control
     assert (tmp_path / "ok" / "model.onnx").is_file()
     capsys.readouterr()
 
     monkeypatch.setattr(lora, "scaled_b_fp32", _drop_scale)
     out = tmp_path / "out"
-    assert cli.main([str(source), "-o", str(out), "-q"]) == 1
+    assert cli.main([str(source), "-o", str(out), "-q", "--verify", verify_mode]) == 1
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "ok"], "staging directory left behind"
     assert "verification failed" in capsys.readouterr().err

@@ -7,6 +7,9 @@ against the original (ONNX Runtime / eager) on seeded inputs.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -17,7 +20,10 @@ from zflora_compile import families
 from zflora_compile.fx_program import edit
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.torch_fx import FxGraph
+from zflora_compile.pipeline import infer_shapes
 from zflora_compile.planner import plan
+from zflora_compile.regions import CannotIsolate, verify_regions
+from zflora_compile.regions import failure_message as regions_failure_message
 
 try:
     from graphs import GraphBuilder
@@ -50,7 +56,24 @@ def _onnx_rewrite(model: ir.Model, strategy: str = "fuse"):
         for got, want in zip(_run(copy, feeds), _run(model, feeds)):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        _regional_check(model, copy)
     return copy, detection
+
+
+def _regional_check(model: ir.Model, copy: ir.Model) -> None:
+    """``--verify regions`` agrees with the full comparison above: the exact rewrite passes region
+    by region (or the model is one the regional check hands to the full check, with its reason)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = Path(tmp) / "original.onnx", Path(tmp) / "rewritten.onnx"
+        infer_shapes(copy)  # as the pipeline does before it writes
+        for graph_model, path in zip((model, copy), paths):
+            ir.save(graph_model, path)
+        try:
+            section = verify_regions(ir.load(paths[0]), ir.load(paths[1]), paths[0], paths[1], None)
+        except CannotIsolate as why:
+            assert str(why), "a fallback names its reason"
+            return
+        assert section["passed"], regions_failure_message(section)
 
 
 class Lanes:

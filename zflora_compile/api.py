@@ -39,6 +39,7 @@ def fuse_adapters(
     strategy: str = "fuse",
     *,
     verify: bool = True,
+    verify_mode: str = "auto",
     atol: float | None = None,
     rtol: float | None = None,
     max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO,
@@ -54,7 +55,8 @@ def fuse_adapters(
     (the input is not modified); a path in, the path of the written ``model.onnx`` out (into
     ``output_dir``, by default ``<stem>_<strategy>`` beside the input, with the ``target``'s
     artifact). The rewrite is verified in ONNX Runtime unless ``verify=False``; a mismatch
-    raises ``VerificationError``.
+    raises ``VerificationError``. ``verify_mode``: "full" (both whole models), "regions" (each
+    rewritten region against the original's, one at a time), "auto" (full below 2 GiB of weights).
 
     ``torch.export.ExportedProgram`` in, a new ``ExportedProgram`` out; ``torch.fx.GraphModule`` in,
     a new ``GraphModule`` out (see :mod:`zflora_compile.fx`). These are verified in PyTorch eager
@@ -65,7 +67,7 @@ def fuse_adapters(
     adapter-owned tensors become graph inputs with defaults, for ONNX Runtime's ``.onnx_adapter`` files.
     """
     options = CompileOptions(
-        strategy=strategy, verify=verify, atol=atol, rtol=rtol, max_rank_ratio=max_rank_ratio, force=force, target=target,
+        strategy=strategy, verify=verify, verify_mode=verify_mode, atol=atol, rtol=rtol, max_rank_ratio=max_rank_ratio, force=force, target=target,
         max_rank=max_rank, adapter_inputs=adapter_inputs,
     )
     if isinstance(model, (str, os.PathLike)):

@@ -16,9 +16,10 @@ Runtime on the same feeds, one region at a time, compared with :mod:`.verify`'s 
 
 What cannot be isolated makes the whole model fall back to the full check (the reason is
 reported): control flow (``If`` / ``Loop`` / ``Scan`` bodies), graph inputs with defaults, a
-changed signature, a boundary value of unknown rank or size, a region holding most of the
-model's weights (zFLoRA widens the residual stream, so every layer changes), or an original region
-that does not run on the synthesized activations.
+changed signature, a value unchanged nodes read whose type or shape the rewrite changed (zFLoRA
+widens the residual stream, so every layer changes), a fed value of unknown rank or size, or an
+original region that does not run on the synthesized activations. A region is never bigger than
+the model: two region sessions never hold more than the full check's two model sessions.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import onnx_ir as ir
 
 from zflora_compile.errors import first_line
 
-#: a region holding more than this share of the model's weight bytes is not worth isolating
-MAX_REGION_SHARE = 0.5
 #: integer values computed inside a region (shape arithmetic) are followed back at most this far
 MAX_CONTEXT_NODES = 2000
 _CHUNK = 1 << 24
@@ -190,7 +189,7 @@ def _components(changed: list[ir.Node], outputs: set[str]) -> list[list[ir.Node]
 
 def _same_type(old: ir.Value, new: ir.Value) -> bool:
     """Same dtype, and the same rank and fixed sizes where both recorded a shape."""
-    if old.dtype != new.dtype:
+    if old.dtype is not None and new.dtype is not None and old.dtype != new.dtype:
         return False
     if old.shape is None or new.shape is None:
         return True
@@ -213,7 +212,6 @@ def find_regions(original: ir.Model, rewritten: ir.Model) -> list[Region]:
     old_values, old_nodes = _values(original.graph), {n.name: n for n in original.graph}
     new_values = _values(rewritten.graph)
     outputs = {v.name for v in rewritten.graph.outputs}
-    total = sum(v.const_value.nbytes for v in original.graph.initializers.values() if v.const_value is not None) or 1
     groups = _components(changed, outputs)
     order = {id(n): i for graph in (original.graph, rewritten.graph) for i, n in enumerate(graph)}
     boundaries = []
@@ -233,11 +231,6 @@ def find_regions(original: ir.Model, rewritten: ir.Model) -> list[Region]:
             if not _same_type(old_values[name], new_values[name]):
                 raise CannotIsolate(f"the rewrite changes the type or shape of value '{name}', which unchanged nodes read (a widened stream)")
         regions.append(_pair(index, nodes, boundary, verified, changed_ids, old_values, old_nodes, new_values, order))
-    for region in regions:
-        if region.weight_bytes > MAX_REGION_SHARE * total:
-            raise CannotIsolate(
-                f"{region.name} holds {region.weight_bytes / total:.0%} of the model's weight bytes: isolating it saves nothing"
-            )
     return regions
 
 
@@ -260,6 +253,8 @@ def _pair(index, nodes, boundary, verified, changed_ids, old_values, old_nodes, 
             return
         value = new_values[name]
         producer = value.producer()
+        if value.dtype is None:
+            raise CannotIsolate(f"value '{name}' has no recorded type")
         if producer is None or (_floating(value) and producer.op_type != "Constant"):
             if producer is not None and id(producer) in changed_ids and name not in verified:
                 raise CannotIsolate(f"value '{name}' passes between two rewritten regions unverified")
