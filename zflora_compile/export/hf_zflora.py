@@ -108,7 +108,11 @@ def fused_checkpoint(model, *, pad_to: int | None = None):
     d = config.hidden_size
     if pad_to is not None and (not isinstance(pad_to, int) or pad_to < 1):
         raise InputError(f"--pad-to must be a positive integer, got {pad_to!r}")
-    D = d + r if not pad_to else -(-(d + r) // pad_to) * pad_to
+    # transformers (5.x) refuses a config whose hidden_size is no multiple of num_attention_heads,
+    # even with head_dim given: D is rounded up to a multiple of the heads (and of pad_to) with
+    # zero pad lanes, which are exact (see the module docstring).
+    multiple = math.lcm(int(pad_to or 1), int(config.num_attention_heads))
+    D = -(-(d + r) // multiple) * multiple
     p = D - d - r
     dtype = decoder.embed_tokens.weight.dtype
     tensors = {
