@@ -228,7 +228,8 @@ class OnnxAdapter(Adapter):
             lowrank=step.lowrank.numpy().astype(np.float32),
             ranks=[s.rank for s in step.sites],
             column_scale=step.column_scale.numpy().astype(np.float32) if step.column_scale is not None else None,
-            bias=step.bias.numpy().astype(np.float32) if step.bias is not None else None,
+            # no bias in the new adapter's group: its base has none either (same base), so the fused bias is 0
+            bias=step.bias.numpy().astype(np.float32) if step.bias is not None else np.zeros(D, dtype=np.float32),
             base=weight[:, :D] if self.check_base else None,
             base_names=names,
         )

@@ -1,0 +1,70 @@
+"""Review regressions for ``zcompile swap`` (inputs the swap was not written for), each against an
+independent reference: the PEFT model run eagerly, or a from-scratch compile of the new adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from zflora_compile import zoo  # noqa: E402
+from zflora_compile.errors import InputError  # noqa: E402
+from zflora_compile.swap import swap_file  # noqa: E402
+
+from test_swap import compiled, export, feeds, logits  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def eager(model) -> np.ndarray:
+    f = feeds()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(f["input_ids"]), attention_mask=torch.tensor(f["attention_mask"])).logits.float().numpy()
+
+
+def lora_bias_model(seed: int, lora_bias: bool):
+    """Tiny Llama (no base biases) with LoRA everywhere; ``lora_bias``: a trained bias on every B."""
+    base = zoo.build_base_model("llama", num_hidden_layers=1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_bias=lora_bias, lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lora_bias(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_bias")
+    a = lora_bias_model(1, lora_bias=True)
+    b = lora_bias_model(2, lora_bias=False)
+    b.save_pretrained(root / "b_peft")
+    b_onnx = export(b, root / "b.onnx")
+    return {"fused_a": compiled(export(a, root / "a.onnx"), root / "fa"), "b": b, "b_peft": root / "b_peft", "b_onnx": b_onnx, "scratch_b": compiled(b_onnx, root / "fb")}
+
+
+def test_lora_bias_compiled_then_plain_peft_is_not_silently_wrong(lora_bias, tmp_path):
+    """Compiled A had lora_bias (fused bias = s * b_B, the base has none); B is plain LoRA. The swap kept
+    A's fused bias: max |diff| 0.53 against B run in PEFT, and its verification passed (the merged
+    reference kept the bias too). The record does not say whether a fused bias holds an adapter
+    bias, so a PEFT source (which has no base bias to put back) is refused."""
+    try:
+        swap_file(lora_bias["fused_a"], lora_bias["b_peft"], tmp_path / "s")
+    except InputError as error:
+        assert "adapter bias" in str(error) and not (tmp_path / "s").exists()
+        return
+    np.testing.assert_allclose(logits(tmp_path / "s" / "model.onnx"), eager(lora_bias["b"]), atol=1e-4, rtol=0)
+
+
+def test_lora_bias_compiled_then_plain_onnx(lora_bias, tmp_path):
+    """The same swap from B's ONNX export: B's group has no bias (nor has the base), so the fused bias
+    must become 0; it kept A's s * b_B."""
+    swap_file(lora_bias["fused_a"], lora_bias["b_onnx"], tmp_path / "s")
+    got, want = logits(tmp_path / "s" / "model.onnx"), logits(lora_bias["scratch_b"])
+    assert np.abs(want - logits(lora_bias["fused_a"])).max() > 1e-3
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, eager(lora_bias["b"]), atol=1e-4, rtol=0)
