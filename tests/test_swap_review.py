@@ -68,3 +68,17 @@ def test_lora_bias_compiled_then_plain_onnx(lora_bias, tmp_path):
     assert np.abs(want - logits(lora_bias["fused_a"])).max() > 1e-3
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got, eager(lora_bias["b"]), atol=1e-4, rtol=0)
+
+
+def test_trt_refit_is_given_every_owned_tensor(tmp_path):
+    """``swap --format trt`` gave the refitter only the edited tensors; a fused bias the swap keeps (a
+    biased base, the record saying it holds no adapter bias) is marked refittable too, and TensorRT
+    reports a GEMM's bias missing when only its weight is set. Every owned tensor is given now."""
+    import onnx_ir as ir
+
+    from zflora_compile.swap import Edit, refit_arrays
+
+    graph = ir.Graph([], [], nodes=[], initializers=[ir.Value(name=n, const_value=ir.tensor(np.full((2,), i, np.float32), name=n)) for i, n in enumerate(("w", "low", "b"))])
+    live = [{"groups": [{"weight": "w", "lowrank": "low", "bias": "b", "column_scale": None}]}]
+    arrays = refit_arrays(ir.Model(graph, ir_version=10), live, [Edit("w", np.ones(2, np.float32)), Edit("low", np.ones(2, np.float32))])
+    assert sorted(arrays) == ["b", "low", "w"] and arrays["b"].tolist() == [2.0, 2.0] and arrays["w"].tolist() == [1.0, 1.0]

@@ -371,6 +371,20 @@ def _trt_plan(source: Path) -> Path:
     return plan
 
 
+def refit_arrays(model: ir.Model, live: list[dict], edits: list[Edit]) -> dict:
+    """Every adapter-owned tensor's swapped value for a TensorRT refit: the edits, and the owned tensors the
+    swap left as they were (a kept fused bias): TensorRT combines a GEMM's weight with its bias, and a
+    refit that sets only one of them reports the other missing."""
+    from zflora_compile.deploy.onnx_adapter import owned_names
+
+    arrays = {e.name: e.array for e in edits}
+    for name in (n for entry in live for n in owned_names(entry)):
+        value = model.graph.initializers.get(name)
+        if name not in arrays and value is not None and value.const_value is not None:
+            arrays[name] = value.const_value.numpy()
+    return arrays
+
+
 def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool = True, atol=None, rtol=None, seed: int = 0, force: bool = False) -> dict:
     """``zcompile swap``: write ``output/model.onnx`` (``fmt`` ``onnx``) or ``output/adapter.onnx_adapter``
     (``onnx_adapter``: the new adapter's tensors only, for a model compiled with ``--adapter-inputs``)
@@ -426,7 +440,7 @@ def swap_file(compiled, adapter_path, output, *, fmt: str = "onnx", verify: bool
                 from zflora_compile.targets.trt import PLAN_NAME, refit_plan
 
                 start = time.perf_counter()
-                report["refitted"] = refit_plan(plan, {e.name: e.array for e in edits}, staging / PLAN_NAME)
+                report["refitted"] = refit_plan(plan, refit_arrays(model, live, edits), staging / PLAN_NAME)
                 timings["refit"] = time.perf_counter() - start
             if verify:  # last: a PEFT reference is made from the in-memory model
                 start = time.perf_counter()
