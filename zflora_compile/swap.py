@@ -164,12 +164,13 @@ def plan_group(model: ir.Model, group: dict, adapter: Adapter) -> list[Edit]:
         edits.append(Edit(scale.name, c.astype(_dtype(scale))))
     elif update.column_scale is not None and not np.all(update.column_scale == 1):
         refuse(f"group '{name}' was compiled as LoRA (no per-column scale); the new adapter is DoRA there (a magnitude vector): family mismatch")
-    if update.bias is None and group.get("bias") and group.get("adapter_bias") is not False:
-        # The fused bias is b + s * b_B: a PEFT adapter gives no bias, so keeping the compiled one keeps
-        # the old adapter's lora_bias (if it had one); the record must say it had none.
+    if update.bias is None and group.get("bias") and group.get("adapter_bias"):
+        # The fused bias is b + s * b_B: a PEFT adapter gives no bias (nor the base's b), so keeping the
+        # compiled one would keep the old adapter's lora_bias. Records written before ``adapter_bias``
+        # existed do not say; their fused bias is kept (right unless the compiled adapter had lora_bias).
         refuse(
-            f"group '{name}' has a fused bias and its record does not say that it holds no adapter bias (lora_bias "
-            f"of the compiled adapter): {adapter.source} gives no bias, so the old adapter's could stay; swap from an ONNX model instead"
+            f"group '{name}' has a fused bias holding the compiled adapter's lora_bias (b + s * b_B); "
+            f"{adapter.source} gives no bias (nor the base's b), so the old adapter's would stay; swap from an ONNX model instead"
         )
     if update.bias is not None:
         if group.get("bias"):
