@@ -60,10 +60,11 @@ import scale_models as sm  # noqa: E402
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile_scale.json"
 GIB = 1024**3
 STRATEGIES = ("fuse", "merge", "strip")
-# Disk the compile needs at its peak, in model sizes: the output (1x), ONNX Runtime's optimized
-# artifact (fp16 on CPU: ~1.9x, fp32 copies), the rewritten model in the temporary directory (1x)
-# and strip's reference (1x). Checked before a size is built; the measured peak is recorded.
-COMPILE_DISK_FACTOR = 5.0
+# Disk the compile needs at its peak, in model sizes: the output (1x) and ONNX Runtime's optimized
+# artifact (fp16 on CPU: ~1.85x, fp32 copies of the weights). Measured at 1B fp16 (commit 504fcd7):
+# peak 2.87x (8.65 GB for 3.02 GB, every strategy and verification mode); 3.2 leaves a margin for
+# the temporary files. Checked before a size is built; each run's measured peak is recorded.
+COMPILE_DISK_FACTOR = 3.2
 # The PEFT alternative holds the model (1x) and the exporter's copies: ~2.5x the weights' bytes.
 PEFT_MEMORY_FACTOR = 2.5
 
@@ -84,6 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--min-free-disk-gib", type=float, default=2.0, help="kill a child when the work disk's free space falls below this (default 2)")
     parser.add_argument("--poll-s", type=float, default=0.2, help="watchdog polling interval")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="kill a child running longer than this")
+    parser.add_argument("--zflora-rev", help="compile with this git revision's zflora_compile (a git archive snapshot on PYTHONPATH) instead of the working tree's")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.sizes = ["tiny"] if args.quick else _list(args.sizes, ("1b", "3b", "8b"), parser, "--sizes")
@@ -168,7 +170,8 @@ def run_guarded(cmd: list[str], args, *, disk: Path, log: Path, env: dict | None
     peak_tree, min_free, min_avail, killed = 0, disk_start, mem_available(), None
     started = time.perf_counter()
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        # cwd: the work disk, so that no child imports zflora_compile from the current directory
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env or child_env(), cwd=disk)
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -275,6 +278,25 @@ def copy_baseline(data: Path, workdir: Path, args) -> dict:
 # ----------------------------------------------------------------------------- zcompile runs
 
 
+CHILD_ENV: dict[str, str] = dict(os.environ)  # what children run with; --zflora-rev adds PYTHONPATH
+
+
+def snapshot_source(rev: str, workdir: Path) -> dict:
+    """``git archive REV zflora_compile`` under ``workdir/src``, first on the children's
+    PYTHONPATH (before the editable install's finder, which sits at the end of sys.meta_path)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True, check=True).stdout.strip()
+    src = workdir / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "zflora_compile"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    CHILD_ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p)
+    return {"rev": rev, "commit": commit, "path": str(src)}
+
+
+def child_env(**extra) -> dict:
+    return dict(CHILD_ENV, **extra)
+
+
 def zcompile_exe() -> list[str]:
     exe = Path(sys.executable).parent / "zcompile"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "zflora_compile.cli"]
@@ -283,7 +305,7 @@ def zcompile_exe() -> list[str]:
 def verify_modes(requested: str) -> tuple[list[str], str]:
     """The verification modes to run and the help text they were read from: ``default`` plus
     ``regions`` / ``off`` when ``--verify {...}`` is offered, else ``no-verify``."""
-    help_text = subprocess.run([*zcompile_exe(), "compile", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([*zcompile_exe(), "compile", "--help"], capture_output=True, text=True, env=child_env(), cwd=tempfile.gettempdir()).stdout
     found = re.search(r"--verify\s*\{([^}]*)\}", help_text)
     choices = found.group(1).split(",") if found else []
     if requested != "auto":
@@ -315,7 +337,7 @@ def compile_run(model: Path, strategy: str, mode: str, workdir: Path, args, copy
     tag = f"{strategy}-{mode}"
     out, report_path = workdir / f"out-{tag}", workdir / f"report-{tag}.json"
     cache = drop_cache(model, model.with_name(sm.DATA_NAME))
-    env = dict(os.environ, TMPDIR=str(workdir / "tmp"))
+    env = child_env(TMPDIR=str(workdir / "tmp"))
     (workdir / "tmp").mkdir(exist_ok=True)
     cmd = [*zcompile_exe(), str(model), "-o", str(out), "--strategy", strategy, "--report", str(report_path), "-q", *verify_flags(mode)]
     run = run_guarded(cmd, args, disk=workdir, log=workdir / f"{tag}.log", env=env)
@@ -352,7 +374,7 @@ def peft_run(size: str, cfg, workdir: Path, args) -> dict:
         return {"skipped": f"estimated {estimate / GIB:.1f} GiB (~{PEFT_MEMORY_FACTOR}x the weights) > --rss-limit-gib {args.rss_limit_gib}"}
     out, result = workdir / "peft-merged", workdir / "peft-result.json"
     cmd = [sys.executable, str(HERE / "scale_models.py"), "peft-merge", "--size", size, "--dtype", cfg.dtype, "--out", str(out), "--result", str(result)]
-    run = run_guarded(cmd, args, disk=workdir, log=workdir / "peft.log", env=dict(os.environ, TMPDIR=str(workdir)))
+    run = run_guarded(cmd, args, disk=workdir, log=workdir / "peft.log", env=child_env(TMPDIR=str(workdir)))
     phases = json.loads(result.read_text()) if result.exists() else {}
     files = dir_files(out)
     record = {**run, "phases_s": phases.get("phases_s", {}), "output_bytes": sum(files.values()), "output_files": files}
@@ -365,9 +387,10 @@ def peft_run(size: str, cfg, workdir: Path, args) -> dict:
 
 
 def disk_needed(cfg, build_only: bool) -> int:
-    """Bytes a size needs on the work disk: the model, and unless ``build_only`` its copy and the
-    compile's estimated peak (:data:`COMPILE_DISK_FACTOR`)."""
-    return int(sm.model_bytes(cfg) * (1 if build_only else 2 + COMPILE_DISK_FACTOR))
+    """Bytes a size needs on the work disk: the model, and unless ``build_only`` the larger of its
+    copy (deleted before the compiles) and the compile's estimated peak (:data:`COMPILE_DISK_FACTOR`;
+    each output is deleted before the next run)."""
+    return int(sm.model_bytes(cfg) * (1 if build_only else 1 + max(1.0, COMPILE_DISK_FACTOR)))
 
 
 def measure_size(size: str, workdir: Path, args, modes: list[str], console) -> dict:
@@ -378,7 +401,7 @@ def measure_size(size: str, workdir: Path, args, modes: list[str], console) -> d
     need, free = disk_needed(cfg, args.build_only), free_disk(workdir)
     if need + args.min_free_disk_gib * GIB > free:
         entry["refused"] = (f"{size}: needs ~{need / GIB:.1f} GiB on {workdir} (model {sm.model_bytes(cfg) / GIB:.1f} GiB"
-                            f"{'' if args.build_only else f', its copy and the compile at ~{COMPILE_DISK_FACTOR}x'}) "
+                            f"{'' if args.build_only else f', and the compile at ~{COMPILE_DISK_FACTOR}x the model'}) "
                             f"+ {args.min_free_disk_gib} GiB margin; {free / GIB:.1f} GiB free")
         console.print(f"[red]refused[/red] {entry['refused']}")
         return entry
@@ -432,6 +455,8 @@ def versions() -> dict:
             found[name] = metadata.version(name)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         found["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "zflora_compile"], capture_output=True, text=True).stdout
+        found["zflora_compile_uncommitted"] = [line[3:] for line in status.splitlines()]  # the editable install runs these too
     return found
 
 
@@ -474,18 +499,22 @@ def main(argv=None) -> int:
     from zflora_compile.latency import machine_info
 
     console = Console(width=200)
-    modes, help_text = ([], "") if args.build_only else verify_modes(args.verify_modes)
     args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="compile-scale-", dir=args.workdir))
-    results = {"benchmark": "compile_scale", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "verify_modes": modes, "verify_flags_in_help": re.findall(r"--(?:no-)?verify\b[^\n]*", help_text),
-               "compile_disk_factor": COMPILE_DISK_FACTOR, "machine": machine_info(), "versions": versions(),
-               "growth_ratio_definition": "wall_s / (copy.cp_s + verification_s); verification_s = report steps 'verify*' + 'check the * artifact*'",
-               "workdir": str(workdir), "sizes": []}
     started = time.perf_counter()
     try:
+        source = snapshot_source(args.zflora_rev, workdir) if args.zflora_rev else {"rev": None, "path": "the installed zflora_compile (working tree)"}
+        modes, help_text = ([], "") if args.build_only else verify_modes(args.verify_modes)
+        results = {"benchmark": "compile_scale", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "zflora_source": source, "verify_modes": modes,
+                   "verify_flags_in_help": re.findall(r"--(?:no-)?verify\b[^\n]*", help_text),
+                   "compile_disk_factor": COMPILE_DISK_FACTOR, "peft_memory_factor": PEFT_MEMORY_FACTOR,
+                   "machine": machine_info(), "versions": versions(),
+                   "growth_ratio_definition": "wall_s / (copy.cp_s + verification_s); verification_s = report steps 'verify*' + 'check the * artifact*'",
+                   "workdir": str(workdir), "sizes": []}
         for size in args.sizes:
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim]", end=" ")
             results["sizes"].append(measure_size(size, workdir, args, modes, console))
     finally:
         if not args.keep:
