@@ -106,3 +106,23 @@ def test_trt_refit_is_given_every_owned_tensor(tmp_path):
     live = [{"groups": [{"weight": "w", "lowrank": "low", "bias": "b", "column_scale": None}]}]
     arrays = refit_arrays(ir.Model(graph, ir_version=10), live, [Edit("w", np.ones(2, np.float32)), Edit("low", np.ones(2, np.float32))])
     assert sorted(arrays) == ["b", "low", "w"] and arrays["b"].tolist() == [2.0, 2.0] and arrays["w"].tolist() == [1.0, 1.0]
+
+
+def test_peft_bin_and_bf16_adapters(tmp_path):
+    """The shared reader (:mod:`zflora_compile.peft_format`): a swap reads ``adapter_model.bin`` (it
+    refused it: no adapter_model.safetensors) and bf16 factors, each equal to PEFT run eagerly."""
+    a = zoo.build_lora_model(r=4, num_hidden_layers=1)
+    zoo._randomize_lora(a, 1)
+    fused = compiled(export(a, tmp_path / "a.onnx"), tmp_path / "fa")
+    b = zoo.build_lora_model(r=4, num_hidden_layers=1, rank_pattern={"q_proj": 2}, use_rslora=True)
+    zoo._randomize_lora(b, 2)
+    b.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    swap_file(fused, tmp_path / "bin", tmp_path / "s_bin")
+    np.testing.assert_allclose(logits(tmp_path / "s_bin" / "model.onnx"), eager(b), atol=1e-4, rtol=0)
+    low = zoo.build_lora_model(r=4, num_hidden_layers=1, adapter_dtype=torch.bfloat16)
+    zoo._randomize_lora(low, 3)
+    low.save_pretrained(tmp_path / "bf16")
+    swap_file(fused, tmp_path / "bf16", tmp_path / "s_bf16")
+    # PEFT runs the bf16 adapter in bf16; the swap reads it exactly and runs it in fp32
+    reference = eager(low)
+    assert np.abs(logits(tmp_path / "s_bf16" / "model.onnx") - reference).max() < 1e-2

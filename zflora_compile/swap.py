@@ -48,10 +48,9 @@ def load_adapter(path: Path) -> Adapter:
             if (path / MODEL_NAME).is_file():
                 return load_adapter(path / MODEL_NAME)
             refuse(f"--adapter {path}: no adapter_config.json (a PEFT or zflora adapter directory) and no {MODEL_NAME}")
-        try:
-            meta = json.loads(config.read_text())
-        except json.JSONDecodeError as error:
-            refuse(f"--adapter {config}: not JSON ({error.msg})")
+        from zflora_compile.peft_format import read_config
+
+        meta = read_config(path)
         if meta.get("format") == "zflora-compile-adapter":
             from zflora_compile.swap_sources import ZfloraAdapter
 

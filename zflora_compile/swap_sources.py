@@ -1,6 +1,8 @@
 """The adapters a swap reads (:mod:`zflora_compile.swap`): PEFT directories, ONNX models, zflora adapters.
 
-- PEFT LoRA / DoRA / BD-LoRA (``adapter_config.json`` + ``adapter_model.safetensors``): per module
+- PEFT LoRA / DoRA / BD-LoRA (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``,
+  read, split into modules and given ranks / scales by :mod:`zflora_compile.peft_format`, the reader
+  ``zcompile export`` uses too): per module
   ``A = lora_A.weight^T`` ``[in, r]``, ``B = lora_B.weight^T`` ``[r, out]`` (BD-LoRA's block-diagonal
   factor densified: ``blockdiag(chunks)``), ``r`` read off the tensors and checked against
   ``rank_pattern`` / ``r``, ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``) with
@@ -20,24 +22,12 @@ the one module whose dotted name ends with the label (or the label with it); any
 
 from __future__ import annotations
 
-import math
-import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from zflora_compile.swap_adapter import Adapter, GroupUpdate, WidenedUpdate, product, refuse
-
-PEFT_PREFIX = "base_model.model."
-
-
-def _pattern(patterns: dict, key: str):
-    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(r'(.*\\.)?(p)$', key)``."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return None
 
 
 def match_label(label: str, names) -> str | None:
@@ -49,45 +39,19 @@ def match_label(label: str, names) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def targeted(name: str, config: dict) -> bool:
-    """PEFT's ``target_modules`` rule: a string is a full regex match, a list a name or dotted
-    suffix; ``layers_to_transform`` restricts the layer index (``.layers.<i>.``)."""
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        hit = re.fullmatch(targets, name) is not None
-    elif targets:
-        hit = any(name == t or name.endswith("." + t) for t in targets)
-    else:
-        hit = True  # target_parameters or a config without targets: the tensors decide
-    layers = config.get("layers_to_transform")
-    if hit and layers is not None:
-        m = re.search(r"\.(\d+)\.", name)
-        hit = m is not None and int(m.group(1)) in ([layers] if isinstance(layers, int) else layers)
-    return hit
-
-
 class _Factors:
     def __init__(self, a, b, scale, magnitude=None):
         self.a, self.b, self.scale, self.magnitude = a, b, scale, magnitude
-
-
-def _blockdiag(weight: np.ndarray, blocks: int) -> np.ndarray:
-    """PEFT's ``BlockDiagonalLinear.weight_as_blockdiagonal_matrix``: ``[out, in/n]`` -> ``[out, in]``."""
-    chunks = np.split(weight, blocks, axis=0)
-    rows, cols = sum(c.shape[0] for c in chunks), sum(c.shape[1] for c in chunks)
-    dense = np.zeros((rows, cols), dtype=weight.dtype)
-    r = c = 0
-    for chunk in chunks:
-        dense[r : r + chunk.shape[0], c : c + chunk.shape[1]] = chunk
-        r, c = r + chunk.shape[0], c + chunk.shape[1]
-    return dense
 
 
 class PeftAdapter(Adapter):
     kind = "PEFT"
 
     def __init__(self, path: Path, config: dict):
-        from safetensors.numpy import load_file
+        try:
+            from zflora_compile.peft_format import FACTOR_ROLES, module_of, read_weights, targeted
+        except ImportError as error:  # pragma: no cover - the torch extra
+            refuse(f"--adapter {path}: a PEFT adapter needs the torch extra ({error})")
 
         self.source = str(path)
         self.config = config
@@ -95,16 +59,13 @@ class PeftAdapter(Adapter):
             refuse(f"--adapter {path}: PEFT type '{config.get('peft_type')}' is not LoRA (a swap reads LoRA, DoRA and BD-LoRA adapters)")
         if config.get("lora_bias"):
             refuse(f"--adapter {path}: lora_bias=True: the compiled group's bias holds the base bias and the old adapter's together; a PEFT swap cannot separate them (swap from an ONNX model instead)")
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
-            refuse(f"--adapter {path}: no adapter_model.safetensors")
-        tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+        tensors, _ = read_weights(path)
         self.modules: dict[str, dict] = {}
         for key, value in tensors.items():
-            m = re.match(r"(.+)\.(lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)(\.weight)?$", key)
-            if not m:
-                refuse(f"--adapter {path}: tensor '{key}' is no LoRA factor (modules_to_save and other extras cannot be swapped)")
-            self.modules.setdefault(m.group(1), {})[m.group(2)] = value
+            split = module_of(key, FACTOR_ROLES)
+            if split is None or split[2] not in ("weight", ""):
+                refuse(f"--adapter {path}: tensor '{key.removeprefix('base_model.model.')}' is no LoRA factor (modules_to_save and other extras cannot be swapped)")
+            self.modules.setdefault(split[0], {})[split[1]] = value
         for name, parts in self.modules.items():
             if "lora_embedding_A" in parts:
                 refuse(f"--adapter {path}: module '{name}' is an embedding LoRA; compiled embedding LoRA is merged, so it cannot be swapped")
@@ -115,26 +76,26 @@ class PeftAdapter(Adapter):
         self.used: set[str] = set()
 
     def factors(self, name: str, n_in: int, n_out: int) -> _Factors:
+        from zflora_compile.peft_format import bdlora_config, block_diagonal, module_lora
+
         parts, config = self.modules[name], self.config
-        a_t, b_t = parts["lora_A"].astype(np.float32), parts["lora_B"].astype(np.float32)
-        bd = config.get("use_bdlora") or None
+        a_t, b_t = parts["lora_A"], parts["lora_B"]
+        bd = bdlora_config(config)
         if bd and a_t.shape[1] * int(bd["nblocks"]) == n_in and a_t.shape[1] != n_in:
-            a_t = _blockdiag(a_t, int(bd["nblocks"]))
+            a_t = block_diagonal(a_t, int(bd["nblocks"]))
         if bd and b_t.shape[1] * int(bd["nblocks"]) == a_t.shape[0] and b_t.shape[1] != a_t.shape[0]:
-            b_t = _blockdiag(b_t, int(bd["nblocks"]))
+            b_t = block_diagonal(b_t, int(bd["nblocks"]))
+        a_t, b_t = a_t.float().numpy(), b_t.float().numpy()  # fp16 / bf16 factors read in fp32
         rank = a_t.shape[0]
         if a_t.shape != (rank, n_in) or b_t.shape != (n_out, rank):
             refuse(f"module '{name}' of {self.source}: lora_A {list(parts['lora_A'].shape)} / lora_B {list(parts['lora_B'].shape)} do not fit the compiled projection [{n_in}, {n_out}]")
-        wanted = _pattern(config.get("rank_pattern"), name) or config.get("r")
-        if wanted is not None and int(wanted) != rank:
-            refuse(f"module '{name}' of {self.source}: lora_A has rank {rank}, adapter_config.json says {wanted}")
-        alpha = _pattern(config.get("alpha_pattern"), name)
-        alpha = float(config.get("lora_alpha", 8) if alpha is None else alpha)
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        lora = module_lora(config, name)
+        if lora.r != rank:
+            refuse(f"module '{name}' of {self.source}: lora_A has rank {rank}, adapter_config.json says {lora.r}")
         magnitude = parts.get("lora_magnitude_vector")
         if magnitude is not None and not config.get("use_dora"):
             refuse(f"module '{name}' of {self.source}: a magnitude vector without use_dora")
-        return _Factors(a_t.T, b_t.T, scale, None if magnitude is None else magnitude.astype(np.float32).reshape(-1))
+        return _Factors(a_t.T, b_t.T, lora.scale, None if magnitude is None else magnitude.float().numpy().reshape(-1))
 
     def _module(self, label: str, group: str) -> str:
         name = match_label(label, self.modules)

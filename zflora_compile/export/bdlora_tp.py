@@ -26,35 +26,20 @@ B-block-diagonal (``match_strict=False``) cannot be cut without communication an
 
 from __future__ import annotations
 
-import json
-
 from zflora_compile.errors import InputError
-from zflora_compile.export._common import (
-    atomic_directory,
-    module_of,
-    read_peft_adapter,
-    write_json,
-    write_peft_adapter,
-)
-from zflora_compile.export.peft_neutral import check_plain_lora, module_lora, neutralize
+from zflora_compile.export._common import atomic_directory, write_json, write_peft_adapter
+from zflora_compile.export.peft_neutral import check_plain_lora, neutralize
+from zflora_compile.peft_format import FACTOR_ROLES, bdlora_config, block_diagonal, module_lora, module_of, read_peft_adapter
 
-ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ROLES = FACTOR_ROLES
 MANIFEST = "manifest.json"
 
 
 def _bd_config(config: dict, where) -> dict:
-    bd = config.get("use_bdlora")
-    if isinstance(bd, str):
-        bd = json.loads(bd)
-    if not isinstance(bd, dict) or int(bd.get("nblocks", 1)) < 1:
+    bd = bdlora_config(config)
+    if bd is None or int(bd.get("nblocks", 1)) < 1:
         raise InputError(f"{where}: use_bdlora is not set: not a BD-LoRA adapter (use `export peft` for plain LoRA)")
     return {"a": list(bd.get("target_modules_bd_a") or []), "b": list(bd.get("target_modules_bd_b") or []), "nblocks": int(bd.get("nblocks", 1))}
-
-
-def _densify(compact, nblocks: int):
-    import torch
-
-    return torch.block_diag(*torch.chunk(compact, nblocks, dim=0))
 
 
 def _check_block_diagonal(matrix, n: int, name: str, factor: str, where) -> None:
@@ -90,14 +75,14 @@ def dense_modules(config: dict, tensors: dict, shards: int, where) -> tuple[dict
         if a.shape[0] != r:
             raise InputError(f"{where}: module {name}: lora_A has rank {a.shape[0]}, the config gives {r}")
         if on_b:  # column parallel: B [out, r/nb] compact (or [out, r] already dense)
-            b = _densify(b, nb) if b.shape[1] * nb == r and nb > 1 else b
+            b = block_diagonal(b, nb) if b.shape[1] * nb == r and nb > 1 else b
             if b.shape[1] != r or b.shape[0] % nb:
                 raise InputError(f"{where}: module {name}: lora_B shape {tuple(b.shape)} is not BD-LoRA's [out, r/{nb}]")
             in_f, out_f, parallel, factor = a.shape[1], b.shape[0], "column", b
         else:  # row parallel: A [r, in/nb] compact
             if r % nb:
                 raise InputError(f"{where}: module {name}: rank {r} is not divisible by nblocks {nb}")
-            a = _densify(a, nb) if nb > 1 else a
+            a = block_diagonal(a, nb) if nb > 1 else a
             if b.shape[1] != r:
                 raise InputError(f"{where}: module {name}: lora_B shape {tuple(b.shape)} does not have rank {r}")
             in_f, out_f, parallel, factor = a.shape[1], b.shape[0], "row", a

@@ -29,22 +29,20 @@ initialisations (they rewrite the base weights), and non-LoRA PEFT types.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import pathlib
-import re
 import shutil
 
 from zflora_compile.errors import InputError
-from zflora_compile.export._common import (
+from zflora_compile.export._common import atomic_directory, write_peft_adapter
+from zflora_compile.peft_format import (
     BIN_NAME,
     CONFIG_NAME,
     PEFT_PREFIX,
     SAFETENSORS_NAME,
-    atomic_directory,
+    ModuleLoRA,
+    module_lora,
     module_of,
     read_peft_adapter,
-    write_peft_adapter,
 )
 
 A_ROLES = ("lora_A", "lora_embedding_A")
@@ -66,34 +64,6 @@ REFUSED_FIELDS = {
     "trainable_token_indices": "trainable tokens",
 }
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-@dataclasses.dataclass
-class ModuleLoRA:
-    """One adapted module: its rank, alpha and the scale PEFT applies."""
-
-    name: str
-    r: int
-    alpha: float
-    scale: float
-
-
-def pattern_key(patterns, name: str) -> str | None:
-    """PEFT's rule (``peft.utils.other.get_pattern_key``): the first pattern matching ``name``'s suffix."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
-def module_lora(config: dict, name: str) -> ModuleLoRA:
-    """The rank, alpha and scale PEFT gives module ``name`` (without the ``base_model.model.`` prefix)."""
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r_key, a_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
-    r = int(rank_pattern[r_key]) if r_key is not None else int(config.get("r", 8))
-    alpha = float(alpha_pattern[a_key]) if a_key is not None else float(config.get("lora_alpha", 8))
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return ModuleLoRA(name, r, alpha, scale)
 
 
 def check_plain_lora(config: dict, where, *, allow: tuple[str, ...] = ()) -> None:
