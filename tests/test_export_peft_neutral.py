@@ -107,12 +107,17 @@ def test_uniform_rank_writes_no_patterns(mixed, tmp_path):
     assert (pattern_ignoring_logits(model, out) - reference).abs().max().item() <= TOL
 
 
-def test_lora_bias_is_scaled_with_b(tmp_path):
-    model = zoo.build_peft_spelling("lora_bias", r=4, alpha=6, seed=0)
+def exported_tensors(model, tmp_path) -> tuple[dict, dict, object]:
+    """``(tensors saved by PEFT, tensors of its neutral export, export directory)``."""
     src, out = tmp_path / "src", tmp_path / "out"
     model.save_pretrained(src)
     export_peft(src, out)
-    before, after = load_file(str(src / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    return load_file(str(src / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors")), out
+
+
+def test_lora_bias_is_scaled_with_b(tmp_path):
+    model = zoo.build_peft_spelling("lora_bias", r=4, alpha=6, seed=0)
+    before, after, out = exported_tensors(model, tmp_path)
     key = next(k for k in before if k.endswith("lora_B.bias"))
     assert torch.allclose(after[key], before[key] * 1.5)
     assert (logits(load_peft(model, out)) - logits(model)).abs().max().item() <= TOL
@@ -121,10 +126,7 @@ def test_lora_bias_is_scaled_with_b(tmp_path):
 def test_scale_one_adapter_is_left_bitwise_unchanged(tmp_path):
     """Must not fire: r == alpha, no rsLoRA, no patterns: every tensor is written as it was."""
     model = zoo.build_lora_model("llama", r=4, alpha=4, seed=2)
-    src, out = tmp_path / "src", tmp_path / "out"
-    model.save_pretrained(src)
-    export_peft(src, out)
-    before, after = load_file(str(src / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    before, after, _ = exported_tensors(model, tmp_path)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
