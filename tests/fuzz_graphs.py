@@ -492,14 +492,14 @@ class Verdict:
         return dataclasses.asdict(self)
 
 
-def _compile(case: Case, strategy: str, verify: bool):
+def _compile(case: Case, strategy: str, verify: bool, verify_mode: str = "auto"):
     import onnx_ir as ir
 
     from zflora_compile.options import CompileOptions
     from zflora_compile.pipeline import compile_model
 
     model = ir.from_proto(case.model)
-    result, report = compile_model(model, CompileOptions(strategy=strategy, verify=verify))
+    result, report = compile_model(model, CompileOptions(strategy=strategy, verify=verify, verify_mode=verify_mode if verify else "off"))
     return ir.to_proto(result), report
 
 
@@ -523,7 +523,7 @@ def _stripped_binding_nodes(report) -> tuple[set[str], set[str]]:
     return dropped, bases
 
 
-def judge(case: Case, strategy: str, *, always_verify: bool = True) -> Verdict:
+def judge(case: Case, strategy: str, *, always_verify: bool = True, verify_mode: str = "auto") -> Verdict:
     from zflora_compile.errors import VerificationError, ZcompileError
 
     verdict = lambda cls, detail="": Verdict(case.seed, strategy, cls, detail, case.features)  # noqa: E731
@@ -562,7 +562,7 @@ def judge(case: Case, strategy: str, *, always_verify: bool = True) -> Verdict:
     if problem is None and not always_verify:
         return verdict("exact" if rewritten else ("refused" if rejections else "unchanged"))
     try:
-        _compile(case, strategy, verify=True)
+        _compile(case, strategy, verify=True, verify_mode=verify_mode)
     except VerificationError as error:
         return verdict("caught", f"{'raw rewrite wrong: ' + problem if problem else 'false alarm: '} | {str(error)[:300]}")
     except ZcompileError as error:
@@ -574,9 +574,9 @@ def judge(case: Case, strategy: str, *, always_verify: bool = True) -> Verdict:
     return verdict("exact" if rewritten else ("refused" if rejections else "unchanged"))
 
 
-def fuzz(seeds, strategies=STRATEGIES, *, always_verify: bool = True):
-    """Yield a :class:`Verdict` per (seed, strategy)."""
+def fuzz(seeds, strategies=STRATEGIES, *, always_verify: bool = True, verify_mode: str = "auto"):
+    """Yield a :class:`Verdict` per (seed, strategy); ``verify_mode``: the compile's ``--verify``."""
     for seed in seeds:
         case = generate(seed)
         for strategy in strategies:
-            yield judge(case, strategy, always_verify=always_verify)
+            yield judge(case, strategy, always_verify=always_verify, verify_mode=verify_mode)
