@@ -126,3 +126,21 @@ def test_peft_bin_and_bf16_adapters(tmp_path):
     # PEFT runs the bf16 adapter in bf16; the swap reads it exactly and runs it in fp32
     reference = eager(low)
     assert np.abs(logits(tmp_path / "s_bf16" / "model.onnx") - reference).max() < 1e-2
+
+
+def test_one_module_is_not_placed_at_two_sites(tmp_path):
+    """Label matching accepts a module whose name the label ends with (``layers.0.self_attn.q_proj`` for
+    ``model.layers.0.self_attn.q_proj``); with two compiled sites ending alike (a second stack,
+    ``vision.layers.0.self_attn.q_proj``) the one module went to both. Refused as ambiguous."""
+    from zflora_compile.swap_sources import PeftAdapter
+
+    b = zoo.build_lora_model(r=2, num_hidden_layers=1, targets=["q_proj"])
+    b.save_pretrained(tmp_path / "b")
+    import json
+
+    adapter = PeftAdapter(tmp_path / "b", json.loads((tmp_path / "b" / "adapter_config.json").read_text()))
+    adapter.modules = {k.removeprefix("model."): v for k, v in adapter.modules.items()}  # keys of a PEFT model on the inner stack
+    assert adapter._module("model.layers.0.self_attn.q_proj", "g") == "layers.0.self_attn.q_proj"
+    assert adapter._module("model.layers.0.self_attn.q_proj", "g") == "layers.0.self_attn.q_proj"  # the reference reads it again
+    with pytest.raises(InputError, match="matches two compiled sites"):
+        adapter._module("vision.layers.0.self_attn.q_proj", "h")

@@ -74,6 +74,7 @@ class PeftAdapter(Adapter):
             if not targeted(name, config):
                 refuse(f"--adapter {path}: module '{name}' has LoRA tensors but is not among the target_modules / layers_to_transform of adapter_config.json")
         self.used: set[str] = set()
+        self.sites: dict[str, str] = {}  # module -> the compiled site (label) it was placed at
 
     def factors(self, name: str, n_in: int, n_out: int) -> _Factors:
         from zflora_compile.peft_format import bdlora_config, block_diagonal, module_lora
@@ -102,6 +103,8 @@ class PeftAdapter(Adapter):
         if name is None:
             close = [n for n in self.modules if n.endswith(label.rsplit(".", 1)[-1])][:2]
             refuse(f"compiled site '{label}' (group '{group}') has no counterpart in {self.source}" + (f" (modules such as '{close[0]}' do not match it)" if close else ""))
+        if self.sites.setdefault(name, label) != label:  # a short module name ending two labels
+            refuse(f"module '{name}' of {self.source} matches two compiled sites, '{self.sites[name]}' and '{label}': ambiguous")
         return name
 
     def group(self, group: dict, base: np.ndarray) -> GroupUpdate:
