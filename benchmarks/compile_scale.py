@@ -400,7 +400,7 @@ def measure_size(size: str, workdir: Path, args, modes: list[str], console) -> d
              "parameters": sm.parameter_count(cfg), "weight_bytes": sm.model_bytes(cfg)}
     need, free = disk_needed(cfg, args.build_only), free_disk(workdir)
     if need + args.min_free_disk_gib * GIB > free:
-        entry["refused"] = (f"{size}: needs ~{need / GIB:.1f} GiB on {workdir} (model {sm.model_bytes(cfg) / GIB:.1f} GiB"
+        entry["refused"] = (f"{size}: needs ~{need / GIB:.1f} GiB on the disk of {args.workdir} (model {sm.model_bytes(cfg) / GIB:.1f} GiB"
                             f"{'' if args.build_only else f', and the compile at ~{COMPILE_DISK_FACTOR}x the model'}) "
                             f"+ {args.min_free_disk_gib} GiB margin; {free / GIB:.1f} GiB free")
         console.print(f"[red]refused[/red] {entry['refused']}")
@@ -457,7 +457,21 @@ def versions() -> dict:
         found["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "zflora_compile"], capture_output=True, text=True).stdout
         found["zflora_compile_uncommitted"] = [line[3:] for line in status.splitlines()]  # the editable install runs these too
+        if found["zflora_compile_uncommitted"]:
+            found["zflora_compile_worktree_sha256"] = worktree_digest()
     return found
+
+
+def worktree_digest() -> str:
+    """sha256 over ``zflora_compile/**/*.py`` and ``*.json`` as they are on disk (names and bytes):
+    identifies an uncommitted state of the package the children ran."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "zflora_compile").rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".json"):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def table(results: dict):

@@ -178,6 +178,7 @@ class Graph:
         self.dtype = helper.np_dtype_to_tensor_dtype(np.dtype(cfg.dtype))
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
         self._names: dict[str, int] = {}
 
     def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
@@ -187,6 +188,13 @@ class Graph:
         output = f"{unique}_out"
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=unique, **attrs))
         return output
+
+    def declare(self, value: str, elem_type: int, dims: list) -> str:
+        """Record ``value``'s shape with symbolic dims, as exporters do: ONNX shape inference cannot
+        know that a ``Range`` to the sequence length, or a ``Reshape`` with -1, has the sequence's
+        size, and tools that cut the graph into regions need every boundary's shape."""
+        self.value_info.append(helper.make_tensor_value_info(value, elem_type, dims))
+        return value
 
     def const(self, name: str, array) -> str:
         self.constants.append(numpy_helper.from_array(np.asarray(array), name))
@@ -233,7 +241,8 @@ def repeat_kv(g: Graph, x: str, stem: str) -> str:
     if g.cfg.heads == g.cfg.kv_heads:
         return x
     grown = g.op("Expand", [g.op("Unsqueeze", [x, "const.axis2"], f"{stem}/Unsqueeze"), "const.rep_shape"], f"{stem}/Expand")
-    return g.op("Reshape", [grown, "const.rep_heads"], f"{stem}/Reshape")
+    out = g.op("Reshape", [grown, "const.rep_heads"], f"{stem}/Reshape")
+    return g.declare(out, g.dtype, ["batch", g.cfg.heads, "sequence_length", g.cfg.head_dim])
 
 
 def attention(g: Graph, x: str, layer: int) -> str:
@@ -295,7 +304,7 @@ def rope_tables(g: Graph) -> None:
 def mask_bias(g: Graph) -> None:
     """``mask.bias`` [b, 1, s, s] fp32: 0 where key j <= query i and attention_mask[j], else fp32 min."""
     seq = g.op("Gather", [g.op("Shape", ["input_ids"], "mask/Shape"), "const.one"], "mask/SeqLen", axis=0)
-    idx = g.op("Range", ["const.zero", seq, "const.one"], "mask/Range")
+    idx = g.declare(g.op("Range", ["const.zero", seq, "const.one"], "mask/Range"), TensorProto.INT64, ["sequence_length"])
     causal = g.op("LessOrEqual", [g.op("Unsqueeze", [idx, "const.axis0"], "mask/Cols"), g.op("Unsqueeze", [idx, "const.axis1"], "mask/Rows")], "mask/Causal")
     padding = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], "mask/CastBool", to=TensorProto.BOOL), "const.axes12"], "mask/Padding")
     allowed = g.op("And", [causal, padding], "mask/Allowed")
@@ -355,7 +364,7 @@ def build_onnx(cfg: ScaleConfig, out_dir: Path) -> Path:
     dtype = g.dtype
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence_length"]) for n in ("input_ids", "attention_mask", "position_ids")]
     outputs = [helper.make_tensor_value_info("logits", dtype, ["batch", "sequence_length", cfg.vocab])]
-    graph = helper.make_graph(g.nodes, f"{cfg.name}-lora-r{cfg.rank}", inputs, outputs, initializer=g.constants + weights)
+    graph = helper.make_graph(g.nodes, f"{cfg.name}-lora-r{cfg.rank}", inputs, outputs, initializer=g.constants + weights, value_info=g.value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION, producer_name="benchmarks.scale_models")
     path = out_dir / "model.onnx"
     path.write_bytes(model.SerializeToString())

@@ -76,6 +76,21 @@ def test_fp16_build_is_close_and_detected(tmp_path):
     assert len(listing["unrecognized"]) == 0
 
 
+def test_every_value_has_a_known_shape(tmp_path):
+    """Like an exporter's graph, every intermediate has a shape with named or fixed axes (the mask's
+    ``Range`` and GQA's ``Reshape`` with -1 are declared): verification region by region needs them."""
+    import onnx
+
+    path = sm.build_onnx(sm.SIZES["tiny"], tmp_path / "model")
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), strict_mode=True)
+    unknown = [
+        v.name
+        for v in inferred.graph.value_info
+        if any(not (d.dim_value or (d.dim_param and not d.dim_param.startswith("unk"))) for d in v.type.tensor_type.shape.dim)
+    ]
+    assert not unknown and len(inferred.graph.value_info) > 100
+
+
 def test_generation_is_a_function_of_name_and_shape(monkeypatch):
     """Chunk i of a tensor is seeded by (seed, crc32(name), i) and the cut depends only on the
     shape: every reader (the ONNX writer, the PyTorch filler) gets the same numbers."""
@@ -133,7 +148,7 @@ def test_guard_kills_over_the_rss_limit(tmp_path):
 def test_refuses_a_size_that_does_not_fit(tmp_path):
     from rich.console import Console
 
-    args = guard_args(min_free_disk_gib=1e9, build_only=False, dtype="float16")
+    args = guard_args(min_free_disk_gib=1e9, build_only=False, dtype="float16", workdir=tmp_path)
     entry = compile_scale.measure_size("tiny", tmp_path, args, ["default"], Console(file=io.StringIO()))
     assert "needs" in entry["refused"] and "free" in entry["refused"]
     assert "build" not in entry and not list(tmp_path.iterdir())
