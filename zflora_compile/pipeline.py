@@ -286,7 +286,8 @@ def compile_fx(report: Report, model, options: CompileOptions, steps: TimedSteps
         reference = strip_reference(model, options.max_rank_ratio) if stripped else model
         outcome = verify_fx(reference, result, atol=options.atol, rtol=options.rtol, seed=options.seed)
         outcome["reference"] = STRIP_REFERENCE if stripped else "the input model"
-        report.verification = outcome
+        why = "a torch.fx program is verified whole, in PyTorch eager" + ("" if options.verify_mode in ("auto", "full") else f" (--verify {options.verify_mode} applies to ONNX models)")
+        report.verification = {"mode": "full", "mode_reason": why, **outcome}
         if not outcome["passed"]:
             raise VerificationError(verification_failure_message(outcome))
     return result

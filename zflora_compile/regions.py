@@ -234,6 +234,9 @@ def find_regions(original: ir.Model, rewritten: ir.Model, *, changed: list[ir.No
 
 #: at most this many values are joined into their readers' regions (else: the full check)
 MAX_JOINED = 256
+#: a value that differs is followed this many nodes downstream (a name given a new meaning meets
+#: the original again within a node or two: a bias add, a cast); still different: a failure
+MAX_GROWTH_ROUNDS = 8
 
 
 def _boundary(nodes, outputs: set[str]) -> list[str]:
@@ -583,6 +586,7 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
     checked: dict[tuple, dict] = {}
     joined: set[str] = set()
     regions = find_regions(original, rewritten, changed=changed)
+    rounds = 0
     with (progress or NullProgress()).bar(f"verify {len(regions)} region(s)", len(regions)) as advance:
         while True:
             grow = set()
@@ -592,7 +596,8 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
                     checked[key] = _check(region, ctx)
                     advance()
                 grow |= {name for name in checked[key]["failing"] if name not in graph_outputs and name not in joined}
-            if not grow or len(joined | grow) > MAX_JOINED:
+            rounds += 1
+            if not grow or rounds > MAX_GROWTH_ROUNDS or len(joined | grow) > MAX_JOINED:
                 break
             joined |= grow
             regions = find_regions(original, rewritten, changed=changed, joined=frozenset(joined))
