@@ -33,7 +33,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="zflora_compile zFLoRA adapter directory (save_adapters)")
     p.add_argument("--base", required=True, help="the base model's Hugging Face directory (config.json + weights)")
     p.add_argument("-o", "--output", required=True, help="output model directory (config.json + model.safetensors)")
-    p.add_argument("--pad-to", type=int, default=None, metavar="MULTIPLE", help="zero-pad the hidden size d+r up to a multiple (quantisation group size); exact")
+    p.add_argument("--pad-to", type=int, default=None, metavar="MULTIPLE", help="zero-pad the hidden size d+r up to a multiple (quantisation group size; always also of num_attention_heads); exact")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
