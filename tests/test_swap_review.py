@@ -47,11 +47,6 @@ def lora_bias(tmp_path_factory):
     return {"fused_a": compiled(export(a, root / "a.onnx"), root / "fa"), "b": b, "b_peft": root / "b_peft", "b_onnx": b_onnx, "scratch_b": compiled(b_onnx, root / "fb")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs families/lora.py FuseGroup.record to write 'adapter_bias' (any site with lora_bias); "
-    "swap.plan_group refuses a PEFT source into such a group (not in this reviewer's files)",
-)
 def test_lora_bias_compiled_then_plain_peft_is_not_silently_wrong(lora_bias, tmp_path):
     """Compiled A had lora_bias (fused bias = s * b_B, the base has none); B is plain LoRA. The swap kept
     A's fused bias: max |diff| 0.53 against B run in PEFT, and its verification passed (the merged
@@ -146,11 +141,6 @@ def test_one_module_is_not_placed_at_two_sites(tmp_path):
         adapter._module("vision.layers.0.self_attn.q_proj", "h")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metadata.strip_compiled keeps the fused bias b + s*b_B of a lora_bias compile (the record has no base bias); "
-    "needs families/lora.py to record adapter_bias and metadata.py to refuse (or restore b): not in this reviewer's files",
-)
 def test_strip_of_a_lora_bias_compile_is_the_base(lora_bias, tmp_path):
     """Found with the swap review: ``strip`` of a model compiled from a lora_bias adapter is 0.69 off
     the base model (its verification passes: the strip reference keeps the fused bias too)."""

@@ -222,6 +222,13 @@ def check_separable(record: dict | None) -> list[dict]:
                 f"strip of a compiled model: the {', '.join(step['families'])} {step['section'].replace('_', ' ')} compiled in by zflora-compile "
                 f"{entry.get('version')} (sites {', '.join(step['sites'])}) carry no record of their adapter lanes; they cannot be separated"
             )
+        for group in entry.get("groups", []):
+            if group.get("adapter_bias"):
+                raise InputError(
+                    f"strip of a compiled model: group '{group.get('name')}' was fused by zflora-compile {entry.get('version')} from an adapter "
+                    "with lora_bias: its bias holds the base bias and the adapter's (b + s*b_B) and the base bias is not kept apart; "
+                    "strip the model it was compiled from"
+                )
         for widened in entry.get("widened", []):
             if "zflora" in widened.get("family", ""):
                 raise InputError(

@@ -423,6 +423,8 @@ class FuseGroup:
             "column_scale": metadata.created_name(scaled) if scaled is not None else None,
             "bias": metadata.value_name(bias) if bias is not None else None,
             **({"max_rank": self.max_rank, "adapter_ranks": [s.rank for s in self.sites]} if self.max_rank is not None else {}),
+            # lora_bias: the fused bias holds b + s*b_B and the base bias b is not kept apart
+            **({"adapter_bias": True} if any(adapter_bias(s) is not None for s in self.sites) else {}),
         }
 
 
