@@ -161,11 +161,13 @@ def _check_signature(original: ir.Model, rewritten: ir.Model) -> None:
         raise CannotIsolate("the graph inputs or outputs differ; the full check reports how")
 
 
-def _components(changed: list[ir.Node], outputs: set[str], joined: set[str] = frozenset()) -> list[list[ir.Node]]:
-    """Changed nodes grouped by the values they pass only to each other (or ``joined`` values): a
-    value unchanged nodes or the graph outputs read too is compared where it is computed and fed
-    to its changed readers (a residual stream of rewritten adds does not chain every layer into
-    one region); constants do not connect."""
+def _components(changed: list[ir.Node], outputs: set[str], joined: set[str] = frozenset(), comparable: set[str] = frozenset()) -> list[list[ir.Node]]:
+    """Changed nodes grouped by the values they pass each other, cut where a value can be compared
+    instead: one unchanged nodes or the graph outputs read too, or a float value the original holds
+    under the same name with the same type (``comparable``; ONNX Runtime GenAI's skip-norms carry
+    the residual stream from layer to layer, each changed by the projection it adds): it is
+    compared where it is computed and fed to its readers. ``joined`` values are never cut;
+    constants do not connect."""
     parent = {id(n): id(n) for n in changed}
 
     def root(key):
@@ -179,7 +181,7 @@ def _components(changed: list[ir.Node], outputs: set[str], joined: set[str] = fr
             producer = value.producer() if value is not None else None
             if producer is None or id(producer) not in parent:
                 continue
-            if value.name not in joined and (value.name in outputs or any(id(user) not in parent for user, _ in value.uses())):
+            if value.name not in joined and (value.name in outputs or value.name in comparable or any(id(user) not in parent for user, _ in value.uses())):
                 continue
             parent[root(id(producer))] = root(id(node))
     groups: dict[int, list[ir.Node]] = {}
@@ -226,17 +228,21 @@ def find_regions(original: ir.Model, rewritten: ir.Model, *, changed: list[ir.No
             raise CannotIsolate(f"the rewrite changes the meaning of more than {MAX_JOINED} values unchanged nodes read (e.g. '{sorted(joined)[0]}')")
         changed = sorted({id(n): n for n in changed + grown}.values(), key=lambda n: order[id(n)])
     changed_ids = {id(n) for n in changed}
-    groups = _components(changed, outputs, joined)
+    comparable = {
+        v.name for n in changed for v in n.outputs
+        if v.name in old_values and _floating(v) and _same_type(old_values[v.name], v) and old_values[v.name].dtype is not None and v.shape is not None
+    }
+    groups = _components(changed, outputs, joined, comparable)
     boundaries = [_boundary(nodes, outputs) for nodes in groups]
     verified = {name for boundary in boundaries for name in boundary}
     return [_pair(index, nodes, boundary, verified, changed_ids, old_values, old_nodes, new_values, order) for index, (nodes, boundary) in enumerate(zip(groups, boundaries))]
 
 
 #: at most this many values are joined into their readers' regions (else: the full check)
-MAX_JOINED = 256
-#: a value that differs is followed this many nodes downstream (a name given a new meaning meets
-#: the original again within a node or two: a bias add, a cast); still different: a failure
-MAX_GROWTH_ROUNDS = 8
+MAX_JOINED = 4096
+#: a region that still differs after growing past this many nodes is a failure (a name given a new
+#: meaning meets the original again within a node or two: a bias add, a cast, an attention)
+MAX_REGION_NODES = 64
 
 
 def _boundary(nodes, outputs: set[str]) -> list[str]:
@@ -586,18 +592,26 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
     checked: dict[tuple, dict] = {}
     joined: set[str] = set()
     regions = find_regions(original, rewritten, changed=changed)
-    rounds = 0
     with (progress or NullProgress()).bar(f"verify {len(regions)} region(s)", len(regions)) as advance:
         while True:
-            grow = set()
             for region in regions:
                 key = tuple(region.changed)
                 if key not in checked:
                     checked[key] = _check(region, ctx)
                     advance()
-                grow |= {name for name in checked[key]["failing"] if name not in graph_outputs and name not in joined}
-            rounds += 1
-            if not grow or rounds > MAX_GROWTH_ROUNDS or len(joined | grow) > MAX_JOINED:
+            handed = {name for region in regions for name in region.outputs}
+            differing = {name for region in regions for name in checked[tuple(region.changed)]["failing"]}
+            grow = set()
+            for region in regions:
+                outcome = checked[tuple(region.changed)]
+                fed = (set(region.inputs) & handed) - joined
+                if not outcome["failing"] or fed & differing or len(region.changed) > MAX_REGION_NODES:
+                    continue  # passed; fed a differing value (decided once its source is); grown too far: a failure
+                # where a difference starts, its readers join the region (a name given a new meaning meets
+                # the original again a node or two on); one that reaches only graph outputs joins the regions
+                # feeding it (strip hands the base on under the adapted output's name)
+                grow |= {name for name in outcome["failing"] if name not in graph_outputs and name not in joined} or fed
+            if not grow or len(joined | grow) > MAX_JOINED:
                 break
             joined |= grow
             regions = find_regions(original, rewritten, changed=changed, joined=frozenset(joined))
@@ -618,6 +632,7 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
     section = verification_section(f"onnxruntime {ort.__version__} CPUExecutionProvider", results, worst, seed=seed, atol=atol, rtol=rtol)
     section["rule"] = "|rewritten - original| <= atol + rtol * |original|, elementwise, every value a rewritten region hands to unchanged nodes or the graph outputs"
     section["regions"] = summaries
+    section["region_checks"] = len(checked)
     if joined:
         section["joined"] = sorted(joined)
     return section
