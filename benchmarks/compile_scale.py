@@ -168,6 +168,7 @@ def run_guarded(cmd: list[str], args, *, disk: Path, log: Path, env: dict | None
         cmd = [str(timer), "-v", "-o", str(time_file), *cmd]
     disk_start = free_disk(disk)
     peak_tree, min_free, min_avail, killed = 0, disk_start, mem_available(), None
+    timeline: list[list[float]] = []  # [seconds, GiB]: the largest sample of each second
     started = time.perf_counter()
     with open(log, "wb") as sink:
         # cwd: the work disk, so that no child imports zflora_compile from the current directory
@@ -178,6 +179,7 @@ def run_guarded(cmd: list[str], args, *, disk: Path, log: Path, env: dict | None
                 break
             rss, avail, free = tree_rss(proc.pid), mem_available(), free_disk(disk)
             peak_tree, min_free, min_avail = max(peak_tree, rss), min(min_free, free), min(min_avail, avail)
+            _sample(timeline, time.perf_counter() - started, rss)
             reason = _kill_reason(rss, avail, free, time.perf_counter() - started, args)
             if reason and killed is None:
                 killed = reason
@@ -197,8 +199,34 @@ def run_guarded(cmd: list[str], args, *, disk: Path, log: Path, env: dict | None
         "min_mem_available_gib": round(min_avail / GIB, 3),
         "disk_peak_gib": round((disk_start - min_free) / GIB, 3),
         "killed": killed,
+        "rss_timeline": timeline,
         "log_tail": log.read_text(errors="replace")[-2000:],
     }
+
+
+def _sample(timeline: list, elapsed: float, rss: int) -> None:
+    """Keep one point per whole second: the largest tree RSS sampled in it."""
+    second, gib = float(int(elapsed)), round(rss / GIB, 3)
+    if timeline and timeline[-1][0] == second:
+        timeline[-1][1] = max(timeline[-1][1], gib)
+    else:
+        timeline.append([second, gib])
+
+
+def step_peaks(timeline: list, timings: dict, wall: float) -> dict:
+    """Approximate peak tree RSS (GiB) per report step, from the per-second timeline: the steps
+    run back to back, the first starting ``wall - total`` seconds in (interpreter start and
+    imports; exit counted there too, so windows may start up to ~1 s early); a step's peak is the
+    largest sample whose second overlaps its window."""
+    steps = [(k, v) for k, v in timings.items() if k != "total"]
+    if not steps or not timeline or "total" not in timings:
+        return {}
+    clock, peaks = max(0.0, wall - timings["total"]), {}
+    for name, seconds in steps:
+        window = [gib for second, gib in timeline if second + 1 > clock and second < clock + seconds]
+        peaks[name] = max(window) if window else None
+        clock += seconds
+    return peaks
 
 
 def _time_v_max_rss(path: Path) -> int | None:
@@ -345,6 +373,7 @@ def compile_run(model: Path, strategy: str, mode: str, workdir: Path, args, copy
     files = dir_files(out)
     timings = report.get("timings_s", {})
     record = {"strategy": strategy, "verify": mode, **run, "page_cache": cache, "timings_s": timings,
+              "step_peak_rss_gib": step_peaks(run["rss_timeline"], timings, run["wall_s"]),
               "verification": _verification_summary(report), "status": report.get("status"),
               "output_bytes": sum(files.values()), "output_files": files}
     if copy_s:

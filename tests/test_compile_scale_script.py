@@ -127,6 +127,7 @@ def test_quick_run(tmp_path):
         assert run["max_rss_gib"] > 0 and run["rss_source"] == "/usr/bin/time -v"
         assert run["timings_s"]["total"] > 0 and run["output_bytes"] > 0 and "model.onnx" in run["output_files"]
         assert run["growth_ratio"] > 0
+        assert run["rss_timeline"] and set(run["step_peak_rss_gib"]) == set(run["timings_s"]) - {"total"}
     peft = entry["peft_alternative"]
     assert peft["exit_code"] == 0 and peft["max_rss_gib"] > 0 and peft["phases_s"]["export_s"] > 0
     assert not list(work.glob("compile-scale-*")), "the work directory was left behind"
