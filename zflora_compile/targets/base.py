@@ -148,5 +148,7 @@ class Target(abc.ABC):
         """
 
     @abc.abstractmethod
-    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
-        """Load the artifact built into ``out_dir`` (from ``model_path``) to run inputs of ``shape``."""
+    def load(self, out_dir: Path, model_path: Path, shape: Shape, *, for_check: bool = False) -> Loaded:
+        """Load the artifact built into ``out_dir`` (from ``model_path``) to run inputs of ``shape``;
+        ``for_check``: loaded for the artifact check's few runs, not for timing (a target may then
+        skip what only speeds up repeated runs, such as ONNX Runtime's weight prepacking)."""

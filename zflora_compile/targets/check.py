@@ -138,7 +138,7 @@ def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes:
     gc.collect()
     cases, failure, worst = [], None, 0.0
     for shape, feeds, expected_outputs in zip(shapes, feeds_of, expected_of):
-        loaded = target.load(artifact_dir, model_path, shape)
+        loaded = target.load(artifact_dir, model_path, shape, for_check=True)
         got = dict(zip(loaded.output_names, loaded.run(feeds)))
         description = loaded.description
         del loaded

@@ -35,7 +35,7 @@ class OnnxTarget(Target):
             "note": "no engine built: model.onnx (verified against the input) is the output",
         }
 
-    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
+    def load(self, out_dir: Path, model_path: Path, shape: Shape, *, for_check: bool = False) -> Loaded:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

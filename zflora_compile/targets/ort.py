@@ -183,9 +183,12 @@ class OrtTarget(Target):
             return False
         return True
 
-    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
+    def load(self, out_dir: Path, model_path: Path, shape: Shape, *, for_check: bool = False) -> Loaded:
         artifact = out_dir / OPTIMIZED_NAME
-        session = ort.InferenceSession(str(artifact if artifact.exists() else model_path), self._session_options(), providers=self._providers())
+        options = self._session_options()
+        if for_check:  # prepacking copies every MatMul weight once more: worth it for timing only
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        session = ort.InferenceSession(str(artifact if artifact.exists() else model_path), options, providers=self._providers())
         names = [o.name for o in session.get_outputs()]
         return Loaded(
             run=lambda feeds: session.run(names, feeds),

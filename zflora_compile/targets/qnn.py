@@ -165,7 +165,7 @@ class QnnTarget(Target):
             **({"note": "on x86_64 the HTP backend is an emulator: its timings are not NPU latencies"} if self.emulated else {}),
         }
 
-    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
+    def load(self, out_dir: Path, model_path: Path, shape: Shape, *, for_check: bool = False) -> Loaded:
         self.check_available()
         import onnxruntime as ort
 

@@ -156,7 +156,7 @@ class TrtTarget(Target):
             per_point.append({s.name: tuple(d if isinstance(d, int) else symbols.get(str(d), 1) for d in s.shape) for s in specs})
         return {s.name: tuple(point[s.name] for point in per_point) for s in specs}
 
-    def load(self, out_dir: Path, model_path: Path, shape: Shape) -> Loaded:
+    def load(self, out_dir: Path, model_path: Path, shape: Shape, *, for_check: bool = False) -> Loaded:
         self.check_available()
         import tensorrt as trt
         import torch
