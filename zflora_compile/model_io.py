@@ -143,6 +143,24 @@ def has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+def release_weights(model: ir.Model) -> int:
+    """Unmap every external weight of ``model`` (all graphs) that nothing holds a view of: a read
+    weight stays memory-mapped, and its pages count in the process's resident memory until then.
+    Called between steps, it bounds the resident weights to what one step reads; a weight read
+    again is mapped again. Returns how many were released."""
+    released = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
+                try:
+                    tensor.release()
+                except BufferError:  # an array still views the mapping: it stays until that goes
+                    continue
+                released += 1
+    return released
+
+
 def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
