@@ -357,8 +357,9 @@ def _derive_one_sided(inputs: list[str], needs, new_side: list, old_side: list, 
     """Fed values must be independent: a value only one side reads (the original's FFA lane
     ``t @ A`` beside the ``t`` the merged projection reads) is computed inside that side from the
     values the other side is fed (and graph inputs), through unchanged nodes, where that takes at
-    most :data:`MAX_DERIVED_NODES` nodes (the shortest derivation first); otherwise it stays fed
-    (strip: the zeroed branch's input does not matter)."""
+    most :data:`MAX_DERIVED_NODES` nodes and no more weight bytes than the region holds (1 MiB at
+    least; the shortest derivation first); otherwise it stays fed (strip: the zeroed branch's input
+    does not matter)."""
     graph_inputs = {name for name, value in new_values.items() if value.producer() is None and not _is_constant(value)}
     while True:
         best = None
@@ -369,6 +370,8 @@ def _derive_one_sided(inputs: list[str], needs, new_side: list, old_side: list, 
             side = next(iter(sides))
             other = {n for n in inputs if n != name and ("old" if side == "new" else "new") in needs.get(n, ())}
             derived = _derive(name, other | graph_inputs, new_values, changed_ids)
+            if derived is not None and _weight_bytes(derived[0]) > max(1 << 20, _weight_bytes(new_side) + _weight_bytes(old_side)):
+                derived = None  # not through an embedding table: a region stays the size of what it checks
             if derived is not None and (best is None or len(derived[0]) < len(best[2][0])):
                 best = (name, side, derived)
         if best is None:
