@@ -86,6 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--poll-s", type=float, default=0.2, help="watchdog polling interval")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="kill a child running longer than this")
     parser.add_argument("--zflora-rev", help="compile with this git revision's zflora_compile (a git archive snapshot on PYTHONPATH) instead of the working tree's")
+    parser.add_argument("--target", default="ort", help="zcompile --target (default ort; onnx: no engine build, the verified model only)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.sizes = ["tiny"] if args.quick else _list(args.sizes, ("1b", "3b", "8b"), parser, "--sizes")
@@ -367,7 +368,7 @@ def compile_run(model: Path, strategy: str, mode: str, workdir: Path, args, copy
     cache = drop_cache(model, model.with_name(sm.DATA_NAME))
     env = child_env(TMPDIR=str(workdir / "tmp"))
     (workdir / "tmp").mkdir(exist_ok=True)
-    cmd = [*zcompile_exe(), str(model), "-o", str(out), "--strategy", strategy, "--report", str(report_path), "-q", *verify_flags(mode)]
+    cmd = [*zcompile_exe(), str(model), "-o", str(out), "--strategy", strategy, "--target", args.target, "--report", str(report_path), "-q", *verify_flags(mode)]
     run = run_guarded(cmd, args, disk=workdir, log=workdir / f"{tag}.log", env=env)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     files = dir_files(out)
@@ -415,11 +416,11 @@ def peft_run(size: str, cfg, workdir: Path, args) -> dict:
 # ----------------------------------------------------------------------------------- per size
 
 
-def disk_needed(cfg, build_only: bool) -> int:
+def disk_needed(cfg, build_only: bool, target: str = "ort") -> int:
     """Bytes a size needs on the work disk: the model, and unless ``build_only`` the larger of its
     copy (deleted before the compiles) and the compile's estimated peak (:data:`COMPILE_DISK_FACTOR`;
-    each output is deleted before the next run)."""
-    return int(sm.model_bytes(cfg) * (1 if build_only else 1 + max(1.0, COMPILE_DISK_FACTOR)))
+    each output is deleted before the next run; ``--target onnx`` writes about the model once more)."""
+    return int(sm.model_bytes(cfg) * (1 if build_only else 1 + max(1.0, COMPILE_DISK_FACTOR if target != "onnx" else 1.05)))
 
 
 def measure_size(size: str, workdir: Path, args, modes: list[str], console) -> dict:
@@ -427,7 +428,7 @@ def measure_size(size: str, workdir: Path, args, modes: list[str], console) -> d
     cfg = sm.SIZES[size].with_(dtype=args.dtype)
     entry = {"size": size, "config": dict(cfg.__dict__, head_dim=cfg.head_dim, tied_head=False),
              "parameters": sm.parameter_count(cfg), "weight_bytes": sm.model_bytes(cfg)}
-    need, free = disk_needed(cfg, args.build_only), free_disk(workdir)
+    need, free = disk_needed(cfg, args.build_only, args.target), free_disk(workdir)
     if need + args.min_free_disk_gib * GIB > free:
         entry["refused"] = (f"{size}: needs ~{need / GIB:.1f} GiB on the disk of {args.workdir} (model {sm.model_bytes(cfg) / GIB:.1f} GiB"
                             f"{'' if args.build_only else f', and the compile at ~{COMPILE_DISK_FACTOR}x the model'}) "
