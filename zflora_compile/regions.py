@@ -5,21 +5,24 @@ rewritten ``model.onnx`` as written, the input or the strip reference), never fr
 compiler says it touched. A node of the rewritten graph is *unchanged* when the original holds a
 node that serialises identically (name, op type, domain, attributes, input and output names) and
 whose constant inputs hold the same bytes (sha256 of each initializer, streamed from the files);
-every other node is *changed*. Changed nodes connected through the values they produce form a
-region. A region's boundary outputs are what unchanged nodes and graph outputs read of it: by
-induction over the graph's order, when every region's boundary outputs equal the original's
-values of the same names, every value of the rewritten model equals the original's. The original
-region is walked back from those names until values both graphs compute with identical nodes (or
-graph inputs); integer values there (shape arithmetic, masks) are computed inside both regions
-from their own producers, float ones are fed seeded activations. Both regions run in ONNX
-Runtime on the same feeds, one region at a time, compared with :mod:`.verify`'s tolerances.
+every other node is *changed*. Changed nodes connected through the values they pass each other form
+a region, cut where a value can be compared (read by unchanged nodes or graph outputs, or held by
+the original under the same name and type). A region's outputs are what it hands on: by induction
+over the graph's order, when every region's outputs equal the original's values of the same names,
+every value of the rewritten model equals the original's. The original region is walked back from
+those names to values both graphs compute with identical nodes (or graph inputs); integer values
+there (shape arithmetic, masks) are computed inside both regions by their own producers, float ones
+are fed seeded activations, and a value only one side reads is computed from the other side's
+where that is cheap. Both regions run in ONNX Runtime on the same feeds, one region at a time,
+compared with :mod:`.verify`'s tolerances. A value a rewrite gave a new meaning under its old name
+(merge, strip) differs where it is handed on: it is followed to where it meets the original again
+(:func:`verify_regions`); a real difference reaches a graph output or persists, and fails.
 
 What cannot be isolated makes the whole model fall back to the full check (the reason is
 reported): control flow (``If`` / ``Loop`` / ``Scan`` bodies), graph inputs with defaults, a
-changed signature, a value unchanged nodes read whose type or shape the rewrite changed (zFLoRA
-widens the residual stream, so every layer changes), a fed value of unknown rank or size, or an
-original region that does not run on the synthesized activations. A region is never bigger than
-the model: two region sessions never hold more than the full check's two model sessions.
+changed signature, a fed value of unknown rank, size or type, or an original region that does not
+run alone on the synthesized activations. A region is never bigger than the model: two region
+sessions never hold more than the full check's two model sessions.
 """
 
 from __future__ import annotations
