@@ -135,7 +135,7 @@ def test_quick_run(tmp_path):
 
 
 def guard_args(**changes) -> argparse.Namespace:
-    defaults = dict(rss_limit_gib=20.0, min_available_gib=0.0, min_free_disk_gib=0.0, poll_s=0.05, timeout_s=120.0, keep=False)
+    defaults = dict(rss_limit_gib=20.0, min_available_gib=0.0, min_free_disk_gib=0.0, poll_s=0.05, timeout_s=120.0, keep=False, target="ort")
     return argparse.Namespace(**{**defaults, **changes})
 
 
