@@ -23,7 +23,7 @@ from zflora_compile.checker import input_checker, output_checker
 from zflora_compile.errors import InputError, UnrecognizedAdapterError, VerificationError, ZcompileError
 from zflora_compile.graph.onnx_ir import OnnxGraph
 from zflora_compile.graph.records import DEFAULT_MAX_RANK_RATIO, Detection
-from zflora_compile.model_io import has_external_data, initializer_bytes, load_model, save_model, to_ir
+from zflora_compile.model_io import has_external_data, initializer_bytes, load_model, release_weights, save_model, to_ir
 from zflora_compile.options import CompileOptions
 from zflora_compile.planner import plan
 from zflora_compile.progress import TimedSteps
@@ -180,6 +180,7 @@ def compile_onnx(
             if options.strategy == "strip":
                 check_stripped(subgraphs.views(model), subgraphs.detect(model, options.max_rank_ratio))
         rewritten = (write(model) if write is not None else save_model(model, tmp / "model.onnx", external=True))[0]
+        release_weights(model)  # what detection and the write mapped: verification reads the files afresh
         with steps.step("check"):
             report.output.checker = output_checker(rewritten, report.input.checker)
         if not options.verify:
