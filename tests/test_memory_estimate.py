@@ -116,3 +116,22 @@ def test_released_weights_unmap_and_read_again_the_same(tmp_path):
     assert release_weights(model) == 1
     for v in external:
         np.testing.assert_array_equal(v.const_value.numpy(), before[v.name])
+
+
+def test_a_compile_over_the_memory_limit_exits_2_before_any_work(capsys, tmp_path):
+    """--memory-limit below the estimate: exit 2, one line with the numbers, nothing written; at a
+    limit that fits, the report carries the estimate."""
+    import json
+    from pathlib import Path
+
+    from zflora_compile.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama_lora.onnx"
+    code = main([str(example), "-o", str(tmp_path / "out"), "--memory-limit", "0.3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs an estimated 0.6 GiB at its peak" in err and "0.3 GiB is available (--memory-limit)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    code = main([str(example), "-o", str(tmp_path / "out"), "--memory-limit", "4", "--json", "-q"])
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert code == 0 and memory["fits"] is True and memory["limit_gib"] == 4 and memory["limit_source"] == "--memory-limit"
+    assert memory["peak_step"] in memory["steps_gib"] and memory["peak_gib"] == max(memory["steps_gib"].values())

@@ -22,7 +22,8 @@ import onnx_ir as ir
 from zflora_compile import genai
 from zflora_compile.errors import DependencyError, EnvironmentProblem, InputError, LatencyGateError, LatencyInconclusive, VerificationError, ZcompileError, first_line
 from zflora_compile.gate import Variant, gate_failure_message, gate_inconclusive_message, phase_shapes, run_gate
-from zflora_compile.model_io import has_external_data, load_model, resolve_model_path, save_model
+from zflora_compile.memory import check_fits
+from zflora_compile.model_io import has_external_data, initializer_bytes, load_model, resolve_model_path, save_model
 from zflora_compile.options import CompileOptions
 from zflora_compile.pipeline import compile_model, compile_onnx
 from zflora_compile.progress import TimedSteps
@@ -31,7 +32,7 @@ from zflora_compile.targets import Shape, Target, get_target
 from zflora_compile.targets.base import CannotRunHere
 from zflora_compile.targets.check import check_artifact
 from zflora_compile.targets.ort import cpu_kernel_gap, holds_bfloat16
-from zflora_compile.verify import token_vocab
+from zflora_compile.verify import choose_mode, token_vocab
 
 MODEL_NAME = "model.onnx"
 LOCK_NAME = ".zcompile.lock"
@@ -85,6 +86,8 @@ def compile_file(
             report.input.external_data = has_external_data(model)
         vocab = token_vocab(model)
         onnx_source = source if source.suffix == ".onnx" else None
+        mode = choose_mode(options.verify_mode, initializer_bytes(model))[0] if options.verify else "off"
+        report.memory = check_fits(model, verify=mode, target=target.name, check_latency=options.check_latency, limit_gib=options.memory_limit_gib)
         if options.verify and onnx_source is not None and holds_bfloat16(model):
             gap = cpu_kernel_gap(onnx_source, model)
             if gap:  # before compiling: verification would fail on it after the work

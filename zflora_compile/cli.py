@@ -74,6 +74,7 @@ def _compile_args() -> argparse.ArgumentParser:
     group.add_argument("-o", "--output", type=Path, help="output directory (default: <model stem>_<strategy> beside the model)")
     group.add_argument("--strategy", choices=STRATEGIES, default="fuse", help="fuse (default): widened projections, adapters separable; merge: W + s*A@B; strip: base model")
     group.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    group.add_argument("--memory-limit", type=float, default=None, metavar="GIB", help="memory the compile may use (default: what the machine has available now); the estimated peak must fit, else exit 2 before any work, with the numbers and a lighter setting that fits")
     group.add_argument(
         "--keep-scales",
         action="store_true",
@@ -346,6 +347,7 @@ def _compile_options(args) -> CompileOptions:
             check_latency=args.check_latency,
             max_rank=args.max_rank,
             adapter_inputs=args.adapter_inputs,
+            memory_limit_gib=args.memory_limit,
         )
     except ZcompileError as error:
         report = Report({"strategy": args.strategy, "target": args.target, "verify": args.verify and args.verify_mode != "off"}, InputInfo(path=str(args.model)))

@@ -16,6 +16,7 @@ MAX_OPSET = onnx.defs.onnx_opset_version()
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes: protobuf's 2 GB limit, with headroom
 DATA_SUFFIX = ".data"
 INLINE_BYTES = 256  # tensors up to this size stay in the .onnx file (onnx-ir's default)
+RELEASE_EVERY = 256 * 1024**2  # bytes written between two unmappings of the weights read (save_model)
 
 
 EXPORTED_PROGRAM_SUFFIX = ".pt2"
@@ -170,20 +171,33 @@ def save_model(model: ir.Model, path: Path, *, external: bool | None = None, pro
 
     External data is streamed by onnx-ir one tensor at a time: an untouched weight is copied from
     its file in the kernel (``copy_file_range``, no Python buffer), a computed one is materialised
-    alone. ``progress`` (a :mod:`~zflora_compile.progress` display) shows one step per tensor."""
+    alone. The weights computing a tensor read stay mapped until released: every
+    :data:`RELEASE_EVERY` bytes written they are (:func:`release_weights`), so the resident weights
+    stay bounded by what the last few tensors read. ``progress`` (a :mod:`~zflora_compile.progress`
+    display) shows one step per tensor."""
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if external:
-        data_name = path.name + DATA_SUFFIX
-        if progress is None:
-            ir.save(model, path, external_data=data_name, size_threshold_bytes=INLINE_BYTES)
-        else:
-            tensors = sum(1 for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.nbytes > INLINE_BYTES)
-            with progress.bar(f"writing {data_name}: {tensors} tensors", tensors) as advance:
-                ir.save(model, path, external_data=data_name, size_threshold_bytes=INLINE_BYTES, callback=lambda tensor, info: advance())
-        return [path, path.with_name(data_name)]
-    ir.save(model, path)
-    return [path]
+    if not external:
+        ir.save(model, path)
+        return [path]
+    data_name = path.name + DATA_SUFFIX
+    written = [0]
+
+    def wrote(tensor, info, advance=lambda: None) -> None:
+        advance()
+        written[0] += tensor.nbytes
+        if written[0] >= RELEASE_EVERY:
+            written[0] = 0
+            release_weights(model)
+
+    if progress is None:
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=INLINE_BYTES, callback=wrote)
+    else:
+        tensors = sum(1 for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.nbytes > INLINE_BYTES)
+        with progress.bar(f"writing {data_name}: {tensors} tensors", tensors) as advance:
+            ir.save(model, path, external_data=data_name, size_threshold_bytes=INLINE_BYTES, callback=lambda tensor, info: wrote(tensor, info, advance))
+    release_weights(model)
+    return [path, path.with_name(data_name)]
 
 
 def to_ir(model) -> ir.Model:

@@ -48,6 +48,9 @@ class CompileOptions:
     #: per-column scales) as graph inputs with their values as defaults, and write them as
     #: ``adapter.onnx_adapter`` (ONNX Runtime's adapter format) beside the model
     adapter_inputs: bool = False
+    #: the memory this compile may use, in GiB (None: what the machine has available now); the
+    #: estimated peak (:mod:`zflora_compile.memory`) must fit, else exit 2 before any work
+    memory_limit_gib: float | None = None
 
     def __post_init__(self):
         if self.verify_mode not in VERIFY_MODES:
@@ -66,6 +69,8 @@ class CompileOptions:
             # the command line refuses them (cli.py)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise InputError(f"{flag} must be a finite number, got {value}")
+        if self.memory_limit_gib is not None and not (isinstance(self.memory_limit_gib, (int, float)) and not isinstance(self.memory_limit_gib, bool) and math.isfinite(self.memory_limit_gib) and self.memory_limit_gib > 0):
+            raise InputError(f"--memory-limit must be a number of GiB > 0, got {self.memory_limit_gib}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InputError(f"--seed must be an integer >= 0, got {self.seed}")
         if not isinstance(self.latency, LatencyOptions):

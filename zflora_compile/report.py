@@ -130,6 +130,8 @@ class Report:
     verification: dict | None = None
     target: dict | None = None
     latency: dict | None = None
+    #: the estimated peak memory per step against what was available (zflora_compile.memory)
+    memory: dict | None = None
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
     #: strip of a model this tool compiled: what its lanes' removal took out (groups, widened sites)
     removed: dict | None = None
@@ -206,7 +208,7 @@ class Report:
             out["plan"] = self.plan.to_json()
         if self.removed:
             out["removed_compiled"] = self.removed
-        sections = {"output": self.output.to_json() if self.output else None, "verification": self.verification, "target": self.target, "latency": self.latency}
+        sections = {"output": self.output.to_json() if self.output else None, "verification": self.verification, "target": self.target, "latency": self.latency, "memory": self.memory}
         out.update({name: section for name, section in sections.items() if section is not None})
         if self.timings_s:
             out["timings_s"] = dict(self.timings_s)

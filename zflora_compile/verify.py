@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from zflora_compile.errors import InputError, first_line
 from zflora_compile.graph.records import numpy_dtype
+from zflora_compile.model_io import release_weights
 
 # (atol, rtol) by output element type. fp32: the rewrite only reassociates sums.
 TOLERANCES = {
@@ -316,6 +317,10 @@ def check_finite_weights(detection, strategy: str, model=None) -> None:
             with np.errstate(all="ignore"):
                 merged = _as_float32(weight) + np.float32(site.scale) * (_as_float32(a) @ _as_float32(b))
             computed(site, "W + s·A@B", merged, dtype)
+            del merged
+        del weight, a, b
+        if model is not None:
+            release_weights(model)  # one site's weights resident at a time, not the model's
     for site in detection.widened:
         dtype = numpy_dtype(site.dtype)
         checked(site, "W", site.weight)
