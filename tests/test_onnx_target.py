@@ -36,6 +36,13 @@ def test_onnx_target_writes_the_model_only(capsys, tmp_path):
     assert report["verification"]["passed"] is True
 
 
+def test_onnx_target_prints_what_it_did(capsys, tmp_path):
+    """The human-readable summary (not --json) says no artifact was built and checked."""
+    code = main([str(EXAMPLE), "-o", str(tmp_path / "out"), "--target", "onnx"])
+    out = capsys.readouterr().out
+    assert code == 0 and "target onnx: target onnx builds no artifact" in out
+
+
 def test_onnx_target_runs_the_latency_gate(capsys, tmp_path):
     code = main([str(EXAMPLE), "-o", str(tmp_path / "out"), "--target", "onnx", "--check-latency", "--max-overhead", "100000", "--json", *FAST])
     report = json.loads(capsys.readouterr().out)

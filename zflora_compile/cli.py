@@ -375,7 +375,9 @@ def _print_summary(console, report: dict) -> None:
         console.print("[yellow]verification skipped[/yellow] (--no-verify)")
     target = report.get("target", {})
     check = target.get("check")
-    if check:
+    if check and check.get("skipped"):
+        console.print(f"target {target['name']}: {check['skipped']}")
+    elif check:
         console.print(f"{target['name']} artifact ({', '.join(target['artifacts'])}) matches model.onnx: max abs diff {check['max_abs_diff']:.3g} (atol {check['atol']:g})")
     if report.get("latency"):
         console.print(_latency_table(report["latency"]))
