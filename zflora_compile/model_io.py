@@ -17,6 +17,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes: protobuf's 2 GB limit, with he
 DATA_SUFFIX = ".data"
 INLINE_BYTES = 256  # tensors up to this size stay in the .onnx file (onnx-ir's default)
 RELEASE_EVERY = 256 * 1024**2  # bytes written between two unmappings of the weights read (save_model)
+_LOADED_WEIGHTS = "zflora.loaded_external_weights"  # model.meta key: the external tensors as loaded
 
 
 EXPORTED_PROGRAM_SUFFIX = ".pt2"
@@ -111,6 +112,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     ir.external_data.set_base_dir(model.graph, path.parent)
     check_opset(model, path)
     check_external_data(model, path)
+    # every external weight as loaded: a rewrite may drop one from the graph while a computed
+    # tensor still reads it, and it must still be unmapped (release_weights)
+    model.meta[_LOADED_WEIGHTS] = [v.const_value for graph in (model.graph, *model.graph.subgraphs()) for v in graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
     return model
 
 
@@ -149,16 +153,18 @@ def release_weights(model: ir.Model) -> int:
     weight stays memory-mapped, and its pages count in the process's resident memory until then.
     Called between steps, it bounds the resident weights to what one step reads; a weight read
     again is mapped again. Returns how many were released."""
-    released = 0
+    tensors = {id(t): t for t in model.meta.get(_LOADED_WEIGHTS, [])}  # also those a rewrite took out of the graph
     for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
-                try:
-                    tensor.release()
-                except BufferError:  # an array still views the mapping: it stays until that goes
-                    continue
-                released += 1
+        tensors.update((id(v.const_value), v.const_value) for v in graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor))
+    released = 0
+    for tensor in tensors.values():
+        if tensor.raw is None:
+            continue
+        try:
+            tensor.release()
+        except BufferError:  # an array still views the mapping: it stays until that goes
+            continue
+        released += 1
     return released
 
 
