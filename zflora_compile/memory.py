@@ -111,13 +111,16 @@ def estimate(model: ir.Model, *, verify: str, target: str, check_latency: bool) 
 
 def available_bytes() -> tuple[int | None, str]:
     """Memory this process can still use, and where the number comes from: the smaller of
-    ``MemAvailable`` (/proc/meminfo) and the cgroup v2 limit less its current use; (None, why)
-    where neither can be read."""
+    ``MemAvailable`` plus the pages being written back (/proc/meminfo) and the cgroup v2 limit
+    less its current use; (None, why) where neither can be read."""
     found: list[tuple[int, str]] = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.split()[1:2] and line.split()[1].isdigit()}
+        if "MemAvailable" in info:
+            # pages waiting to be written back (another job writing a large file) are not counted
+            # available, but the kernel frees them as the writes complete: counted here
+            pending = info.get("Dirty", 0) + info.get("Writeback", 0)
+            found.append((min(info["MemAvailable"] + pending, info.get("MemTotal", 1 << 62)), "MemAvailable + Dirty + Writeback in /proc/meminfo"))
     except (OSError, ValueError, IndexError):
         pass
     try:
