@@ -314,6 +314,43 @@ def test_fp16_overflow_of_the_fused_weight_is_refused(capsys, tmp_path):
     strict_json(out)
 
 
+def _poisoned(tmp_path: Path, projections, dtype: str, edits: dict) -> Path:
+    """A LoRA slice with ``edits`` ({initializer: [(index, value)]}) written into its weights."""
+    proto = lora_projection_graph(projections, dtype=dtype).proto()
+    for index, tensor in enumerate(proto.graph.initializer):
+        if tensor.name in edits:
+            array = numpy_helper.to_array(tensor).copy()
+            for where, value in edits[tensor.name]:
+                array[where] = value
+            proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    path = tmp_path / "lora.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+def test_fp16_overflow_of_the_merged_weight_is_refused_where_the_write_computes_it(capsys, tmp_path):
+    # W[0, 0] = 65504 (fp16's largest) plus s * (A @ B)[0, 0] = 2 * (4 * 4 * 2) = 64: 65568 rounds to Inf
+    model = _poisoned(tmp_path, [Proj(rank=2, scale=2.0)], "float16", {W_NAME: [((0, 0), 65504.0)], A_NAME: [((0, slice(None)), 4.0)], B_NAME: [((slice(None), 0), 4.0)]})
+    code, out, err = run(capsys, model, "-o", tmp_path / "out", "--strategy", "merge", "--json")
+    line = one_error_line(err)
+    assert code == 2 and "W + s·A@B computed in float16 (merge) overflows to Inf" in line, err
+    assert strict_json(out)["exit_code"] == 2 and not (tmp_path / "out").exists()
+    # one below the rounding threshold is kept: 65504 + 2 * (A @ B)[0, 0] = 65504 + 8 rounds to 65504
+    model = _poisoned(tmp_path, [Proj(rank=2, scale=2.0)], "float16", {W_NAME: [((0, 0), 65504.0)], A_NAME: [((0, slice(None)), 1.0)], B_NAME: [((slice(None), 0), 2.0)]})
+    code, out, err = run(capsys, model, "-o", tmp_path / "out2", "--strategy", "merge", "--no-verify")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_a_non_finite_w_in_a_fused_group_names_its_own_site_and_tensor(capsys, tmp_path, strategy):
+    k_weight = "layers.0.self_attn.k_proj.weight"
+    model = _poisoned(tmp_path, [Proj(name="q_proj"), Proj(name="k_proj")], "float32", {k_weight: [((3, 1), np.nan)]})
+    code, out, err = run(capsys, model, "-o", tmp_path / "out", "--strategy", strategy)
+    line = one_error_line(err)
+    assert code == 2 and "k_proj" in line and f"W (tensor '{k_weight}') holds NaN" in line, line
+    assert "q_proj" not in line and not (tmp_path / "out").exists()
+
+
 def test_report_text_is_strict_json():
     from zflora_compile.report import report_text
 

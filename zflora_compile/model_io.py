@@ -180,7 +180,20 @@ def save_model(model: ir.Model, path: Path, *, external: bool | None = None, pro
     alone. The weights computing a tensor read stay mapped until released: every
     :data:`RELEASE_EVERY` bytes written they are (:func:`release_weights`), so the resident weights
     stay bounded by what the last few tensors read. ``progress`` (a :mod:`~zflora_compile.progress`
-    display) shows one step per tensor."""
+    display) shows one step per tensor. A weight computed as it is written may refuse the input
+    (``InputError``: a non-finite merged weight); onnx-ir's serialiser wraps it, and it is unwrapped."""
+    try:
+        return _save_model(model, path, external=external, progress=progress)
+    except Exception as error:
+        cause = error
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or cause is error:
+            raise
+        raise cause from None
+
+
+def _save_model(model: ir.Model, path: Path, *, external: bool | None, progress) -> list[Path]:
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external:

@@ -30,7 +30,8 @@ from zflora_compile.progress import TimedSteps
 from zflora_compile.report import NO_VERIFY, GraphStats, InputInfo, OutputInfo, Report, file_digest
 from zflora_compile.regions import CannotIsolate, verify_regions
 from zflora_compile.regions import failure_message as regions_failure_message
-from zflora_compile.verify import check_finite_weights, choose_mode, token_vocab, verification_failure_message, verify_models
+from zflora_compile.finite import check_finite_weights
+from zflora_compile.verify import choose_mode, token_vocab, verification_failure_message, verify_models
 
 STRIP_REFERENCE = "the input model with every detected adapter's B set to zero (a generic linear branch: multiplied by zero)"
 

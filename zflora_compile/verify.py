@@ -20,8 +20,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from zflora_compile.errors import InputError, first_line
-from zflora_compile.graph.records import numpy_dtype
-from zflora_compile.model_io import release_weights
 
 # (atol, rtol) by output element type. fp32: the rewrite only reassociates sums.
 TOLERANCES = {
@@ -225,112 +223,6 @@ def _fill(role: str, shape: list[int], dtype, rng: np.random.Generator, vocab: i
     if dtype == np.bool_:
         return np.ones(shape, dtype=dtype)
     return np.zeros(shape, dtype=dtype)
-
-
-def _as_float32(array) -> np.ndarray:
-    return np.asarray(array).astype(np.float32, copy=False)
-
-
-def _non_finite(array: np.ndarray) -> str | None:
-    """"NaN", "Inf" or None: what an array holds that is not a finite number."""
-    if not np.issubdtype(array.dtype, np.floating):
-        return None
-    if np.isnan(array).any():
-        return "NaN"
-    if np.isinf(array).any():
-        return "Inf"
-    return None
-
-
-def _non_finite_tensor(model, site) -> str | None:
-    """The name of a non-finite constant read by the site's nodes (or one step before them)."""
-    if model is None:
-        return None
-    nodes = {n.name: n for n in model.graph.all_nodes()}  # subgraph sites too (names may repeat across branches: best effort)
-    seen = set()
-    frontier = [v for name in site.nodes if name in nodes for v in nodes[name].inputs if v is not None]
-    for _ in range(4):
-        following = []
-        for value in frontier:
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            if value.const_value is not None:
-                try:
-                    array = np.asarray(value.const_value.numpy())
-                except Exception:  # noqa: BLE001 - an unreadable constant is not this check's business
-                    continue
-                if array.dtype.kind == "V" or array.dtype.name == "bfloat16":
-                    array = _as_float32(array)
-                with np.errstate(all="ignore"):
-                    if _non_finite(array):
-                        return value.name
-            elif value.producer() is not None:
-                following.extend(v for v in value.producer().inputs if v is not None)
-        frontier = following
-    return None
-
-
-def check_finite_weights(detection, strategy: str, model=None) -> None:
-    """Refuse (``InputError``, exit 2, naming the site and tensor) non-finite weights the plan
-    touches: every site's W, A, B and bias, and the weights the rewrite computes in the site's
-    dtype (``s·B`` for ``fuse``, ``W + s·A@B`` for ``merge``; fp16 can overflow to inf).
-    ``model`` (an ``onnx_ir.Model``), when given, lets the message name the initializer.
-
-    Runs before verification: NaN or Inf weights otherwise surface as a meaningless
-    "max abs diff nan" (or 0, NaN on both sides).
-    """
-    def refuse(site, tensor: str, what: str, computed: bool = False) -> None:
-        if computed:
-            how = f"{tensor} computed in {site.dtype} ({strategy}) overflows to {what}"
-        else:
-            name = _non_finite_tensor(model, site)
-            how = f"{tensor}{f' (tensor {name!r})' if name else ''} holds {what}"
-        raise InputError(f"site {site.site_id} ({site.label}): {how}; non-finite adapter weights cannot be compiled")
-
-    def checked(site, tensor: str, getter):
-        if getter is None:
-            return None
-        with np.errstate(all="ignore"):
-            array = np.asarray(getter())
-            what = _non_finite(_as_float32(array) if array.dtype.kind == "V" or array.dtype.name == "bfloat16" else array)
-        if what:
-            refuse(site, tensor, what)
-        return array
-
-    def computed(site, tensor: str, value: np.ndarray, dtype) -> None:
-        with np.errstate(all="ignore"):
-            what = _non_finite(_as_float32(value.astype(dtype)))
-        if what:
-            refuse(site, tensor, what, computed=True)
-
-    for site in detection.sites:
-        dtype = numpy_dtype(site.dtype)
-        weight = checked(site, "W", site.weight)
-        checked(site, "bias", site.bias)
-        a = checked(site, "A", site.lora_a)
-        b = checked(site, "B", site.lora_b)
-        if strategy == "fuse" and b is not None:
-            with np.errstate(all="ignore"):
-                computed(site, "s·B", np.float32(site.scale) * _as_float32(b), dtype)
-        elif strategy == "merge" and a is not None and b is not None:
-            with np.errstate(all="ignore"):
-                merged = _as_float32(weight) + np.float32(site.scale) * (_as_float32(a) @ _as_float32(b))
-            computed(site, "W + s·A@B", merged, dtype)
-            del merged
-        del weight, a, b
-        if model is not None:
-            release_weights(model)  # one site's weights resident at a time, not the model's
-    for site in detection.widened:
-        dtype = numpy_dtype(site.dtype)
-        checked(site, "W", site.weight)
-        for write in site.writes:
-            checked(site, f"A (lane {write.lane})", write.lora_a)
-        for read in site.reads:
-            b = checked(site, f"B (lane {read.lane})", read.lora_b)
-            if b is not None and strategy in ("fuse", "merge"):
-                with np.errstate(all="ignore"):
-                    computed(site, f"s·B (lane {read.lane})", np.float32(read.scale) * _as_float32(b), dtype)
 
 
 def session(path: str | os.PathLike | bytes) -> ort.InferenceSession:

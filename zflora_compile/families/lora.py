@@ -54,6 +54,7 @@ from typing import ClassVar
 import numpy as np
 
 from zflora_compile import metadata
+from zflora_compile.finite import all_finite, refuse_non_finite
 from zflora_compile.graph.protocol import (
     Gemm,
     Projection,
@@ -340,11 +341,13 @@ def scaled_b_fp32(site: AdapterSite) -> np.ndarray:
 
 
 def merged_weight(site: AdapterSite, dtype: np.dtype) -> np.ndarray:
-    """``W + s * A @ B`` (DoRA: times ``c`` per column) accumulated in fp32, cast to ``dtype``."""
-    delta = site.lora_a().astype(np.float32) @ scaled_b_fp32(site)
-    merged = site.weight().astype(np.float32) + delta
+    """``W + s * A @ B`` (DoRA: times ``c`` per column) accumulated in fp32, cast to ``dtype``;
+    refused (``InputError``) when W is not finite or the sum overflows ``dtype``."""
+    merged = site.lora_a().astype(np.float32) @ scaled_b_fp32(site)
+    np.add(merged, site.weight(), out=merged)  # W cast in the add: no fp32 copy of W
     if site.column_scale is not None:
         merged *= site.column_scale().astype(np.float32).reshape(1, -1)
+    refuse_non_finite(site, "merge", "W + s·A@B", fp32=merged)
     return merged.astype(dtype)
 
 
@@ -487,7 +490,11 @@ def fuse_group(sites: list[AdapterSite], name: str) -> FuseGroup:
     width, rank_total = sum(outs), sum(s.rank for s in sites)
 
     def weight() -> np.ndarray:
-        return np.concatenate([s.weight().astype(dtype) for s in sites] + [s.lora_a().astype(dtype) for s in sites], axis=1)
+        block = np.concatenate([s.weight().astype(dtype) for s in sites] + [s.lora_a().astype(dtype) for s in sites], axis=1)
+        if not all_finite(block):  # A was checked before the rewrite: a W holds it
+            for site in sites:
+                refuse_non_finite(site, "fuse", "W", site.weight())
+        return block
 
     def lowrank() -> np.ndarray:
         block = np.zeros((rank_total, width), dtype=np.float32)
