@@ -133,6 +133,36 @@ def test_external_data_is_read_lazily_and_verified_by_region(exports, tmp_path):
     assert sorted(report["output"]["files"])[:2] == ["model.onnx", "model.onnx.data"]
 
 
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_weights_read_from_their_files_give_the_same_verdict(exports, tmp_path, monkeypatch, capsys, corrupt):
+    """Regions reference external weights in the original's and the output's data files (mapped
+    while a session loads) instead of copying them in: the verdict is unchanged, a corrupted weight
+    still fails in its region, and both files were handed to ONNX Runtime."""
+    source = tmp_path / "ext" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(str(exports.get("lora"))), str(source), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    monkeypatch.setattr(regions, "REFERENCED_BYTES", 64)  # the tiny export's weights (its shape constants stay copied in)
+    handed: list[set] = []
+    real_session = verify.session
+
+    def session(path, *, in_memory=None):
+        handed.append(set(in_memory or {}))
+        return real_session(path, in_memory=in_memory)
+
+    monkeypatch.setattr(verify, "session", session)
+    hit = _corrupting(monkeypatch, "merge") if corrupt else None
+    out = tmp_path / "out"
+    code = cli.main([str(source), "-o", str(out), "--strategy", "merge", "--verify", "regions", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["verification"]["mode"] == "regions", report["verification"].get("mode_reason")
+    assert {"weights0.data", "weights1.data"} <= set().union(*handed), handed  # the original's file and the output's
+    if corrupt:
+        assert code == 1 and not out.exists()
+        _named_region(report["message"], report["verification"], hit["readers"])
+    else:
+        assert code == 0 and report["verification"]["passed"]
+
+
 def test_control_flow_falls_back_to_the_full_check_and_says_so():
     model, _ = if_model(near_miss=False)
     _, report = compile_model(model, CompileOptions(strategy="fuse", verify_mode="regions"))

@@ -29,8 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
+import os
 import re
+import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -41,6 +45,9 @@ from zflora_compile.errors import first_line
 #: integer values computed inside a region (shape arithmetic) are followed back at most this far
 MAX_CONTEXT_NODES = 2000
 _CHUNK = 1 << 24
+#: a region references weights of at least this size in their files; smaller ones (shape constants,
+#: which ONNX Runtime's shape inference must read from the model itself) are copied in
+REFERENCED_BYTES = 1 << 16
 
 
 class CannotIsolate(Exception):
@@ -424,33 +431,89 @@ def _weight_bytes(nodes) -> int:
 # ----------------------------------------------------------------------------- extraction
 
 
-def region_model(model: ir.Model, nodes: list, inputs: list[str], outputs: list[str], values: dict[str, ir.Value]) -> bytes:
-    """The serialised ONNX model of ``nodes`` alone: ``inputs`` as graph inputs, ``outputs`` as
-    outputs, and only the initializers the nodes read (external data read one tensor at a time)."""
+class RegionFiles:
+    """Where region models are written, and the weights files they read: a region's external weights
+    are referenced where they lie (offset and length in their file) and the files handed to ONNX
+    Runtime memory-mapped (``add_external_initializers_from_files_in_memory``), so it reads each
+    tensor once from the page cache instead of Python copying it through the model's bytes (three
+    copies: half of a regional check's time at 1B). The maps live while a session is created."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.files: dict[str, str] = {}  # name in the region models -> real path
+        self.count = 0
+        self.reads: dict[Path, set[str]] = {}  # region model -> the files it reads
+
+    def name(self, path: str | os.PathLike) -> str:
+        real = os.path.realpath(path)
+        for name, known in self.files.items():
+            if known == real:
+                return name
+        name = f"weights{len(self.files)}.data"
+        self.files[name] = real
+        return name
+
+    def write(self, proto: onnx.ModelProto) -> Path:
+        self.count += 1
+        path = self.directory / f"region{self.count}.onnx"
+        path.write_bytes(proto.SerializeToString())
+        self.reads[path] = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        return path
+
+    def session(self, path: Path):
+        """A CPU session of the region model at ``path``, its weights files mapped while it loads."""
+        from zflora_compile.verify import session
+
+        maps = {}
+        try:
+            for name in sorted(self.reads.pop(path)):
+                with open(self.files[name], "rb") as handle:
+                    maps[name] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            return session(path, in_memory=maps)
+        finally:
+            for mapped in maps.values():
+                mapped.close()  # unmapped now: the pages read stop counting as this process's
+            path.unlink()
+
+
+def _initializer(value: ir.Value, files: RegionFiles | None) -> onnx.TensorProto:
+    tensor = value.const_value
+    if tensor is None:
+        raise CannotIsolate(f"initializer '{value.name}' has no value")
+    proto = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=[int(d) for d in tensor.shape])
+    if files is not None and isinstance(tensor, ir.ExternalTensor) and tensor.nbytes >= REFERENCED_BYTES and os.path.isfile(tensor.path):
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        where = {"location": files.name(tensor.path), "offset": str(tensor.offset or 0), "length": str(tensor.length if tensor.length is not None else tensor.nbytes)}
+        for key, text in where.items():
+            proto.external_data.add(key=key, value=text)
+        return proto
+    proto.raw_data = tensor.tobytes()
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return proto
+
+
+def region_model(model: ir.Model, nodes: list, inputs: list[str], outputs: list[str], values: dict[str, ir.Value], files: RegionFiles | None = None) -> bytes | Path:
+    """The ONNX model of ``nodes`` alone: ``inputs`` as graph inputs, ``outputs`` as outputs, and
+    only the initializers the nodes read. With ``files``, written there (external weights
+    referenced in their files) and its path returned; else serialised, every weight copied in."""
     graph = onnx.GraphProto(name="region")
     fed = set(inputs)
-    for node in nodes:
-        graph.node.append(ir.serde.serialize_node(node))
+    graph.node.extend(ir.serde.serialize_node(node) for node in nodes)
     seen = set()
     for node in nodes:
         for value in node.inputs:
             if not _is_constant(value) or value.name in seen or value.name in fed:
                 continue
             seen.add(value.name)
-            tensor = value.const_value
-            if tensor is None:
-                raise CannotIsolate(f"initializer '{value.name}' has no value")
-            proto = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=[int(d) for d in tensor.shape], raw_data=tensor.tobytes())
-            if isinstance(tensor, ir.ExternalTensor):
-                tensor.release()
-            graph.initializer.append(proto)
+            graph.initializer.append(_initializer(value, files))
     for name in inputs:
         graph.input.append(onnx.helper.make_tensor_value_info(name, values[name].dtype.value, None))
     for name in outputs:
         graph.output.append(onnx.helper.make_tensor_value_info(name, values[name].dtype.value, None))
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
-    return proto.SerializeToString()
+    return files.write(proto) if files is not None else proto.SerializeToString()
 
 
 # ----------------------------------------------------------------------------- activations
@@ -528,19 +591,26 @@ class _Context:
     atol: float | None
     rtol: float | None
     seed: int
+    files: RegionFiles | None = None
+
+
+def _session(model: bytes | Path, files: RegionFiles | None):
+    from zflora_compile.verify import session
+
+    return session(model) if files is None else files.session(model)
 
 
 def _check(region: Region, ctx: _Context) -> dict:
     """Both sides of ``region`` in ONNX Runtime on every case (the sessions released on return):
     ``cases`` (name, fed shapes, outputs compared or None, skipped reason), ``failing`` values."""
-    from zflora_compile.verify import compare, session, tolerance_for
+    from zflora_compile.verify import compare, tolerance_for
 
     try:
-        reference = session(region_model(ctx.original, region.original, region.inputs, region.outputs, ctx.lookup))
+        reference = _session(region_model(ctx.original, region.original, region.inputs, region.outputs, ctx.lookup, ctx.files), ctx.files)
     except Exception as error:  # noqa: BLE001
         raise CannotIsolate(f"{region.name}: the original region does not load alone ({first_line(error)})") from None
     try:
-        candidate, problem = session(region_model(ctx.rewritten, region.rewritten, region.inputs, region.outputs, ctx.lookup)), None
+        candidate, problem = _session(region_model(ctx.rewritten, region.rewritten, region.inputs, region.outputs, ctx.lookup, ctx.files), ctx.files), None
     except Exception as error:  # noqa: BLE001
         candidate, problem = None, f"the rewritten region does not load: {first_line(error)}"
     stable = zlib.crc32(region.changed[0].encode())
@@ -594,33 +664,35 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
     specs = input_specs(signature_path)
     ctx = _Context(original, rewritten, specs, make_cases(_Signature(specs), vocab, seed=seed), {**_values(original.graph), **_values(rewritten.graph)},
                    weight_precision(rewritten_path), atol, rtol, seed)
-    graph_outputs = {v.name for v in rewritten.graph.outputs}
-    checked: dict[tuple, dict] = {}
-    joined: set[str] = set()
-    regions = find_regions(original, rewritten, changed=changed)
-    with (progress or NullProgress()).bar(f"verify {len(regions)} region(s)", len(regions)) as advance:
-        while True:
-            for region in regions:
-                key = tuple(region.changed)
-                if key not in checked:
-                    checked[key] = _check(region, ctx)
-                    advance()
-            handed = {name for region in regions for name in region.outputs}
-            differing = {name for region in regions for name in checked[tuple(region.changed)]["failing"]}
-            grow = set()
-            for region in regions:
-                outcome = checked[tuple(region.changed)]
-                fed = (set(region.inputs) & handed) - joined
-                if not outcome["failing"] or fed & differing or len(region.changed) > MAX_REGION_NODES:
-                    continue  # passed; fed a differing value (decided once its source is); grown too far: a failure
-                # where a difference starts, its readers join the region (a name given a new meaning meets
-                # the original again a node or two on); one that reaches only graph outputs joins the regions
-                # feeding it (strip hands the base on under the adapted output's name)
-                grow |= {name for name in outcome["failing"] if name not in graph_outputs and name not in joined} or fed
-            if not grow or len(joined | grow) > MAX_JOINED:
-                break
-            joined |= grow
-            regions = find_regions(original, rewritten, changed=changed, joined=frozenset(joined))
+    with tempfile.TemporaryDirectory(prefix="zflora-regions-") as tmp:
+        ctx.files = RegionFiles(tmp)
+        graph_outputs = {v.name for v in rewritten.graph.outputs}
+        checked: dict[tuple, dict] = {}
+        joined: set[str] = set()
+        regions = find_regions(original, rewritten, changed=changed)
+        with (progress or NullProgress()).bar(f"verify {len(regions)} region(s)", len(regions)) as advance:
+            while True:
+                for region in regions:
+                    key = tuple(region.changed)
+                    if key not in checked:
+                        checked[key] = _check(region, ctx)
+                        advance()
+                handed = {name for region in regions for name in region.outputs}
+                differing = {name for region in regions for name in checked[tuple(region.changed)]["failing"]}
+                grow = set()
+                for region in regions:
+                    outcome = checked[tuple(region.changed)]
+                    fed = (set(region.inputs) & handed) - joined
+                    if not outcome["failing"] or fed & differing or len(region.changed) > MAX_REGION_NODES:
+                        continue  # passed; fed a differing value (decided once its source is); grown too far: a failure
+                    # where a difference starts, its readers join the region (a name given a new meaning meets
+                    # the original again a node or two on); one that reaches only graph outputs joins the regions
+                    # feeding it (strip hands the base on under the adapted output's name)
+                    grow |= {name for name in outcome["failing"] if name not in graph_outputs and name not in joined} or fed
+                if not grow or len(joined | grow) > MAX_JOINED:
+                    break
+                joined |= grow
+                regions = find_regions(original, rewritten, changed=changed, joined=frozenset(joined))
     results, summaries = [], []
     worst = {"output": None, "max_abs_diff": -1.0}
     for region in regions:

@@ -225,9 +225,13 @@ def _fill(role: str, shape: list[int], dtype, rng: np.random.Generator, vocab: i
     return np.zeros(shape, dtype=dtype)
 
 
-def session(path: str | os.PathLike | bytes) -> ort.InferenceSession:
-    """A CPU session of a model file (or of a serialised model: a region)."""
+def session(path: str | os.PathLike | bytes, *, in_memory: dict | None = None) -> ort.InferenceSession:
+    """A CPU session of a model file (or of a serialised model: a region); ``in_memory`` maps the
+    external data files the model names to buffers holding their bytes (read while it loads)."""
     options = ort.SessionOptions()
+    if in_memory:
+        names = list(in_memory)
+        options.add_external_initializers_from_files_in_memory(names, [in_memory[n] for n in names], [len(in_memory[n]) for n in names])
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 4  # a failing run raises with the message; a skipped optional case must not print it
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"])
