@@ -284,10 +284,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: flo
         same = (np.isnan(ref) & np.isnan(got)) | (np.isinf(ref) & (got == ref))
         diff = np.where(same, 0.0, diff)
         bound = atol + rtol * np.abs(ref)
-        passed = bool(np.all(diff <= bound))
+        passed = bool(np.all(same | (diff <= bound)))  # same non-finite value on both sides: bound is NaN there
     outcome = {}
     mismatched = ~same & ~(np.isfinite(ref) & np.isfinite(got))
-    if mismatched.any():
+    if mismatched.any():  # Inf against -Inf or a number: the bound (Inf) would let it pass
+        passed = False
         outcome["reason"] = f"{int(mismatched.sum())} value(s) non-finite in one model and not the other"
     return {
         **outcome,
