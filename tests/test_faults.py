@@ -306,6 +306,15 @@ def test_non_finite_weights_are_refused_with_strict_json(capsys, tmp_path, tenso
     assert not (tmp_path / "out").exists()
 
 
+def test_strip_writes_a_non_finite_base_weight_as_it_is(capsys, tmp_path):
+    """Strip copies W untouched (it never reads it): the base computes NaN and so does its output."""
+    model = _lora_model(tmp_path, poison=(W_NAME, np.nan))
+    code, out, err = run(capsys, model, "-o", tmp_path / "out", "--strategy", "strip", "--json")
+    assert code == 0, err
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer}
+    assert np.isnan(written[W_NAME].flat[0]) and not any("lora" in name for name in written)
+
+
 def test_fp16_overflow_of_the_fused_weight_is_refused(capsys, tmp_path):
     model = _lora_model(tmp_path, dtype="float16", poison=(B_NAME, 60000.0), scale=2.0)
     code, out, err = run(capsys, model, "-o", tmp_path / "out", "--json")
@@ -363,6 +372,17 @@ def test_verification_mismatch_with_nan_names_it():
 
     outcome = compare(np.array([1.0, 2.0], np.float32), np.array([1.0, np.nan], np.float32), 1e-4, 1e-4)
     assert not outcome["passed"] and "non-finite" in outcome["reason"]
+
+
+def test_the_same_non_finite_value_on_both_sides_passes_and_a_flipped_infinity_fails():
+    from zflora_compile.verify import compare
+
+    nan = np.array([1.0, np.nan], np.float32)
+    assert compare(nan, nan.copy(), 1e-4, 1e-4)["passed"]  # the bound is NaN where the reference is
+    inf = np.array([1.0, np.inf], np.float32)
+    assert compare(inf, inf.copy(), 1e-4, 1e-4)["passed"]
+    flipped = compare(inf, -inf, 1e-4, 1e-4)
+    assert not flipped["passed"] and "non-finite" in flipped["reason"]  # |diff| = Inf <= bound = Inf otherwise
 
 
 # ----------------------------------------------------------------------------- reports on every failure

@@ -3,7 +3,8 @@ can surface as a meaningless "max abs diff nan" in verification, or as NaN on bo
 
 Two places check. Before the rewrite, :func:`check_finite_weights` reads what the write will not
 compute from: every site's A, B and bias, the computed ``s·B`` (fuse; fp16 can overflow), and W
-where the plan leaves W to be copied (strip) or is not plain LoRA. The write checks the rest as it
+where the plan computes from it but is not plain LoRA (strip copies W untouched and never reads
+it: a non-finite W is the base model's own, written as it is). The write checks the rest as it
 computes it: plain LoRA's fused weight ``[W | A]`` and merged weight ``W + s·A@B`` are tested once,
 in fp32 before the cast (:func:`refuse_non_finite`); only when one is not finite are its operands
 read again to name the culprit. Checking W before the write read every projection weight twice
@@ -108,6 +109,13 @@ def checked_at_write(site, strategy: str) -> bool:
     return type(site) is AdapterSite and strategy in ("fuse", "merge") and site.weight is not None
 
 
+def reads_w_first(site, strategy: str) -> bool:
+    """True when :func:`check_finite_weights` reads the site's W: the plan computes from it and the
+    write does not check it. Strip never reads W (the write copies its bytes untouched): a
+    non-finite W is the base model's own, and what the base computes is what strip writes."""
+    return site.weight is not None and strategy != "strip" and not checked_at_write(site, strategy)
+
+
 def refuse_non_finite(site, strategy: str, tensor: str, result: np.ndarray | None = None, *, fp32: np.ndarray | None = None) -> None:
     """Raise when a weight the write computed for ``site`` is not finite (``result`` in the site's
     dtype, or ``fp32`` before its cast): naming W when W holds it, else the computed ``tensor``'s
@@ -128,11 +136,21 @@ def refuse_non_finite(site, strategy: str, tensor: str, result: np.ndarray | Non
     raise _refusal(site, strategy, tensor, what, computed=True)
 
 
-def check_finite_weights(detection, strategy: str, model=None) -> None:
+def check_finite_weights(detection, strategy: str, model=None, progress=None) -> None:
     """Refuse non-finite weights the plan touches and the write does not check (module doc):
     every site's bias, A and B, the ``s·B`` a fuse computes, and W with ``W + s·A@B`` where
-    :func:`checked_at_write` is false. ``model`` (an ``onnx_ir.Model``), when given, lets the
-    message name the initializer."""
+    :func:`reads_w_first`. ``model`` (an ``onnx_ir.Model``), when given, lets the
+    message name the initializer; ``progress`` shows a bar per site when W is read here."""
+    from zflora_compile.progress import NullProgress
+
+    reads_w = [s for s in detection.sites if reads_w_first(s, strategy)] + [s for s in detection.widened if strategy != "strip"]
+    shown = progress if reads_w and progress is not None else NullProgress()
+    with shown.bar(f"checking {len(reads_w)} projection weight(s) for NaN / Inf", len(detection.sites)) as advance:
+        _check_sites(detection, strategy, model, advance)
+
+
+def _check_sites(detection, strategy: str, model, advance) -> None:
+    """:func:`check_finite_weights` for every site, ``advance()`` after each."""
 
     def checked(site, tensor: str, getter):
         if getter is None:
@@ -151,7 +169,7 @@ def check_finite_weights(detection, strategy: str, model=None) -> None:
 
     for site in detection.sites:
         dtype = numpy_dtype(site.dtype)
-        weight = None if checked_at_write(site, strategy) else checked(site, "W", site.weight)
+        weight = checked(site, "W", site.weight) if reads_w_first(site, strategy) else None
         checked(site, "bias", site.bias)
         a = checked(site, "A", site.lora_a)
         b = checked(site, "B", site.lora_b)
@@ -166,9 +184,11 @@ def check_finite_weights(detection, strategy: str, model=None) -> None:
         del weight, a, b
         if model is not None:
             release_weights(model)  # one site's weights resident at a time, not the model's
+        advance()
     for site in detection.widened:
         dtype = numpy_dtype(site.dtype)
-        checked(site, "W", site.weight)
+        if strategy != "strip":
+            checked(site, "W", site.weight)
         for write in site.writes:
             checked(site, f"A (lane {write.lane})", write.lora_a)
         for read in site.reads:

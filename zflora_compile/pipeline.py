@@ -162,7 +162,7 @@ def compile_onnx(
             detection = detect(model, options.max_rank_ratio)
             report.detection, report.input.graph, report.removed = detection, input_graph, removed
             refuse_unaccounted(detection, options)
-            check_finite_weights(detection, options.strategy, model)
+            check_finite_weights(detection, options.strategy, model, steps.progress)
         with steps.step("rewrite"):
             the_plan = subgraphs.plan(detection, options.strategy)
             if options.max_rank is not None:
