@@ -67,7 +67,7 @@ def test_onnx_and_fx_give_the_same_report():
     onnx_json, fx_json = onnx_report.to_json(), fx_report.to_json()
     for report in (onnx_json, fx_json):
         jsonschema.validate(report, SCHEMA)
-        assert report["schema_version"] == "1.6" and report["status"] == "ok" and report["exit_code"] == 0
+        assert report["schema_version"] == "1.7" and report["status"] == "ok" and report["exit_code"] == 0
         assert len(report["input"]["sha256"]) == 64 and report["timings_s"]["total"] > 0
         assert report["verification"]["passed"] is True
     assert set(onnx_json) == set(fx_json)

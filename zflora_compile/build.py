@@ -199,7 +199,8 @@ def _build(model: ir.Model, staging: Path, report: Report, options: CompileOptio
         report.target["shapes_clamped"] = clamped
     if options.verify:
         with steps.step(f"check the {target.name} artifact against the model"):
-            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed, model)
+            mode, why = choose_mode(options.verify_mode, initializer_bytes(model))
+            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed, model, mode=mode, mode_reason=why)
             report.target["check"] = check
             if not check["passed"]:
                 raise VerificationError(f"the {target.name} artifact does not match model.onnx: {check['failure']}")

@@ -17,7 +17,9 @@ write)                 result); the graph
 verify full            input and rewritten model
 verify regions         one decoder layer's weights, twice (original and rewritten region)
 target ort build       the model, not prepacked
-artifact check         the model's reference session, then the artifact: one at a time
+artifact check         the model's reference session, then the artifact: one at a time;
+                       with verify regions, an ONNX artifact (ort on CPU) region by region:
+                       one layer's weights twice
 latency gate           base, unfused and fused, all alive
 =====================  ====================================================================
 
@@ -96,7 +98,10 @@ def estimate(model: ir.Model, *, verify: str, target: str, check_latency: bool) 
         steps["verify (regions: two sessions of one layer)"] = BASELINE + 2 * SESSION_OVERHEAD * region
     if target != "onnx":
         steps[f"target {target} build"] = BASELINE + SESSION_OVERHEAD * weights
-        steps["artifact check (one session at a time)"] = BASELINE + SESSION_OVERHEAD * weights
+        if verify == "regions" and target == "ort":  # targets.check.check_regions
+            steps["artifact check (regions: two sessions of one layer)"] = BASELINE + 2 * SESSION_OVERHEAD * (profile["layer_fp32"] or weights)
+        else:
+            steps["artifact check (one session at a time)"] = BASELINE + SESSION_OVERHEAD * weights
     if check_latency:
         steps["latency gate (three sessions)"] = BASELINE + 3 * SESSION_OVERHEAD * weights
     peak_step = max(steps, key=steps.__getitem__)

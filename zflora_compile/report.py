@@ -18,7 +18,7 @@ from zflora_compile._version import __version__
 from zflora_compile.errors import LatencyGateError, VerificationError, ZcompileError
 from zflora_compile.graph.records import Detection
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 NO_VERIFY = {"passed": None, "skipped": "--no-verify"}
 
 

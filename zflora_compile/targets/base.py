@@ -147,6 +147,12 @@ class Target(abc.ABC):
         build one artifact per shape; dynamic-shape targets cover them all).
         """
 
+    def regional_artifact(self, out_dir: Path) -> Path | None:
+        """The artifact as an ONNX model that ONNX Runtime CPU computes exactly as the target does,
+        so that it can be checked region by region against ``model.onnx`` (``--verify regions``);
+        None (the default) when there is none: the artifact is then checked whole."""
+        return None
+
     @abc.abstractmethod
     def load(self, out_dir: Path, model_path: Path, shape: Shape, *, for_check: bool = False) -> Loaded:
         """Load the artifact built into ``out_dir`` (from ``model_path``) to run inputs of ``shape``;

@@ -119,15 +119,65 @@ def output_tolerances(target: Target, model_path: Path, model: ir.Model | None =
     return tolerances
 
 
-def check_artifact(target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab: int | None, seed: int, model: ir.Model | None = None) -> dict:
+def check_artifact(
+    target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab: int | None, seed: int, model: ir.Model | None = None, *, mode: str = "full", mode_reason: str = ""
+) -> dict:
     """Run the target's artifact and ONNX Runtime CPU on the same inputs, for every shape it serves;
     returns the report's ``target.check`` section (with the tolerance of every output and why).
 
     One session is alive at a time: the reference (``model.onnx``, weights not prepacked) runs
     every shape first and is released, then the artifact is loaded once per shape and released
-    before the next (a model's weights are held once, not three times)."""
+    before the next (a model's weights are held once, not three times). ``mode`` "regions"
+    (``--verify regions``, or auto on a large model) checks an artifact the target offers as an
+    ONNX model (:meth:`Target.regional_artifact`) region by region instead (:func:`check_regions`);
+    one that cannot be is checked whole, and ``mode_reason`` says why."""
     if not target.builds_artifact:
         return {"passed": True, "skipped": f"target {target.name} builds no artifact: model.onnx, verified against the input, is the output", "cases": []}
+    if mode == "regions":
+        section, why = check_regions(target, artifact_dir, model_path, vocab, seed, model)
+        if section is not None:
+            return {**section, "mode_reason": mode_reason}
+        mode_reason = f"{mode_reason}; {why}: checked whole instead"
+    return {**_check_whole(target, artifact_dir, model_path, shapes, vocab, seed, model), "mode": "full", "mode_reason": mode_reason or "--verify full"}
+
+
+def check_regions(target: Target, artifact_dir: Path, model_path: Path, vocab: int | None, seed: int, model: ir.Model | None = None) -> tuple[dict | None, str]:
+    """``(section, "")``: the artifact's regions against ``model.onnx``'s nodes computing the same
+    values (:func:`zflora_compile.regions.verify_regions`: nodes the optimiser left identical are
+    skipped, every fused or rewritten group runs on seeded activations, one region's two sessions at
+    a time); ``(None, why)`` when the artifact cannot be checked that way."""
+    from zflora_compile.model_io import load_model
+    from zflora_compile.regions import CannotIsolate, failure_message, verify_regions
+
+    artifact = target.regional_artifact(artifact_dir)
+    if artifact is None:
+        return None, f"target {target.name}'s artifact is no ONNX model ONNX Runtime CPU runs as the target does"
+    reference = load_model(model_path)  # the written file: external weights stay on disk
+    quantized = quantized_ops(model if model is not None else reference)
+    if quantized:
+        return None, f"a quantized model ({', '.join(quantized[:3])}): ONNX Runtime's fused quantized kernels are judged per output"
+    try:
+        section = verify_regions(reference, load_model(artifact), model_path, artifact, vocab, seed=seed)
+    except CannotIsolate as cannot:
+        return None, f"the artifact cannot be checked region by region ({cannot})"
+    worst = section["worst"]
+    return {
+        "passed": section["passed"],
+        "mode": "regions",
+        "reference": "model.onnx's nodes computing the same values, on onnxruntime CPUExecutionProvider, region by region on seeded activations",
+        "rule": "|artifact - reference| <= atol + rtol * |reference|, elementwise, every value an artifact region hands on",
+        "atol": max(t["atol"] for t in section["tolerances"].values()),
+        "rtol": max(t["rtol"] for t in section["tolerances"].values()),
+        "tolerances": section["tolerances"],
+        "max_abs_diff": max(float(worst.get("max_abs_diff", 0.0)), 0.0),
+        "failure": None if section["passed"] else failure_message(section).replace("verification failed in region", "region", 1),
+        "cases": [],
+        "regions": section["regions"],
+        "region_cases": section["cases"],
+    }, ""
+
+
+def _check_whole(target: Target, artifact_dir: Path, model_path: Path, shapes: list[Shape], vocab: int | None, seed: int, model: ir.Model | None = None) -> dict:
     tolerances = output_tolerances(target, model_path, model)
     specs = input_specs(model_path)
     feeds_of = [make_feeds(specs, vocab, seq=None if shape.name == "static" else shape.seq, past=shape.past, seed=seed) for shape in shapes]

@@ -174,6 +174,12 @@ class OrtTarget(Target):
             "artifacts": artifacts,
         }
 
+    def regional_artifact(self, out_dir: Path) -> Path | None:
+        """``model.optimized.onnx`` when it runs on the CPU provider: ONNX Runtime's own CPU
+        kernels then run its regions as they run the whole artifact."""
+        artifact = out_dir / OPTIMIZED_NAME
+        return artifact if artifact.exists() and self._providers() == ["CPUExecutionProvider"] else None
+
     def _loads_without_saving(self, model_path: Path) -> bool:
         options = self._session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -188,14 +194,20 @@ class OrtTarget(Target):
         options = self._session_options()
         if for_check:  # prepacking copies every MatMul weight once more: worth it for timing only
             options.add_session_config_entry("session.disable_prepacking", "1")
-        session = ort.InferenceSession(str(artifact if artifact.exists() else model_path), options, providers=self._providers())
-        names = [o.name for o in session.get_outputs()]
-        return Loaded(
-            run=lambda feeds: session.run(names, feeds),
-            output_names=names,
-            description=f"{session.get_providers()[0]} ({artifact.name})",
-            prepare=lambda feeds: bound_run(session, feeds),
-        )
+        return loaded_session(artifact if artifact.exists() else model_path, options, self._providers())
+
+
+def loaded_session(path: Path, options: ort.SessionOptions, providers: list[str]) -> Loaded:
+    """An ONNX Runtime session of ``path`` as a target's :class:`Loaded`: plain runs for checks,
+    I/O-bound ones (:func:`bound_run`) for timing."""
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    names = [o.name for o in session.get_outputs()]
+    return Loaded(
+        run=lambda feeds: session.run(names, feeds),
+        output_names=names,
+        description=f"{session.get_providers()[0]} ({path.name})",
+        prepare=lambda feeds: bound_run(session, feeds),
+    )
 
 
 def bound_run(session, feeds: dict[str, np.ndarray]):
