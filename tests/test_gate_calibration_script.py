@@ -45,7 +45,7 @@ def test_json_structure(quick_run):
     assert results["scenarios"]["aa"]["max_overhead_pct"] == 2
     assert results["scenarios"]["slowed"]["max_overhead_pct"] == 2
     assert results["scenarios"]["fused"]["max_overhead_pct"] == 50
-    from zflora_compile.gate import load_count
+    from zflora_compile.latency import load_count
 
     assert results["scenarios"]["aa"]["sessions"] == 4 and results["scenarios"]["aa_one_load"]["sessions"] == 1
     assert "bound run" in results["settings"]["timer"]  # ORT I/O binding: no copies timed

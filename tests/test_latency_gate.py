@@ -241,7 +241,7 @@ def _loads_favouring_the_first_loaded(calls):
 
 
 def test_loads_hold_five_rounds_each_in_an_even_number():
-    from zflora_compile.gate import load_count
+    from zflora_compile.latency import load_count
 
     assert [load_count(r, 4) for r in (4, 9, 10, 19, 20, 30, 200)] == [1, 1, 2, 2, 4, 4, 4]
     assert load_count(30, 1) == 1 and load_count(30, 3) == 2
@@ -318,7 +318,7 @@ def test_pinned_gate_reports_its_loads_and_bound_timer(capsys, tmp_path):
     import os
 
     cpu = sorted(os.sched_getaffinity(0))[0]
-    from zflora_compile.gate import load_count
+    from zflora_compile.latency import load_count
 
     code, out, err = run(capsys, EXAMPLE, "-o", tmp_path / "out", "--check-latency", "--max-overhead", "100000", "--json", "--gate-cpus", str(cpu), "--gate-sessions", "3", *FAST, "--rounds", "10")
     assert code == 0, err

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from zflora_compile.latency import DeviceTime, interleaved, load_average, machine_info, paired_ratio_interval, summarize, verdict
+from zflora_compile.latency import DeviceTime, interleaved, load_average, load_count, load_orders, machine_info, paired_ratio_interval, split_rounds, summarize, verdict
 from zflora_compile.progress import NullProgress
 from zflora_compile.targets.base import Shape, Target
 from zflora_compile.verify import ROTARY_COS_CACHE, has_kv_cache, input_role, input_specs, make_feeds
@@ -254,28 +254,6 @@ def phase_shapes(model_path: Path, options: LatencyOptions, model=None) -> list[
     return [shapes[p] for p in options.phases]
 
 
-def _split(rounds: int, parts: int) -> list[int]:
-    """``rounds`` as ``parts`` near-equal batches (none empty)."""
-    parts = max(1, min(parts, rounds))
-    return [rounds // parts + (1 if i < rounds % parts else 0) for i in range(parts)]
-
-
-#: the fewest rounds one load runs, so that its median means something
-ROUNDS_PER_LOAD = 5
-
-
-def load_count(rounds: int, sessions: int) -> int:
-    """Loads ``rounds`` are split over: ``sessions``, but at least :data:`ROUNDS_PER_LOAD` rounds
-    per load, and an even number when there are several (as many loads in each order)."""
-    loads = min(sessions, max(1, rounds // ROUNDS_PER_LOAD))
-    return loads - loads % 2 if loads > 1 else loads
-
-
-def load_orders(blocks: list[int]) -> list[int]:
-    """The load order of each round's load: 0 for the given order (even loads), 1 reversed (odd)."""
-    return [block % 2 for block in blocks]
-
-
 def measure_pair(
     runners, pair: tuple[str, str], *, rounds: int, warmup: int, threshold: float, budget_s: float,
     sessions: int = 1, seed: int = 0, progress=None, label: str = "",
@@ -310,7 +288,7 @@ def measure_pair(
 
     started = time.perf_counter()
     loads = load_count(rounds, sessions) if reload else 1
-    for block, size in enumerate(_split(rounds, loads)):
+    for block, size in enumerate(split_rounds(rounds, loads)):
         batch(size, block, f"{label}, {rounds} interleaved rounds" + (f" (load {block + 1} of {loads})" if loads > 1 else ""), warm=True)
     per_round = (time.perf_counter() - started) / rounds
 
@@ -327,7 +305,7 @@ def measure_pair(
             break
         started = time.perf_counter()  # the budget counts the loads, the rounds and the bootstrap
         if reload:  # two loads, in both orders, so the further rounds stay balanced too
-            for part in _split(size, 2):
+            for part in split_rounds(size, 2):
                 batch(part, max(blocks) + 1, f"{label}: inconclusive, {part} more rounds (a fresh load)", warm=True)
         else:
             batch(size, 0, f"{label}: inconclusive, {size} more rounds", warm=False)

@@ -87,6 +87,28 @@ def interleaved(
     return times, orders
 
 
+def split_rounds(rounds: int, parts: int) -> list[int]:
+    """``rounds`` as ``parts`` near-equal batches (none empty)."""
+    parts = max(1, min(parts, rounds))
+    return [rounds // parts + (1 if i < rounds % parts else 0) for i in range(parts)]
+
+
+#: the fewest rounds one load runs, so that its median means something
+ROUNDS_PER_LOAD = 5
+
+
+def load_count(rounds: int, sessions: int) -> int:
+    """Loads ``rounds`` are split over: ``sessions``, but at least :data:`ROUNDS_PER_LOAD` rounds
+    per load, and an even number when there are several (as many loads in each order)."""
+    loads = min(sessions, max(1, rounds // ROUNDS_PER_LOAD))
+    return loads - loads % 2 if loads > 1 else loads
+
+
+def load_orders(blocks: list[int]) -> list[int]:
+    """The load order of each round's load: 0 for the given order (even loads), 1 reversed (odd)."""
+    return [block % 2 for block in blocks]
+
+
 def summarize(times: dict[str, list[float]], baseline: str = "base") -> dict[str, dict]:
     """Median, min, max, quartiles; ratio of medians and median of per-round ratios to ``baseline``."""
     base = times[baseline]

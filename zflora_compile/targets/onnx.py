@@ -39,8 +39,6 @@ class OnnxTarget(Target):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        from zflora_compile.targets.ort import bound_run
+        from zflora_compile.targets.ort import loaded_session
 
-        return Loaded(run=lambda feeds: session.run(names, feeds), output_names=names, description=f"CPUExecutionProvider ({model_path.name})", prepare=lambda feeds: bound_run(session, feeds))
+        return loaded_session(model_path, options, ["CPUExecutionProvider"])
