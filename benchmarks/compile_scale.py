@@ -375,7 +375,7 @@ def compile_run(model: Path, strategy: str, mode: str, workdir: Path, args, copy
     timings = report.get("timings_s", {})
     record = {"strategy": strategy, "verify": mode, **run, "page_cache": cache, "timings_s": timings,
               "step_peak_rss_gib": step_peaks(run["rss_timeline"], timings, run["wall_s"]),
-              "verification": _verification_summary(report), "status": report.get("status"),
+              "verification": _verification_summary(report), "artifact_check": _artifact_check_summary(report), "status": report.get("status"),
               "output_bytes": sum(files.values()), "output_files": files}
     if copy_s:
         record["verification_s"] = round(verification_seconds(timings), 3)
@@ -393,6 +393,14 @@ def _verification_summary(report: dict) -> dict | None:
     keep = ("passed", "skipped", "reason", "max_abs_diff", "mode", "cases")
     summary = {k: verification[k] for k in keep if k in verification and not isinstance(verification[k], (list, dict))}
     return summary or {"keys": sorted(verification)}
+
+
+def _artifact_check_summary(report: dict) -> dict | None:
+    """How the target's artifact was checked: mode (full or regions), why, passed."""
+    check = (report.get("target") or {}).get("check")
+    if not isinstance(check, dict):
+        return None
+    return {k: check[k] for k in ("mode", "mode_reason", "passed", "skipped") if k in check}
 
 
 def peft_run(size: str, cfg, workdir: Path, args) -> dict:

@@ -100,3 +100,13 @@ def test_an_artifact_without_an_onnx_model_is_checked_whole_and_says_why(tmp_pat
     assert check["passed"] and check["mode"] == "full" and check["cases"]
     assert check["mode_reason"] == "--verify regions; target ort's artifact is no ONNX model ONNX Runtime CPU runs as the target does: checked whole instead"
     assert ort_target.OPTIMIZED_NAME in {p.name for p in out.iterdir()}
+
+
+def test_a_region_as_large_as_the_model_is_checked_whole(capsys, tmp_path, monkeypatch):
+    from zflora_compile.targets import check
+
+    monkeypatch.setattr(check, "MAX_REGION_SHARE", 0.0)  # every region is too large
+    code, report = _compile(capsys, tmp_path / "out", "--verify", "regions")
+    check_section = report["target"]["check"]
+    assert code == 0 and check_section["mode"] == "full" and check_section["cases"]
+    assert "of the weights" in check_section["mode_reason"] and "as large as the model): checked whole instead" in check_section["mode_reason"]

@@ -645,7 +645,9 @@ def _check(region: Region, ctx: _Context) -> dict:
     return {"cases": done, "failing": failing}
 
 
-def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewritten_path, vocab, *, atol=None, rtol=None, seed: int = 0, progress=None) -> dict:
+def verify_regions(
+    original: ir.Model, rewritten: ir.Model, signature_path, rewritten_path, vocab, *, atol=None, rtol=None, seed: int = 0, progress=None, max_region_share: float | None = None
+) -> dict:
     """Each changed region of ``rewritten`` against ``original``'s nodes computing the same values,
     on every case :func:`~zflora_compile.verify.make_cases` builds from ``signature_path``'s inputs
     (the file ``original`` was read from), one region's two sessions at a time.
@@ -672,6 +674,8 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
         checked: dict[tuple, dict] = {}
         joined: set[str] = set()
         regions = find_regions(original, rewritten, changed=changed)
+        if max_region_share is not None and regions:
+            _refuse_large_regions(regions, rewritten, max_region_share)
         with (progress or NullProgress()).bar(f"verify {len(regions)} region(s)", len(regions)) as advance:
             while True:
                 for region in regions:
@@ -716,6 +720,15 @@ def verify_regions(original: ir.Model, rewritten: ir.Model, signature_path, rewr
     if joined:
         section["joined"] = sorted(joined)
     return section
+
+
+def _refuse_large_regions(regions: list[Region], rewritten: ir.Model, share: float) -> None:
+    """:class:`CannotIsolate` when a region holds more than ``share`` of the model's weight bytes:
+    checking it alone would hold about as much as checking the model whole."""
+    total = sum(v.const_value.nbytes for v in rewritten.graph.initializers.values() if v.const_value is not None) or 1
+    largest = max(regions, key=lambda r: r.weight_bytes)
+    if largest.weight_bytes > share * total:
+        raise CannotIsolate(f"{largest.name} holds {largest.weight_bytes / total:.0%} of the weights ({len(largest.changed)} changed nodes): as large as the model")
 
 
 def failure_message(section: dict) -> str:

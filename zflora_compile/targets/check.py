@@ -141,6 +141,24 @@ def check_artifact(
     return {**_check_whole(target, artifact_dir, model_path, shapes, vocab, seed, model), "mode": "full", "mode_reason": mode_reason or "--verify full"}
 
 
+#: an artifact region holding more than this share of the weights is checked whole instead (ONNX
+#: Runtime's CPU provider wraps every fp16 operator it has no fp16 kernel for in inserted casts,
+#: so an fp16 model's artifact differs from model.onnx nearly everywhere)
+MAX_REGION_SHARE = 0.5
+
+
+def _half_precision_tolerance(model: ir.Model) -> tuple[float | None, float | None]:
+    """fp16's (or bf16's) tolerance for every value of a model with 16-bit float weights, else
+    None (each value's dtype decides): the artifact may compute in fp32 what ``model.onnx``
+    rounds to 16 bits between ops (ORT's inserted casts), and an fp32 value downstream carries
+    that rounding."""
+    names = {v.const_value.dtype.numpy().name for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.dtype.is_floating_point()}
+    for half in ("bfloat16", "float16"):
+        if half in names:
+            return TOLERANCES[half]
+    return None, None
+
+
 def check_regions(target: Target, artifact_dir: Path, model_path: Path, vocab: int | None, seed: int, model: ir.Model | None = None) -> tuple[dict | None, str]:
     """``(section, "")``: the artifact's regions against ``model.onnx``'s nodes computing the same
     values (:func:`zflora_compile.regions.verify_regions`: nodes the optimiser left identical are
@@ -156,8 +174,9 @@ def check_regions(target: Target, artifact_dir: Path, model_path: Path, vocab: i
     quantized = quantized_ops(model if model is not None else reference)
     if quantized:
         return None, f"a quantized model ({', '.join(quantized[:3])}): ONNX Runtime's fused quantized kernels are judged per output"
+    atol, rtol = _half_precision_tolerance(reference)
     try:
-        section = verify_regions(reference, load_model(artifact), model_path, artifact, vocab, seed=seed)
+        section = verify_regions(reference, load_model(artifact), model_path, artifact, vocab, seed=seed, atol=atol, rtol=rtol, max_region_share=MAX_REGION_SHARE)
     except CannotIsolate as cannot:
         return None, f"the artifact cannot be checked region by region ({cannot})"
     worst = section["worst"]
