@@ -307,12 +307,22 @@ def test_non_finite_weights_are_refused_with_strict_json(capsys, tmp_path, tenso
 
 
 def test_strip_writes_a_non_finite_base_weight_as_it_is(capsys, tmp_path):
-    """Strip copies W untouched (it never reads it): the base computes NaN and so does its output."""
+    """Strip copies W untouched (it never reads it): the base computes NaN in one column and so does
+    the output; verification compares the finite values and the NaN positions."""
     model = _lora_model(tmp_path, poison=(W_NAME, np.nan))
     code, out, err = run(capsys, model, "-o", tmp_path / "out", "--strategy", "strip", "--json")
     assert code == 0, err
     written = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer}
     assert np.isnan(written[W_NAME].flat[0]) and not any("lora" in name for name in written)
+
+
+def test_nan_against_nan_everywhere_compares_nothing_and_fails():
+    from zflora_compile.verify import compare
+
+    nans = np.full(3, np.nan, np.float32)
+    outcome = compare(nans, nans.copy(), 1e-4, 1e-4)
+    assert not outcome["passed"] and "nothing to compare" in outcome["reason"]  # a wrong model would pass too
+    assert compare(np.zeros(0, np.float32), np.zeros(0, np.float32), 1e-4, 1e-4)["passed"]  # empty: nothing can differ
 
 
 def test_fp16_overflow_of_the_fused_weight_is_refused(capsys, tmp_path):

@@ -290,6 +290,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: flo
     if mismatched.any():  # Inf against -Inf or a number: the bound (Inf) would let it pass
         passed = False
         outcome["reason"] = f"{int(mismatched.sum())} value(s) non-finite in one model and not the other"
+    elif ref.size and not np.isfinite(ref).any():  # integers are always finite here
+        passed = False  # NaN against NaN everywhere compares nothing: a wrong model would pass too
+        outcome["reason"] = "no finite value on either side: nothing to compare (non-finite weights or inputs)"
     return {
         **outcome,
         "passed": passed,
