@@ -39,6 +39,7 @@ def test_the_ort_artifact_is_checked_region_by_region_with_regional_verification
     check = report["target"]["check"]
     assert check["mode"] == "regions" and check["passed"] and check["mode_reason"] == "--verify regions"
     assert check["regions"] and all(r["passed"] for r in check["regions"]) and check["region_cases"]
+    assert check["atol"] == check["rtol"] == 1e-4  # the tolerance of the values compared: fp32 here
     artifact = onnx.load(str(tmp_path / "out" / OPTIMIZED_NAME))
     fused = {n.name for n in artifact.graph.node if n.op_type not in {m.op_type for m in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}}
     assert fused, "ONNX Runtime fused nothing: the check below would prove nothing"

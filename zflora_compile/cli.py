@@ -378,7 +378,8 @@ def _print_summary(console, report: dict) -> None:
     if check and check.get("skipped"):
         console.print(f"target {target['name']}: {check['skipped']}")
     elif check:
-        console.print(f"{target['name']} artifact ({', '.join(target['artifacts'])}) matches model.onnx: max abs diff {check['max_abs_diff']:.3g} (atol {check['atol']:g})")
+        how = f", {len(check['regions'])} region(s)" if check.get("mode") == "regions" else ""
+        console.print(f"{target['name']} artifact ({', '.join(target['artifacts'])}) matches model.onnx{how}: max abs diff {check['max_abs_diff']:.3g} (atol {check['atol']:g})")
     if report.get("latency"):
         console.print(_latency_table(report["latency"]))
     console.print(f"{report['message']}; wrote {report['output']['dir']}")
