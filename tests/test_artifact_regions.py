@@ -111,3 +111,22 @@ def test_a_region_as_large_as_the_model_is_checked_whole(capsys, tmp_path, monke
     check_section = report["target"]["check"]
     assert code == 0 and check_section["mode"] == "full" and check_section["cases"]
     assert "of the weights" in check_section["mode_reason"] and "as large as the model): checked whole instead" in check_section["mode_reason"]
+
+
+def test_half_precision_tolerance_follows_the_weights_bytes_not_one_constant():
+    """Values of a model whose float weights are mostly 16-bit are judged at that tolerance (ORT
+    may compute in fp32 what model.onnx rounds); one fp16 constant in an fp32 model changes nothing
+    (a 0.3% error in a weight would otherwise pass at 1e-2)."""
+    import onnx_ir as ir
+
+    from zflora_compile.targets.check import _half_precision_tolerance
+    from zflora_compile.verify import TOLERANCES
+
+    def model(arrays):
+        graph = ir.Graph([], [], nodes=[], initializers=[ir.Value(name=n, const_value=ir.tensor(a, name=n)) for n, a in arrays.items()])
+        return ir.Model(graph, ir_version=9)
+
+    fp32 = {"w": np.zeros((64, 64), np.float32)}
+    assert _half_precision_tolerance(model(fp32)) == (None, None)
+    assert _half_precision_tolerance(model({**fp32, "c": np.zeros(1, np.float16)})) == (None, None)
+    assert _half_precision_tolerance(model({"w": np.zeros((64, 64), np.float16), "n": np.zeros(64, np.float32)})) == TOLERANCES["float16"]

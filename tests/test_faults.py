@@ -316,6 +316,80 @@ def test_strip_writes_a_non_finite_base_weight_as_it_is(capsys, tmp_path):
     assert np.isnan(written[W_NAME].flat[0]) and not any("lora" in name for name in written)
 
 
+def _graph(tmp_path: Path, nodes, weights: dict, name: str) -> Path:
+    """A one-input graph (``hidden`` [1, seq, 16] -> ``y``) of ``nodes`` over fp32 ``weights``."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in weights.items()]
+    graph = helper.make_graph(
+        [helper.make_node(op, ins, outs, name=outs[0]) for op, ins, outs in nodes], "g",
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "seq", 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_a_non_finite_bias_on_b_is_refused(capsys, tmp_path, strategy):
+    """PEFT's lora_bias: ``s * (x @ A @ B + b_B)``; b_B goes into the fused or merged bias."""
+    rng = np.random.default_rng(0)
+    b_bias = rng.standard_normal(8)
+    b_bias[0] = np.nan
+    weights = {"layers.0.q_proj.weight": rng.standard_normal((16, 8)), "layers.0.q_proj.lora_A.weight": rng.standard_normal((16, 2)),
+               "layers.0.q_proj.lora_B.weight": rng.standard_normal((2, 8)), "layers.0.q_proj.lora_B.bias": b_bias, "s": np.array(2.0)}
+    nodes = [("MatMul", ["hidden", "layers.0.q_proj.weight"], ["p"]), ("MatMul", ["hidden", "layers.0.q_proj.lora_A.weight"], ["z"]),
+             ("MatMul", ["z", "layers.0.q_proj.lora_B.weight"], ["u0"]), ("Add", ["u0", "layers.0.q_proj.lora_B.bias"], ["u"]),
+             ("Mul", ["u", "s"], ["l"]), ("Add", ["p", "l"], ["y"])]
+    code, out, err = run(capsys, _graph(tmp_path, nodes, weights, "lora_bias.onnx"), "-o", tmp_path / "out", "--strategy", strategy)
+    line = one_error_line(err)
+    assert code == 2 and "the bias on B (tensor 'layers.0.q_proj.lora_B.bias') holds NaN" in line, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("verify", ["full", "regions"])
+def test_strip_of_a_nan_base_weight_that_spreads_is_refused_as_bad_input_or_compared_where_it_can(capsys, tmp_path, verify):
+    """A NaN in a base weight strip copies untouched spreads through a later projection: every
+    output is NaN in the input too. The whole check can compare nothing: exit 2 naming the
+    weight (the input is at fault, not the rewrite). The regional check compares the stripped
+    region's output, NaN in one column on both sides and finite elsewhere: it passes."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8))
+    w[0, 0] = np.nan
+    weights = {"layers.0.q_proj.weight": w, "layers.0.q_proj.lora_A.weight": rng.standard_normal((16, 2)), "layers.0.q_proj.lora_B.weight": rng.standard_normal((2, 8)),
+               "s": np.array(2.0), "layers.0.o_proj.weight": rng.standard_normal((8, 8))}
+    nodes = [("MatMul", ["hidden", "layers.0.q_proj.weight"], ["p"]), ("MatMul", ["hidden", "layers.0.q_proj.lora_A.weight"], ["z"]),
+             ("MatMul", ["z", "layers.0.q_proj.lora_B.weight"], ["u"]), ("Mul", ["u", "s"], ["l"]), ("Add", ["p", "l"], ["h"]),
+             ("MatMul", ["h", "layers.0.o_proj.weight"], ["y"])]
+    code, out, err = run(capsys, _graph(tmp_path, nodes, weights, "strip_mix.onnx"), "-o", tmp_path / "out", "--strategy", "strip", "--verify", verify)
+    if verify == "full":
+        line = one_error_line(err)
+        assert code == 2 and "initializer 'layers.0.q_proj.weight' holds NaN" in line and "cannot be verified" in line, err
+        assert not (tmp_path / "out").exists()
+    else:
+        assert code == 0, err
+
+
+@pytest.mark.parametrize("strategy", ["fuse", "merge"])
+def test_a_refused_in_memory_model_is_left_as_it_was(tmp_path, strategy):
+    """The file pipeline checks W where it writes (a staging directory); a caller's in-memory
+    model (compile_model, FuseAdaptersPass) is checked before it is rewritten."""
+    import onnx_ir as ir
+
+    from zflora_compile.errors import InputError
+    from zflora_compile.options import CompileOptions
+    from zflora_compile.pipeline import compile_model
+
+    model = ir.load(str(_lora_model(tmp_path, poison=(W_NAME, np.nan))))
+    before = [n.op_type for n in model.graph]
+    with pytest.raises(InputError, match="holds NaN"):
+        compile_model(model, CompileOptions(strategy=strategy))
+    assert [n.op_type for n in model.graph] == before
+    ir.save(model, tmp_path / "still.onnx")
+
+
 def test_nan_against_nan_everywhere_compares_nothing_and_fails():
     from zflora_compile.verify import compare
 

@@ -109,11 +109,13 @@ def checked_at_write(site, strategy: str) -> bool:
     return type(site) is AdapterSite and strategy in ("fuse", "merge") and site.weight is not None
 
 
-def reads_w_first(site, strategy: str) -> bool:
+def reads_w_first(site, strategy: str, deferred: bool = True) -> bool:
     """True when :func:`check_finite_weights` reads the site's W: the plan computes from it and the
-    write does not check it. Strip never reads W (the write copies its bytes untouched): a
-    non-finite W is the base model's own, and what the base computes is what strip writes."""
-    return site.weight is not None and strategy != "strip" and not checked_at_write(site, strategy)
+    write does not check it (``deferred``: the file pipeline, which writes into a staging directory
+    before anything else reads the rewritten model; a caller's in-memory model is checked before it
+    is rewritten, so that a refusal leaves it as it was). Strip never reads W (its bytes are copied
+    untouched): a non-finite W is the base model's own, and what the base computes is what strip writes."""
+    return site.weight is not None and strategy != "strip" and not (deferred and checked_at_write(site, strategy))
 
 
 def refuse_non_finite(site, strategy: str, tensor: str, result: np.ndarray | None = None, *, fp32: np.ndarray | None = None) -> None:
@@ -136,20 +138,21 @@ def refuse_non_finite(site, strategy: str, tensor: str, result: np.ndarray | Non
     raise _refusal(site, strategy, tensor, what, computed=True)
 
 
-def check_finite_weights(detection, strategy: str, model=None, progress=None) -> None:
+def check_finite_weights(detection, strategy: str, model=None, progress=None, *, deferred: bool = False) -> None:
     """Refuse non-finite weights the plan touches and the write does not check (module doc):
     every site's bias, A and B, the ``s·B`` a fuse computes, and W with ``W + s·A@B`` where
     :func:`reads_w_first`. ``model`` (an ``onnx_ir.Model``), when given, lets the
-    message name the initializer; ``progress`` shows a bar per site when W is read here."""
+    message name the initializer; ``progress`` shows a bar per site when W is read here;
+    ``deferred``: plain LoRA's W is left to the write (:func:`reads_w_first`)."""
     from zflora_compile.progress import NullProgress
 
-    reads_w = [s for s in detection.sites if reads_w_first(s, strategy)] + [s for s in detection.widened if strategy != "strip"]
+    reads_w = [s for s in detection.sites if reads_w_first(s, strategy, deferred)] + [s for s in detection.widened if strategy != "strip"]
     shown = progress if reads_w and progress is not None else NullProgress()
     with shown.bar(f"checking {len(reads_w)} projection weight(s) for NaN / Inf", len(detection.sites)) as advance:
-        _check_sites(detection, strategy, model, advance)
+        _check_sites(detection, strategy, model, advance, deferred)
 
 
-def _check_sites(detection, strategy: str, model, advance) -> None:
+def _check_sites(detection, strategy: str, model, advance, deferred: bool) -> None:
     """:func:`check_finite_weights` for every site, ``advance()`` after each."""
 
     def checked(site, tensor: str, getter):
@@ -169,8 +172,10 @@ def _check_sites(detection, strategy: str, model, advance) -> None:
 
     for site in detection.sites:
         dtype = numpy_dtype(site.dtype)
-        weight = checked(site, "W", site.weight) if reads_w_first(site, strategy) else None
+        weight = checked(site, "W", site.weight) if reads_w_first(site, strategy, deferred) else None
         checked(site, "bias", site.bias)
+        if isinstance(site, AdapterSite) and getattr(site.binding, "adapter_bias", None) is not None:
+            checked(site, "the bias on B", site.binding.adapter_bias)  # PEFT lora_bias: fused or merged into the bias
         a = checked(site, "A", site.lora_a)
         b = checked(site, "B", site.lora_b)
         if strategy == "fuse" and b is not None:
@@ -196,3 +201,28 @@ def _check_sites(detection, strategy: str, model, advance) -> None:
             if b is not None and strategy in ("fuse", "merge"):
                 with np.errstate(all="ignore"):
                     computed(site, f"s·B (lane {read.lane})", np.float32(read.scale) * as_float32(b), dtype)
+
+
+def refuse_unverifiable(result: dict, source) -> None:
+    """Raise ``InputError`` (exit 2) when verification failed only because an output holds no
+    finite value on either side and the input model itself holds a non-finite weight (a NaN in a
+    base weight strip copied untouched, or in a weight no rewrite reads, spreads through the
+    model): the input is at fault, not the rewrite; the tensor is named. Reads the input's
+    weights, on this failure path only."""
+    from zflora_compile.model_io import load_model
+
+    hopeless = [(case.get("case"), name) for case in result.get("cases", []) for name, o in case.get("outputs", {}).items() if str(o.get("reason", "")).startswith("no finite value")]
+    failing = [name for case in result.get("cases", []) for name, o in case.get("outputs", {}).items() if not o.get("passed", True)]
+    if not hopeless or len(hopeless) != len(failing):
+        return
+    model = load_model(source)
+    for value in model.graph.initializers.values():
+        if value.const_value is None or not value.const_value.dtype.is_floating_point():
+            continue
+        what = non_finite(value.const_value.numpy())
+        release_weights(model)
+        if what:
+            raise InputError(
+                f"{source}: initializer '{value.name}' holds {what}: output '{hopeless[0][1]}' ({hopeless[0][0]}) has no finite value in the input model either, "
+                "so the rewrite cannot be verified; non-finite weights cannot be compiled"
+            )

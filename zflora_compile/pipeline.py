@@ -30,7 +30,7 @@ from zflora_compile.progress import TimedSteps
 from zflora_compile.report import NO_VERIFY, GraphStats, InputInfo, OutputInfo, Report, file_digest
 from zflora_compile.regions import CannotIsolate, verify_regions
 from zflora_compile.regions import failure_message as regions_failure_message
-from zflora_compile.finite import check_finite_weights
+from zflora_compile.finite import check_finite_weights, refuse_unverifiable
 from zflora_compile.verify import choose_mode, token_vocab, verification_failure_message, verify_models
 
 STRIP_REFERENCE = "the input model with every detected adapter's B set to zero (a generic linear branch: multiplied by zero)"
@@ -162,7 +162,7 @@ def compile_onnx(
             detection = detect(model, options.max_rank_ratio)
             report.detection, report.input.graph, report.removed = detection, input_graph, removed
             refuse_unaccounted(detection, options)
-            check_finite_weights(detection, options.strategy, model, steps.progress)
+            check_finite_weights(detection, options.strategy, model, steps.progress, deferred=write is not None)
         with steps.step("rewrite"):
             the_plan = subgraphs.plan(detection, options.strategy)
             if options.max_rank is not None:
@@ -204,6 +204,7 @@ def compile_onnx(
             result["reference"] = reference.meaning
             report.verification = {"mode": mode, "mode_reason": why, **result}
             if not result["passed"]:
+                refuse_unverifiable(result, source)
                 raise VerificationError(message(result))
     return model
 

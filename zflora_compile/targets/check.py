@@ -148,13 +148,18 @@ MAX_REGION_SHARE = 0.5
 
 
 def _half_precision_tolerance(model: ir.Model) -> tuple[float | None, float | None]:
-    """fp16's (or bf16's) tolerance for every value of a model with 16-bit float weights, else
-    None (each value's dtype decides): the artifact may compute in fp32 what ``model.onnx``
-    rounds to 16 bits between ops (ORT's inserted casts), and an fp32 value downstream carries
-    that rounding."""
-    names = {v.const_value.dtype.numpy().name for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.dtype.is_floating_point()}
+    """fp16's (or bf16's) tolerance for every value of a model whose float weights are mostly
+    16-bit (by bytes), else None (each value's dtype decides): the artifact may compute in fp32
+    what ``model.onnx`` rounds to 16 bits between ops (ORT's inserted casts), and an fp32 value
+    downstream carries that rounding. One fp16 constant in an fp32 model changes nothing."""
+    by_dtype: dict[str, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype.is_floating_point():
+            by_dtype[tensor.dtype.numpy().name] = by_dtype.get(tensor.dtype.numpy().name, 0) + tensor.nbytes
+    total = sum(by_dtype.values())
     for half in ("bfloat16", "float16"):
-        if half in names:
+        if total and by_dtype.get(half, 0) * 2 > total:
             return TOLERANCES[half]
     return None, None
 
