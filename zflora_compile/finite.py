@@ -14,6 +14,7 @@ read again to name the culprit. Checking W before the write read every projectio
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from zflora_compile.errors import InputError
 from zflora_compile.graph.records import AdapterSite, numpy_dtype
@@ -217,10 +218,12 @@ def refuse_unverifiable(result: dict, source) -> None:
         return
     model = load_model(source)
     for value in model.graph.initializers.values():
-        if value.const_value is None or not value.const_value.dtype.is_floating_point():
+        tensor = value.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
             continue
-        what = non_finite(value.const_value.numpy())
-        release_weights(model)
+        what = non_finite(tensor.numpy())
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()  # this tensor's pages only (release_weights walks every initializer)
         if what:
             raise InputError(
                 f"{source}: initializer '{value.name}' holds {what}: output '{hopeless[0][1]}' ({hopeless[0][0]}) has no finite value in the input model either, "
