@@ -86,7 +86,8 @@ def compile_file(
             report.input.external_data = has_external_data(model)
         vocab = token_vocab(model)
         onnx_source = source if source.suffix == ".onnx" else None
-        mode = choose_mode(options.verify_mode, initializer_bytes(model))[0] if options.verify else "off"
+        chosen = choose_mode(options.verify_mode, initializer_bytes(model))  # verification's and the artifact check's
+        mode = chosen[0] if options.verify else "off"
         report.memory = check_fits(model, verify=mode, target=target.name, check_latency=options.check_latency, limit_gib=options.memory_limit_gib)
         if options.verify and onnx_source is not None and holds_bfloat16(model):
             gap = cpu_kernel_gap(onnx_source, model)
@@ -109,7 +110,7 @@ def compile_file(
         model = compile_onnx(report, model, options, steps, source=onnx_source, write=write)
         where[:] = [staging, "writing the output"]
         try:
-            shapes = _build(model, staging, report, options, steps, target, vocab)
+            shapes = _build(model, staging, report, options, steps, target, vocab, chosen)
         except VerificationError:
             if not options.verify:  # nothing loaded the input: a model ONNX Runtime cannot load is the input's fault
                 _refuse_unloadable_input(source)
@@ -178,8 +179,9 @@ def _write_model(model: ir.Model, staging: Path, report: Report, options: Compil
     return written
 
 
-def _build(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps, target: Target, vocab) -> list[Shape]:
-    """Build the target's artifact beside the written ``model.onnx`` and check it; returns the shapes built."""
+def _build(model: ir.Model, staging: Path, report: Report, options: CompileOptions, steps: TimedSteps, target: Target, vocab, chosen: tuple[str, str]) -> list[Shape]:
+    """Build the target's artifact beside the written ``model.onnx`` and check it (``chosen``: the
+    verification mode and why, decided once on the input's weights); returns the shapes built."""
     model_path = staging / MODEL_NAME
     shapes = phase_shapes(model_path, options.latency, model)
     with steps.step(f"build target {target.name}"):
@@ -199,8 +201,7 @@ def _build(model: ir.Model, staging: Path, report: Report, options: CompileOptio
         report.target["shapes_clamped"] = clamped
     if options.verify:
         with steps.step(f"check the {target.name} artifact against the model"):
-            mode, why = choose_mode(options.verify_mode, initializer_bytes(model))
-            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed, model, mode=mode, mode_reason=why)
+            check = check_artifact(target, staging, model_path, shapes, vocab, options.seed, model, mode=chosen[0], mode_reason=chosen[1])
             report.target["check"] = check
             if not check["passed"]:
                 raise VerificationError(f"the {target.name} artifact does not match model.onnx: {check['failure']}")
